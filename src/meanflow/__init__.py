@@ -1,0 +1,20 @@
+"""meanflow: train, sample and evaluate MeanFlow one-step generative models.
+
+Time convention: **t = 0 is data, t = 1 is noise**; z_t = (1 - t)·x + t·e, v = e - x.
+"""
+
+from meanflow.errors import CheckpointError, ConfigError, DataError, MeanFlowError
+from meanflow.objective import (JVP_STRATEGIES, TIME_SAMPLERS, FlowMatchingLoss, MeanFlowLoss,
+                                TimeSampler, average_velocity, guided_velocity, time_derivative,
+                                u_and_dudt)
+from meanflow.sampling import (euler_sample, make_schedule, sample, sample_seeded,
+                               seeded_noise)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MeanFlowLoss", "FlowMatchingLoss", "TimeSampler", "TIME_SAMPLERS", "JVP_STRATEGIES",
+    "average_velocity", "guided_velocity", "time_derivative", "u_and_dudt",
+    "sample", "euler_sample", "sample_seeded", "seeded_noise", "make_schedule",
+    "MeanFlowError", "ConfigError", "DataError", "CheckpointError", "__version__",
+]

@@ -1,0 +1,105 @@
+"""Datasets as *batch sources*: objects that draw batches from an explicit generator.
+
+The training loop seeds a :class:`torch.Generator` per step and asks the dataset for a batch,
+so resuming a run reproduces its batches exactly. :func:`build_dataset` turns a name (one of
+:data:`TOY_DATASETS`) or a ``.npy``/``.npz``/``.csv`` path into a :class:`BatchSource`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from meanflow.data.points import POINT_FILE_SUFFIXES, PointCloud
+from meanflow.data.toy import Checkerboard, EightGaussians, Spirals, TwoMoons
+from meanflow.errors import ConfigError
+
+__all__ = [
+    "BatchSource",
+    "TOY_DATASETS",
+    "build_dataset",
+    "EightGaussians",
+    "Checkerboard",
+    "TwoMoons",
+    "Spirals",
+    "PointCloud",
+]
+
+
+@runtime_checkable
+class BatchSource(Protocol):
+    """A dataset the training loop can draw batches from.
+
+    Attributes:
+        shape: shape of one sample, e.g. ``(2,)``.
+        num_classes: number of label classes, or ``None`` when the data has no labels.
+    """
+
+    shape: tuple[int, ...]
+    num_classes: int | None
+
+    def batch(self, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor | None]:
+        """Draw a batch using only ``generator`` for randomness (same state -> same batch).
+
+        Returns:
+            ``x`` of shape ``(B, *shape)`` float32 on CPU, and ``y`` of shape ``(B,)`` int64
+            labels in ``[0, num_classes)``, or ``None`` when the data has no labels.
+        """
+        ...
+
+
+_TOY_REGISTRY: dict[str, type] = {
+    "8gaussians": EightGaussians,
+    "checkerboard": Checkerboard,
+    "moons": TwoMoons,
+    "spirals": Spirals,
+}
+
+#: Names of the built-in 2-D toy datasets accepted by :func:`build_dataset`.
+TOY_DATASETS: tuple[str, ...] = tuple(_TOY_REGISTRY)
+
+
+def build_dataset(name_or_path: str | os.PathLike[str], **kwargs: Any) -> BatchSource:
+    """Build a batch source from a toy dataset name or a point file path.
+
+    Args:
+        name_or_path: one of :data:`TOY_DATASETS` (case-insensitive), or a path ending in
+            ``.npy``, ``.npz`` or ``.csv`` (read by :meth:`PointCloud.from_file`).
+        **kwargs: constructor options of the toy class (e.g. ``std=0.3`` for ``8gaussians``)
+            or ``labels=...`` for a point file.
+
+    Returns:
+        The dataset, following :class:`BatchSource`.
+
+    Raises:
+        ConfigError: for an unknown name or option.
+        DataError: for a missing or malformed file.
+    """
+    text = os.fspath(name_or_path) if isinstance(name_or_path, os.PathLike) else name_or_path
+    if not isinstance(text, str):
+        raise ConfigError(f"dataset must be a name or path string, got {text!r}: "
+                          f"choose one of {', '.join(TOY_DATASETS)}, or give a .npy/.npz/.csv path")
+    key = text.strip().lower()
+    if key in _TOY_REGISTRY:
+        cls = _TOY_REGISTRY[key]
+        _check_options(key, cls, kwargs)
+        return cls(**kwargs)
+    if key.endswith(POINT_FILE_SUFFIXES):
+        _check_options(text, PointCloud.from_file, kwargs)
+        return PointCloud.from_file(text, **kwargs)
+    raise ConfigError(f"unknown dataset {text!r}: choose one of {', '.join(TOY_DATASETS)}, "
+                      "or give a .npy/.npz/.csv path")
+
+
+def _check_options(name: str, target: Any, kwargs: dict[str, Any]) -> None:
+    """Raise :class:`ConfigError` if ``target`` does not take all keyword options ``kwargs``."""
+    accepted = [p for p in inspect.signature(target).parameters if p not in ("self", "path")]
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        choices = ", ".join(accepted) if accepted else "none"
+        raise ConfigError(f"dataset {name!r} does not take option(s) {', '.join(unknown)}; "
+                          f"accepted options: {choices}")

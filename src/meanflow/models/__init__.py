@@ -1,0 +1,34 @@
+"""Backbones, each in its own file, behind one registry.
+
+Every backbone honours ``net(z, t, h, y=None) -> tensor shaped like z``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+from torch import nn
+
+from meanflow.errors import ConfigError
+from meanflow.models.mlp import MLP, MLPConfig
+
+__all__ = ["MODELS", "build_model", "MLP", "MLPConfig"]
+
+# name -> (config dataclass, module class)
+MODELS: dict[str, tuple[type, Callable[[Any], nn.Module]]] = {
+    "mlp": (MLPConfig, MLP),
+}
+
+
+def build_model(name: str, **kwargs: Any) -> nn.Module:
+    """Builds a registered backbone from keyword arguments of its config dataclass."""
+    if name not in MODELS:
+        raise ConfigError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}")
+    cfg_cls, model_cls = MODELS[name]
+    fields = {f.name for f in dataclasses.fields(cfg_cls)}
+    unknown = sorted(set(kwargs) - fields)
+    if unknown:
+        raise ConfigError(f"unknown option(s) {', '.join(unknown)} for model {name!r}: "
+                          f"valid ones are {', '.join(sorted(fields))}")
+    return model_cls(cfg_cls(**kwargs))

@@ -1,0 +1,54 @@
+"""Embeddings of the conditioning inputs shared by the backbones."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["SinusoidalEmbedding", "TimeEmbedder", "LabelEmbedder"]
+
+
+class SinusoidalEmbedding(nn.Module):
+    """Raw time s in [0, 1] (no ×1000 scaling, SPEC §1) -> [sin(ω_i s), cos(ω_i s)].
+
+    The angular frequencies ω_i are geometric from 1 to ``max_freq`` so that both coarse and fine
+    differences of s in [0, 1] are resolved. (B,) -> (B, dim).
+    """
+
+    def __init__(self, dim: int, max_freq: float = 1000.0) -> None:
+        super().__init__()
+        if dim % 2:
+            raise ValueError(f"embedding dim must be even, got {dim}")
+        freqs = torch.exp(torch.linspace(0.0, math.log(max_freq), dim // 2))
+        self.register_buffer("freqs", freqs, persistent=False)
+
+    def forward(self, s: Tensor) -> Tensor:
+        angles = s.to(self.freqs.dtype)[:, None] * self.freqs[None]      # (B, dim/2)
+        return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)  # (B, dim)
+
+
+class TimeEmbedder(nn.Module):
+    """Sinusoidal features followed by a two-layer SiLU MLP: (B,) -> (B, dim)."""
+
+    def __init__(self, dim: int, freq_dim: int = 128) -> None:
+        super().__init__()
+        self.freq = SinusoidalEmbedding(freq_dim)
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, s: Tensor) -> Tensor:
+        return self.mlp(self.freq(s))
+
+
+class LabelEmbedder(nn.Module):
+    """Class labels in [0, num_classes] -> (B, dim); index ``num_classes`` is the null class used
+    by label dropout and classifier-free guidance."""
+
+    def __init__(self, num_classes: int, dim: int) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.table = nn.Embedding(num_classes + 1, dim)
+
+    def forward(self, y: Tensor) -> Tensor:
+        return self.table(y)

@@ -1,0 +1,11 @@
+"""Training objectives: MeanFlow (average velocity) and its flow-matching baseline."""
+
+from meanflow.objective.flow_matching import FlowMatchingLoss
+from meanflow.objective.jvp import JVP_STRATEGIES, time_derivative, u_and_dudt
+from meanflow.objective.meanflow_loss import (MeanFlowLoss, adaptive_weight, average_velocity,
+                                              guided_velocity)
+from meanflow.objective.time_sampler import TIME_SAMPLERS, TimeSampler
+
+__all__ = ["MeanFlowLoss", "FlowMatchingLoss", "TimeSampler", "TIME_SAMPLERS", "JVP_STRATEGIES",
+           "time_derivative", "u_and_dudt", "average_velocity", "guided_velocity",
+           "adaptive_weight"]

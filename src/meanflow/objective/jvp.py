@@ -1,0 +1,121 @@
+"""The total time derivative du/dt of the average velocity along a trajectory (SPEC §1).
+
+    du/dt = v · ∂_z u + ∂_t u,
+
+one Jacobian-vector product of f(z, r, t) = net(z, t, h = t - r, y) with the tangent
+(dz, dr, dt) = (v, 0, 1). The JVP primals are (z, r, t), not the network's (z, t, h): with those
+the right tangent would be (v, 1, 1), and getting it wrong ruins training (paper Tab. 1b).
+
+Strategies (all exact; they differ in cost, see JVP-NOTES and benchmarks/step_cost.py):
+
+- ``"split"``: du/dt from ``torch.func.jvp`` under ``torch.no_grad()``, then u from an ordinary
+  forward with grad. The target is stop-gradient anyway, so nothing is lost; memory stays that of
+  flow matching and the grad pass may use fused kernels or a DDP wrapper. The global RNG state is
+  restored between the passes so dropout masks are identical.
+- ``"split_forward_ad"``: the same with ``torch.autograd.forward_ad`` for the no-grad JVP.
+- ``"func"``: one ``torch.func.jvp`` call returns u (carrying the autograd graph) and du/dt.
+- ``"forward_ad"``: one pass on dual tensors; the primal output carries the autograd graph.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator
+
+import torch
+from torch import Tensor
+from torch.autograd import forward_ad
+
+from meanflow.errors import ConfigError
+
+__all__ = ["JVP_STRATEGIES", "u_and_dudt", "time_derivative", "check_strategy"]
+
+JVP_STRATEGIES = ("split", "split_forward_ad", "func", "forward_ad")
+
+Net = Callable[..., Tensor]
+
+
+def check_strategy(strategy: str) -> None:
+    if strategy not in JVP_STRATEGIES:
+        raise ConfigError(f"unknown JVP strategy {strategy!r}: choose one of "
+                          f"{', '.join(JVP_STRATEGIES)}")
+
+
+@contextlib.contextmanager
+def _same_rng(device: torch.device) -> Iterator[Callable[[], None]]:
+    """Yields a function that rewinds the global RNG (CPU and the CUDA device) to its state at
+    entry, so that a second pass draws the same dropout masks as the first."""
+    cpu_state = torch.get_rng_state()
+    cuda_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    def rewind() -> None:
+        torch.set_rng_state(cpu_state)
+        if cuda_state is not None:
+            torch.cuda.set_rng_state(cuda_state, device)
+
+    yield rewind
+
+
+def _fn(net: Net, y: Tensor | None) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    def f(z: Tensor, r: Tensor, t: Tensor) -> Tensor:
+        return net(z, t, t - r, y)
+    return f
+
+
+def _jvp_func(f: Callable, z: Tensor, r: Tensor, t: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    return torch.func.jvp(f, (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)))
+
+
+def _jvp_forward_ad(f: Callable, z: Tensor, r: Tensor, t: Tensor,
+                    v: Tensor) -> tuple[Tensor, Tensor]:
+    with forward_ad.dual_level():
+        out = f(forward_ad.make_dual(z, v),
+                forward_ad.make_dual(r, torch.zeros_like(r)),
+                forward_ad.make_dual(t, torch.ones_like(t)))
+        u, dudt = forward_ad.unpack_dual(out)
+    if dudt is None:  # the output does not depend on (z, r, t) at all
+        dudt = torch.zeros_like(u)
+    return u, dudt
+
+
+def u_and_dudt(net: Net, z: Tensor, r: Tensor, t: Tensor, v: Tensor, y: Tensor | None = None,
+               strategy: str = "split") -> tuple[Tensor, Tensor]:
+    """Average velocity and its total time derivative.
+
+    Args:
+        net: backbone ``net(z, t, h, y=None)``.
+        z: (B, *S) points on the path; v: (B, *S) the velocity along which z moves.
+        r, t: (B,) times with r <= t.
+        y: optional (B,) labels passed through to ``net``.
+        strategy: one of ``JVP_STRATEGIES``.
+
+    Returns:
+        ``(u, dudt)``, both (B, *S): u = net(z, t, t - r, y) carries the autograd graph when grad
+        mode is on; dudt is detached (it only enters the stop-gradient target).
+    """
+    check_strategy(strategy)
+    f = _fn(net, y)
+    if strategy in ("func", "forward_ad"):
+        jvp = _jvp_func if strategy == "func" else _jvp_forward_ad
+        u, dudt = jvp(f, z, r, t, v)
+        return u, dudt.detach()
+    jvp = _jvp_func if strategy == "split" else _jvp_forward_ad
+    with _same_rng(z.device) as rewind:
+        with torch.no_grad():
+            _, dudt = jvp(f, z, r, t, v)
+        rewind()
+        u = f(z, r, t)
+    return u, dudt
+
+
+def time_derivative(net: Net, z: Tensor, r: Tensor, t: Tensor, v: Tensor,
+                    y: Tensor | None = None, strategy: str = "split") -> Tensor:
+    """du/dt = v · ∂_z u(z, r, t) + ∂_t u(z, r, t), shape (B, *S), detached.
+
+    Runs only the JVP (no grad pass): ``torch.func.jvp`` for "split" and "func", forward-mode
+    dual tensors for "split_forward_ad" and "forward_ad".
+    """
+    check_strategy(strategy)
+    jvp = _jvp_func if strategy in ("split", "func") else _jvp_forward_ad
+    with torch.no_grad():
+        return jvp(_fn(net, y), z, r, t, v)[1]

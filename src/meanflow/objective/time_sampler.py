@@ -1,0 +1,87 @@
+"""Sampling of the time pair (r, t) with 0 <= r <= t <= 1 (SPEC §1, paper §4.3).
+
+Time convention used everywhere in meanflow: **t = 0 is data, t = 1 is noise**.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from meanflow.errors import ConfigError
+
+__all__ = ["TimeSampler", "TIME_SAMPLERS"]
+
+TIME_SAMPLERS = ("logit_normal", "uniform", "v1")
+
+
+def _check_fraction(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+        raise ConfigError(f"{name}={value!r} is outside [0, 1]: give a fraction such as 0.25")
+
+
+@dataclass(frozen=True)
+class TimeSampler:
+    """Draws (r, t) per sample.
+
+    kind             -- "logit_normal": two draws of LN(mu, sigma), t = max, r = min (paper);
+                        "uniform": the same with U(0, 1);
+                        "v1": t ~ LN(mu, sigma) and r ~ LN(mu_r, sigma_r) independently,
+                        then r := min(r, t) (the improved CIFAR-10 sampler, not in the paper).
+    mu, sigma        -- logit-normal parameters of t (and of r, except for "v1").
+    mu_r, sigma_r    -- logit-normal parameters of r for "v1" only.
+    fraction_r_neq_t -- per-sample probability of keeping r != t; otherwise r := t. The paper's
+                        ImageNet default is 0.25 (Tab. 1a); CIFAR-10 uses 0.75.
+    """
+
+    kind: str = "logit_normal"
+    mu: float = -0.4
+    sigma: float = 1.0
+    fraction_r_neq_t: float = 0.25
+    mu_r: float = -4.0
+    sigma_r: float = 1.6
+
+    def __post_init__(self) -> None:
+        if self.kind not in TIME_SAMPLERS:
+            raise ConfigError(
+                f"unknown time sampler {self.kind!r}: choose one of {', '.join(TIME_SAMPLERS)}")
+        _check_fraction("fraction_r_neq_t", self.fraction_r_neq_t)
+        for name in ("sigma", "sigma_r"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{name}={value!r} must be > 0: the logit-normal needs a "
+                                  "positive standard deviation such as 1.0")
+        for name in ("mu", "mu_r"):
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be a finite number")
+
+    def _draw(self, mu: float, sigma: float, n: int, device: torch.device,
+              generator: torch.Generator | None) -> Tensor:
+        if self.kind == "uniform":
+            return torch.rand(n, device=device, generator=generator)
+        noise = torch.randn(n, device=device, generator=generator)
+        return torch.sigmoid(mu + sigma * noise)
+
+    def sample_t(self, batch_size: int, device: torch.device | str = "cpu",
+                 generator: torch.Generator | None = None) -> Tensor:
+        """One time per sample from LN(mu, sigma) (or U(0, 1)), shape (batch_size,). Used by
+        flow matching, which needs no r."""
+        return self._draw(self.mu, self.sigma, batch_size, torch.device(device), generator)
+
+    def __call__(self, batch_size: int, device: torch.device | str = "cpu",
+                 generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Returns (r, t), each of shape (batch_size,), float32, with r <= t."""
+        device = torch.device(device)
+        if self.kind == "v1":
+            t = self._draw(self.mu, self.sigma, batch_size, device, generator)
+            r = self._draw(self.mu_r, self.sigma_r, batch_size, device, generator)
+        else:
+            a = self._draw(self.mu, self.sigma, batch_size, device, generator)
+            b = self._draw(self.mu, self.sigma, batch_size, device, generator)
+            t, r = torch.maximum(a, b), torch.minimum(a, b)
+        keep = torch.rand(batch_size, device=device, generator=generator) < self.fraction_r_neq_t
+        r = torch.where(keep, r, t)
+        return torch.minimum(r, t), t

@@ -1,0 +1,116 @@
+"""Samplers: MeanFlow's one- and few-step jumps, and the Euler baseline for flow matching.
+
+Time convention: **t = 1 is noise, t = 0 is data**. A schedule is a decreasing sequence
+1 = t_0 > t_1 > ... > t_K = 0.
+
+- MeanFlow (SPEC §1): z_{k+1} = z_k - (t_k - t_{k+1})·u(z_k, r = t_{k+1}, t = t_k). One step is
+  x = e - u(e, 0, 1): one network call (1 NFE).
+- Euler for flow matching: z_{k+1} = z_k - (t_k - t_{k+1})·v(z_k, t_k), with v(z, t) = u(z, t, t).
+
+Seeded sampling: sample i is drawn from its own ``torch.Generator`` seeded with ``seeds[i]`` on the
+CPU, so it depends only on its seed, not on the batch size, the device or the number of GPUs.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+from meanflow.errors import ConfigError
+
+__all__ = ["sample", "euler_sample", "make_schedule", "seeded_noise", "sample_seeded",
+           "SAMPLING_METHODS"]
+
+Net = Callable[..., Tensor]
+SAMPLING_METHODS = ("meanflow", "euler")
+
+
+def make_schedule(steps: int = 1, schedule: Sequence[float] | Tensor | None = None) -> list[float]:
+    """Returns the times [t_0 = 1, ..., t_K = 0].
+
+    With ``schedule=None`` the K + 1 times are uniform (the 2-step midpoint is 0.5, the common
+    choice; the paper does not state its own). A given schedule must start at 1, end at 0, be
+    strictly decreasing and have ``steps + 1`` entries.
+    """
+    if not isinstance(steps, int) or steps < 1:
+        raise ConfigError(f"steps={steps!r} must be a positive integer (1 for one-step sampling)")
+    if schedule is None:
+        return [1.0 - k / steps for k in range(steps)] + [0.0]
+    times = [float(s) for s in (schedule.tolist() if isinstance(schedule, Tensor) else schedule)]
+    if len(times) != steps + 1:
+        raise ConfigError(f"a schedule for {steps} steps needs {steps + 1} times, got "
+                          f"{len(times)}: give 1 = t_0 > ... > t_K = 0")
+    if times[0] != 1.0 or times[-1] != 0.0 or any(a <= b for a, b in zip(times, times[1:])):
+        raise ConfigError(f"schedule {times} must decrease strictly from 1 (noise) to 0 (data)")
+    return times
+
+
+def _integrate(net: Net, noise: Tensor, times: list[float], y: Tensor | None,
+               mean_flow: bool) -> Tensor:
+    if not isinstance(noise, Tensor) or noise.ndim < 2 or not noise.is_floating_point():
+        raise ConfigError("noise must be a floating tensor shaped (batch, *sample_shape)")
+    if y is not None and y.shape != noise.shape[:1]:
+        raise ConfigError(f"y must have shape ({noise.shape[0]},), got {tuple(y.shape)}")
+    z = noise
+    B = noise.shape[0]
+    for t_k, t_next in zip(times, times[1:]):
+        t = torch.full((B,), t_k, device=noise.device, dtype=noise.dtype)
+        h = torch.full_like(t, t_k - t_next) if mean_flow else torch.zeros_like(t)
+        z = z - (t_k - t_next) * net(z, t, h, y)
+    return z
+
+
+@torch.no_grad()
+def sample(net: Net, noise: Tensor, steps: int = 1, y: Tensor | None = None,
+           schedule: Sequence[float] | Tensor | None = None) -> Tensor:
+    """MeanFlow sampling from noise (B, *S) to data (B, *S) in ``steps`` network calls."""
+    return _integrate(net, noise, make_schedule(steps, schedule), y, mean_flow=True)
+
+
+@torch.no_grad()
+def euler_sample(net: Net, noise: Tensor, steps: int = 1, y: Tensor | None = None,
+                 schedule: Sequence[float] | Tensor | None = None) -> Tensor:
+    """Euler integration of the flow-matching ODE dz/dt = v(z, t) from t = 1 to t = 0."""
+    return _integrate(net, noise, make_schedule(steps, schedule), y, mean_flow=False)
+
+
+def seeded_noise(seeds: Iterable[int], shape: Sequence[int],
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Tensor:
+    """(N, *shape) standard normal noise; row i is drawn on the CPU from seed ``seeds[i]``."""
+    rows = [torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(s)))
+            for s in seeds]
+    if not rows:
+        raise ConfigError("no seeds given: pass at least one seed")
+    return torch.stack(rows).to(device=device, dtype=dtype)
+
+
+def sample_seeded(net: Net, seeds: Sequence[int], shape: Sequence[int], steps: int = 1,
+                  y: Tensor | None = None, schedule: Sequence[float] | Tensor | None = None,
+                  method: str = "meanflow", batch_size: int = 1024,
+                  device: torch.device | str = "cpu", progress: bool = False) -> Tensor:
+    """Samples (N, *shape) where sample i depends only on ``seeds[i]`` (and ``y[i]``).
+
+    ``method`` is "meanflow" (``sample``) or "euler" (``euler_sample``). Work is done in chunks of
+    ``batch_size``; the result is returned on the CPU.
+    """
+    if method not in SAMPLING_METHODS:
+        raise ConfigError(f"unknown sampling method {method!r}: choose one of "
+                          f"{', '.join(SAMPLING_METHODS)}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size!r} must be a positive integer")
+    seeds = list(seeds)
+    if y is not None and y.shape != (len(seeds),):
+        raise ConfigError(f"y must hold one label per seed ({len(seeds)},), got {tuple(y.shape)}")
+    fn = sample if method == "meanflow" else euler_sample
+    chunks = range(0, len(seeds), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+        chunks = tqdm(chunks, desc=f"sampling {len(seeds)}", unit="batch")
+    out = []
+    for i in chunks:
+        noise = seeded_noise(seeds[i:i + batch_size], shape, device)
+        yi = None if y is None else y[i:i + batch_size].to(device)
+        out.append(fn(net, noise, steps, yi, schedule).cpu())
+    return torch.cat(out)
