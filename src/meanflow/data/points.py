@@ -7,6 +7,7 @@ numpy only and never unpickled (``np.load(..., allow_pickle=False)``).
 from __future__ import annotations
 
 import os
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -173,6 +174,29 @@ class PointCloud:
         return f"PointCloud(N={n}, D={d}, num_classes={self.num_classes})"
 
 
+_NPY_MAGIC = b"\x93NUMPY"
+_ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
+
+
+def _check_magic(file: Path, zipped: bool) -> None:
+    """Raise :class:`DataError` unless ``file`` starts like a ``.npy`` (or a zip, ``.npz``) file.
+
+    numpy treats any other content as a pickle; checking first gives a truthful message.
+    """
+    try:
+        with file.open("rb") as handle:
+            head = handle.read(len(_NPY_MAGIC))
+    except OSError as exc:
+        raise DataError(f"cannot read {file}: {_one_line(exc)}; {_FILE_HINT}") from None
+    kind, save = (".npz", "np.savez") if zipped else (".npy", "np.save")
+    if head.startswith(_ZIP_MAGICS if zipped else (_NPY_MAGIC,)):
+        return
+    if head[:1] == b"\x80":
+        raise DataError(f"{file} looks like a Python pickle, which is never loaded; "
+                        f"save a plain numeric array with {save}")
+    raise DataError(f"{file} is not a numpy {kind} file; save the points with {save}")
+
+
 def _refuse_load(file: Path, exc: BaseException) -> DataError:
     """Build the :class:`DataError` for a ``.npy``/``.npz`` file numpy could not load."""
     message = _one_line(exc)
@@ -187,13 +211,11 @@ def _read_npy(file: Path, labels: str | None) -> tuple[np.ndarray, None]:
     if labels is not None:
         raise ConfigError(f"labels={labels!r} cannot apply to a .npy file ({file}); "
                           "save points and labels as keys 'x' and 'y' of a .npz file")
+    _check_magic(file, zipped=False)
     try:
         array = np.load(file, allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:
         raise _refuse_load(file, exc) from None
-    if not isinstance(array, np.ndarray):  # np.load returns an NpzFile for zip content
-        array.close()
-        raise DataError(f"{file} is not a .npy array file; {_FILE_HINT}")
     if array.ndim != 2:
         raise DataError(f"{file}: points must be a 2-D (N, D) array, got shape {array.shape}; "
                         "reshape them to one row per point")
@@ -202,12 +224,11 @@ def _read_npy(file: Path, labels: str | None) -> tuple[np.ndarray, None]:
 
 def _read_npz(file: Path, labels: str | None) -> tuple[np.ndarray, np.ndarray | None]:
     """Read points (key ``"x"`` or the only array) and labels (``"y"`` or ``labels``)."""
+    _check_magic(file, zipped=True)
     try:
         loaded = np.load(file, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise _refuse_load(file, exc) from None
-    if not isinstance(loaded, np.lib.npyio.NpzFile):
-        raise DataError(f"{file} is not a .npz archive; {_FILE_HINT}")
     with loaded as archive:
         keys = list(archive.files)
         if "x" in keys:
@@ -221,7 +242,8 @@ def _read_npz(file: Path, labels: str | None) -> tuple[np.ndarray, np.ndarray | 
         if labels is not None and labels not in keys:
             raise ConfigError(f"labels={labels!r} is not a key of {file} "
                               f"(keys: {', '.join(keys)}); name the key holding the labels")
-        y_key = labels if labels is not None else ("y" if "y" in keys else None)
+        default = "y" if "y" in keys and x_key != "y" else None
+        y_key = labels if labels is not None else default
         if y_key == x_key:
             raise ConfigError(f"labels={labels!r} is the points key of {file}; "
                               "name a different key for the labels")
@@ -269,8 +291,10 @@ def _read_csv(file: Path, labels: str | None) -> tuple[np.ndarray, np.ndarray | 
     fields = [field.strip() for field in first.split(",")]
     header = None if all(_is_number(f) for f in fields) else fields
     try:
-        table = np.loadtxt(file, delimiter=",", dtype=np.float64, ndmin=2,
-                           skiprows=first_index + 1 if header else 0, encoding="utf-8-sig")
+        with warnings.catch_warnings():  # "input contained no data" is reported below
+            warnings.simplefilter("ignore", UserWarning)
+            table = np.loadtxt(file, delimiter=",", dtype=np.float64, ndmin=2,
+                               skiprows=first_index + 1 if header else 0, encoding="utf-8-sig")
     except (OSError, ValueError) as exc:
         raise DataError(f"{file} is not a numeric table: {_one_line(exc)}; "
                         "give comma-separated numbers with an optional header row") from None

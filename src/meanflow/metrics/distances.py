@@ -43,36 +43,53 @@ def _as_point_sets(a: Tensor, b: Tensor, min_points: int) -> tuple[Tensor, Tenso
     return a64, b64
 
 
-def _distance_block(x: Tensor, y: Tensor, x_sq: Tensor, y_sq: Tensor) -> Tensor:
-    """Euclidean distances ``(len(x), len(y))`` from squared norms and one matrix product."""
-    d2 = x_sq[:, None] + y_sq[None, :] - 2.0 * (x @ y.T)
-    return d2.clamp_min_(0.0).sqrt_()
+#: Up to this dimension, distances are computed directly (exact); above, via a matrix product.
+_DIRECT_MAX_DIM = 8
+
+
+def _augment(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Return ``(L, R)`` with ``L_i · R_j = |x_i - x_j|^2``, or ``(x, x)`` for small ``D``.
+
+    For ``D > 8``, ``L = [x, |x|^2, 1]`` and ``R = [-2x, 1, |x|^2]``, so a block of squared
+    distances is one matrix product; for small ``D`` direct differences are as fast and exact.
+    """
+    if x.shape[1] <= _DIRECT_MAX_DIM:
+        return x, x
+    sq = (x * x).sum(1, keepdim=True)
+    ones = torch.ones_like(sq)
+    return torch.cat([x, sq, ones], 1), torch.cat([-2.0 * x, ones, sq], 1)
+
+
+def _distance_block(left: Tensor, right: Tensor) -> Tensor:
+    """Euclidean distances ``(len(left), len(right))`` between rows of :func:`_augment` blocks."""
+    if left.shape[1] <= _DIRECT_MAX_DIM:
+        return torch.cdist(left, right, compute_mode="donot_use_mm_for_euclid_dist")
+    return (left @ right.T).clamp_min_(0.0).sqrt_()
 
 
 def _sum_cross(a: Tensor, b: Tensor, block_size: int) -> float:
     """``sum_{i,j} |a_i - b_j|`` over all ``N * M`` pairs, in blocks of ``block_size``."""
-    a_sq, b_sq = (a * a).sum(1), (b * b).sum(1)
+    left, _ = _augment(a)
+    _, right = _augment(b)
     total = a.new_zeros(())
-    for i in range(0, a.shape[0], block_size):
-        ai, ai_sq = a[i:i + block_size], a_sq[i:i + block_size]
-        for j in range(0, b.shape[0], block_size):
-            total += _distance_block(ai, b[j:j + block_size], ai_sq, b_sq[j:j + block_size]).sum()
+    for i in range(0, left.shape[0], block_size):
+        for j in range(0, right.shape[0], block_size):
+            total += _distance_block(left[i:i + block_size], right[j:j + block_size]).sum()
     return float(total)
 
 
 def _sum_within(a: Tensor, block_size: int) -> float:
     """``sum_{i != j} |a_i - a_j|`` over ordered pairs, computing each pair once, in blocks."""
-    a_sq = (a * a).sum(1)
+    left, right = _augment(a)
     total = a.new_zeros(())
     n = a.shape[0]
     for i in range(0, n, block_size):
-        ai, ai_sq = a[i:i + block_size], a_sq[i:i + block_size]
-        diagonal = _distance_block(ai, ai, ai_sq, ai_sq)
+        rows = left[i:i + block_size]
+        diagonal = _distance_block(rows, right[i:i + block_size])
         diagonal.fill_diagonal_(0.0)  # exclude i == j exactly, whatever the rounding
         total += diagonal.sum()
         for j in range(i + block_size, n, block_size):
-            upper = _distance_block(ai, a[j:j + block_size], ai_sq, a_sq[j:j + block_size])
-            total += 2.0 * upper.sum()
+            total += 2.0 * _distance_block(rows, right[j:j + block_size]).sum()
     return float(total)
 
 
@@ -86,8 +103,11 @@ def energy_distance(a: Tensor, b: Tensor, *, block_size: int = 2048) -> float:
     can come out slightly *negative* when the distributions are equal or very close.
 
     Pairwise distances are computed in float64 in ``block_size x block_size`` blocks (memory
-    ``O(block_size^2)``), after centring both sets on their joint mean to limit cancellation.
-    Cost is ``O((N + M)^2 D)``.
+    ``O(block_size^2)``), after centring both sets on their joint mean. For ``D <= 8`` they
+    are exact differences; for larger ``D`` they come from squared norms and a matrix product,
+    which is much faster but puts an absolute error of about ``1e-8 * |x|`` on the distance of
+    (near-)coincident points. Cost is ``O((N + M)^2 D)``; 20k x 20k points in 2-D take about ten
+    seconds on two CPU cores.
 
     Args:
         a: ``(N, D)`` samples of ``X``, ``N >= 2``.
@@ -115,14 +135,14 @@ def energy_distance(a: Tensor, b: Tensor, *, block_size: int = 2048) -> float:
 
 
 def _squared_w2_1d(pa: Tensor, pb: Tensor) -> Tensor:
-    """Squared 1-D W2 between the columns of sorted ``(N, P)`` and ``(M, P)`` samples -> ``(P,)``.
+    """Squared 1-D W2 between the rows of sorted ``(P, N)`` and ``(P, M)`` samples -> ``(P,)``.
 
     Integrates ``(F^{-1}(t) - G^{-1}(t))^2`` over ``t`` in ``(0, 1)`` exactly: both empirical
     quantile functions are constant between consecutive points of ``{k/N} U {l/M}``.
     """
-    n, m = pa.shape[0], pb.shape[0]
+    n, m = pa.shape[1], pb.shape[1]
     if n == m:
-        return ((pa - pb) ** 2).mean(0)
+        return ((pa - pb) ** 2).mean(1)
     grid = torch.cat([
         torch.arange(1, n + 1, dtype=torch.float64, device=pa.device) / n,
         torch.arange(1, m + 1, dtype=torch.float64, device=pa.device) / m,
@@ -132,7 +152,7 @@ def _squared_w2_1d(pa: Tensor, pb: Tensor) -> Tensor:
     middle = 0.5 * (grid + start)  # inside each interval, clear of rounding at its ends
     index_a = (middle * n).floor().long().clamp_(0, n - 1)
     index_b = (middle * m).floor().long().clamp_(0, m - 1)
-    return (width[:, None] * (pa[index_a] - pb[index_b]) ** 2).sum(0)
+    return ((pa[:, index_a] - pb[:, index_b]) ** 2 @ width)
 
 
 def sliced_wasserstein(
@@ -175,9 +195,9 @@ def sliced_wasserstein(
                           "pass torch.Generator().manual_seed(seed)")
     a, b = _as_point_sets(a, b, min_points=1)
     dim = a.shape[1]
-    theta = torch.randn(dim, num_projections, generator=generator, dtype=torch.float64)
-    theta = theta / theta.norm(dim=0, keepdim=True).clamp_min(1e-300)
+    theta = torch.randn(num_projections, dim, generator=generator, dtype=torch.float64)
+    theta = theta / theta.norm(dim=1, keepdim=True).clamp_min(1e-300)
     theta = theta.to(a.device)
-    proj_a = (a @ theta).sort(dim=0).values
-    proj_b = (b @ theta).sort(dim=0).values
+    proj_a = (theta @ a.T).sort(dim=1).values  # (P, N), each row sorted
+    proj_b = (theta @ b.T).sort(dim=1).values
     return math.sqrt(float(_squared_w2_1d(proj_a, proj_b).mean()))

@@ -6,6 +6,7 @@ Every backbone honours ``net(z, t, h, y=None) -> tensor shaped like z``.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable
 
 from torch import nn
@@ -13,7 +14,7 @@ from torch import nn
 from meanflow.errors import ConfigError
 from meanflow.models.mlp import MLP, MLPConfig
 
-__all__ = ["MODELS", "build_model", "MLP", "MLPConfig"]
+__all__ = ["MODELS", "build_model", "build_model_for_data", "MLP", "MLPConfig"]
 
 # name -> (config dataclass, module class)
 MODELS: dict[str, tuple[type, Callable[[Any], nn.Module]]] = {
@@ -32,3 +33,22 @@ def build_model(name: str, **kwargs: Any) -> nn.Module:
         raise ConfigError(f"unknown option(s) {', '.join(unknown)} for model {name!r}: "
                           f"valid ones are {', '.join(sorted(fields))}")
     return model_cls(cfg_cls(**kwargs))
+
+
+def build_model_for_data(name: str, sample_shape: tuple[int, ...], num_classes: int | None,
+                         options: dict[str, Any]) -> nn.Module:
+    """Builds a backbone sized for data of ``sample_shape`` (one sample) and ``num_classes``.
+
+    The data decide the input size and the label table; ``options`` set everything else and may
+    not contradict the data.
+    """
+    if name not in MODELS:
+        raise ConfigError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}")
+    derived: dict[str, Any] = {"num_classes": num_classes}
+    if name == "mlp":
+        derived["dim"] = math.prod(sample_shape)
+    for key, value in derived.items():
+        if key in options and options[key] != value:
+            raise ConfigError(f"model option {key}={options[key]!r} contradicts the data "
+                              f"({key}={value!r}): remove it from model.options")
+    return build_model(name, **{**options, **derived})

@@ -1,0 +1,248 @@
+"""Typed run configuration: nested dataclasses, saved as plain JSON/YAML beside each run.
+
+A config is built from defaults, then a YAML/JSON file, then dotted overrides such as
+``objective.p=0.5``; ``validate()`` checks every value and raises a one-line ConfigError.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from meanflow.errors import ConfigError
+from meanflow.objective.jvp import JVP_STRATEGIES
+from meanflow.objective.time_sampler import TIME_SAMPLERS
+
+__all__ = ["ModelConfig", "DataConfig", "ObjectiveConfig", "OptimConfig", "TrainConfig",
+           "RunConfig", "load_config", "apply_overrides", "OBJECTIVES"]
+
+OBJECTIVES = ("meanflow", "flow_matching")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mlp"                                      # registry name (meanflow.models)
+    options: dict[str, Any] = field(default_factory=dict)  # the backbone's own config fields
+
+
+@dataclass
+class DataConfig:
+    name: str = "8gaussians"      # toy name, or the path of a .npy/.npz/.csv file
+    class_conditional: bool = False  # feed labels (mixture component / file labels) to the net
+    options: dict[str, Any] = field(default_factory=dict)  # dataset keyword arguments
+
+
+@dataclass
+class ObjectiveConfig:
+    kind: str = "meanflow"        # "meanflow" or the "flow_matching" baseline
+    time_sampler: str = "logit_normal"
+    mu: float = -0.4              # LN(mu, sigma) for t and r (paper Tab. 1d)
+    sigma: float = 1.0
+    mu_r: float = -4.0            # r's LN for the "v1" sampler only
+    sigma_r: float = 1.6
+    fraction_r_neq_t: float = 0.25  # paper Tab. 1a
+    p: float = 1.0                # adaptive-weight power (Tab. 1e)
+    c: float = 1e-3               # adaptive-weight offset
+    omega: float = 1.0            # guidance in the target; 1 = none
+    kappa: float = 0.0
+    t_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])
+    label_drop: float = 0.1       # class dropout to the null class (class-conditional only)
+    jvp: str = "split"            # du/dt strategy (meanflow.objective.jvp)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+    warmup_steps: int = 0         # linear warm-up, then constant (the paper's schedules)
+    grad_clip: float | None = None  # max global grad norm; None disables clipping
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 2000
+    batch_size: int = 256
+    seed: int = 0
+    ema_decays: list[float] = field(default_factory=lambda: [0.999])
+    log_every: int = 50           # lines appended to metrics.jsonl
+    checkpoint_every: int = 1000  # and always at the last step
+    keep_checkpoints: int = 2     # newest periodic checkpoints kept (0 keeps all)
+    device: str = "auto"          # "auto" picks CUDA when available
+    progress: bool = True         # tqdm bar
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+        return _from_dict(cls, d, "")
+
+    def validate(self) -> "RunConfig":
+        _validate(self)
+        return self
+
+
+def _from_dict(cls: type, d: Any, prefix: str) -> Any:
+    if not isinstance(d, dict):
+        raise ConfigError(f"config section {prefix or '<root>'!r} must be a mapping, got "
+                          f"{type(d).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {', '.join(prefix + k for k in unknown)}: "
+                          f"valid keys here are {', '.join(prefix + k for k in fields)}")
+    kwargs = {}
+    for name, value in d.items():
+        f = fields[name]
+        sub = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(sub):
+            kwargs[name] = _from_dict(sub, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = d
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key!r}: {part!r} is not a section")
+    node[parts[-1]] = value
+
+
+def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Applies ``section.key=value`` strings; values are parsed as YAML (numbers, lists, null)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value "
+                              "(for example objective.p=0.5)")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(d, key.strip(), value)
+    return d
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Defaults <- YAML/JSON file <- dotted overrides, validated."""
+    d: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}; give the path of a YAML or "
+                              "JSON file")
+        try:
+            loaded = yaml.safe_load(path.read_text())  # JSON is a subset of YAML
+        except yaml.YAMLError as exc:
+            line = str(exc).splitlines()[0]
+            raise ConfigError(f"config file {path} is not valid YAML/JSON ({line})") from None
+        if loaded is not None:
+            if not isinstance(loaded, dict):
+                raise ConfigError(f"config file {path} must hold a mapping of sections")
+            d = loaded
+    apply_overrides(d, overrides or [])
+    return RunConfig.from_dict(d).validate()
+
+
+def _number(name: str, value: Any, *, lo: float | None = None, hi: float | None = None,
+            lo_open: bool = False, integer: bool = False) -> None:
+    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok_type or not math.isfinite(value):
+        kind = "an integer" if integer else "a number"
+        raise ConfigError(f"{name}={value!r} must be {kind}")
+    if lo is not None and (value <= lo if lo_open else value < lo):
+        raise ConfigError(f"{name}={value!r} must be {'>' if lo_open else '>='} {lo}")
+    if hi is not None and value > hi:
+        raise ConfigError(f"{name}={value!r} must be <= {hi}")
+
+
+def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"unknown {name} {value!r}: choose one of {', '.join(choices)}")
+
+
+def _validate(cfg: RunConfig) -> None:
+    o, opt, tr = cfg.objective, cfg.optim, cfg.train
+    _choice("objective.kind", o.kind, OBJECTIVES)
+    _choice("objective.time_sampler", o.time_sampler, TIME_SAMPLERS)
+    _choice("objective.jvp", o.jvp, JVP_STRATEGIES)
+    if o.kind == "flow_matching" and o.time_sampler == "v1":
+        raise ConfigError("objective.time_sampler 'v1' is MeanFlow-only: use logit_normal or "
+                          "uniform for flow matching")
+    _number("objective.fraction_r_neq_t", o.fraction_r_neq_t, lo=0, hi=1)
+    _number("objective.mu", o.mu)
+    _number("objective.mu_r", o.mu_r)
+    _number("objective.sigma", o.sigma, lo=0, lo_open=True)
+    _number("objective.sigma_r", o.sigma_r, lo=0, lo_open=True)
+    _number("objective.p", o.p, lo=0)
+    _number("objective.c", o.c, lo=0, lo_open=True)
+    _number("objective.omega", o.omega)
+    _number("objective.kappa", o.kappa, lo=0)
+    if o.kappa >= 1:
+        raise ConfigError(f"objective.kappa={o.kappa!r} must be < 1: the effective guidance "
+                          "scale is omega / (1 - kappa)")
+    _number("objective.label_drop", o.label_drop, lo=0, hi=1)
+    if (not isinstance(o.t_interval, (list, tuple)) or len(o.t_interval) != 2
+            or not all(isinstance(a, (int, float)) for a in o.t_interval)
+            or not 0 <= o.t_interval[0] <= o.t_interval[1] <= 1):
+        raise ConfigError(f"objective.t_interval={o.t_interval!r} must be [t_min, t_max] with "
+                          "0 <= t_min <= t_max <= 1")
+    if (o.omega != 1 or o.kappa != 0) and not cfg.data.class_conditional:
+        raise ConfigError("guidance (objective.omega != 1 or kappa != 0) needs labels: set "
+                          "data.class_conditional=true, or omega=1 and kappa=0")
+    if not isinstance(cfg.data.name, str) or not cfg.data.name:
+        raise ConfigError("data.name must be a toy dataset name or a file path")
+    if not isinstance(cfg.data.class_conditional, bool):
+        raise ConfigError("data.class_conditional must be true or false")
+    for section, value in (("model.options", cfg.model.options),
+                           ("data.options", cfg.data.options)):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{section} must be a mapping of keyword arguments")
+    _number("optim.lr", opt.lr, lo=0, lo_open=True)
+    if (not isinstance(opt.betas, (list, tuple)) or len(opt.betas) != 2
+            or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in opt.betas)):
+        raise ConfigError(f"optim.betas={opt.betas!r} must be two numbers in [0, 1), "
+                          "e.g. [0.9, 0.999]")
+    _number("optim.weight_decay", opt.weight_decay, lo=0)
+    _number("optim.warmup_steps", opt.warmup_steps, lo=0, integer=True)
+    if opt.grad_clip is not None:
+        _number("optim.grad_clip", opt.grad_clip, lo=0, lo_open=True)
+    _number("train.steps", tr.steps, lo=1, integer=True)
+    _number("train.batch_size", tr.batch_size, lo=1, integer=True)
+    _number("train.seed", tr.seed, lo=0, integer=True)
+    _number("train.log_every", tr.log_every, lo=1, integer=True)
+    _number("train.checkpoint_every", tr.checkpoint_every, lo=1, integer=True)
+    _number("train.keep_checkpoints", tr.keep_checkpoints, lo=0, integer=True)
+    if (not isinstance(tr.ema_decays, (list, tuple))
+            or not all(isinstance(d, (int, float)) and 0 < d < 1 for d in tr.ema_decays)):
+        raise ConfigError(f"train.ema_decays={tr.ema_decays!r} must be a list of decays in "
+                          "(0, 1), e.g. [0.999]")
+    if not isinstance(tr.device, str) or not (tr.device in ("auto", "cpu", "mps")
+                                              or tr.device.startswith("cuda")):
+        raise ConfigError(f"train.device={tr.device!r} must be auto, cpu, cuda or cuda:N")
