@@ -94,6 +94,22 @@ def test_one_step_is_noise_minus_u_at_r0_t1(tiny_mlp):
     assert sample(net, e, 1).shape == e.shape
 
 
+@pytest.mark.parametrize("steps", [1, 2])
+def test_labels_reach_the_net_when_sampling(steps, tiny_mlp):
+    """Class-conditional sampling passes y to every call (1 NFE per step, no CFG mixing)."""
+    net = tiny_mlp(dtype=torch.float32, num_classes=3)
+    e = noise(6).float()
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    out = sample(net, e, steps, y=y)
+    with torch.no_grad():
+        z = e
+        for t_k, t_next in zip(make_schedule(steps), make_schedule(steps)[1:]):
+            t = torch.full((6,), t_k)
+            z = z - (t_k - t_next) * net(z, t, torch.full((6,), t_k - t_next), y)
+    torch.testing.assert_close(out, z, atol=1e-6, rtol=0)
+    assert float((sample(net, e, steps, y=(y + 1) % 3) - out).abs().amax()) > 1e-4
+
+
 def test_make_schedule_defaults_and_custom():
     """Default schedules are uniform from 1 to 0 (2 steps: midpoint 0.5); custom ones pass."""
     assert make_schedule(1) == [1.0, 0.0]

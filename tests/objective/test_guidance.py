@@ -89,10 +89,16 @@ def test_guided_loss_matches_hand_computation(strategy, omega, kappa):
     x, e, r, t, y = draw()
     loss_fn = MeanFlowLoss(p=0.0, omega=omega, kappa=kappa, num_classes=K, label_drop=0.0,
                            jvp=strategy)
-    loss, _ = loss_fn(net, x, y, r=r, t=t, e=e)
+    loss, stats = loss_fn(net, x, y, r=r, t=t, e=e)
     everywhere = torch.ones(B, dtype=torch.bool)
     expected = hand_guided_loss(net, x, e, r, t, y, omega, kappa, everywhere)
     torch.testing.assert_close(loss.detach(), expected, atol=1e-12, rtol=1e-12)
+    # The logged ||u - v||² uses the plain conditional velocity, comparable with flow matching.
+    z = (1 - col(t, x)) * x + col(t, x) * e
+    with torch.no_grad():
+        u = net(z, t, t - r, y)
+    torch.testing.assert_close(stats["u_minus_v"], (u - (e - x)).pow(2).sum(1).mean(),
+                               atol=1e-12, rtol=1e-12)
     if (omega, kappa) != (1.0, 0.0):  # non-tautology: guidance changes the loss
         plain = hand_guided_loss(net, x, e, r, t, y, 1.0, 0.0, everywhere)
         assert float((loss.detach() - plain).abs().amax()) > 1e-3

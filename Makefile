@@ -1,0 +1,40 @@
+# The two commands of the README: `make demo` and `make test`. Each sets up .venv idempotently.
+#
+#   TORCH_SPEC  what pip installs for PyTorch before the package. The default takes the CPU
+#               wheel that machines of this kind keep on disk. A GPU user sets it to their build,
+#               e.g. `make demo TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu128"`,
+#               or to "" to keep the torch already in the venv (pip then adds torch>=2.4 only if
+#               none is there).
+#   PYTHON      the interpreter that creates the venv (>= 3.10).
+
+PYTHON     ?= python3
+VENV       ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN        := $(VENV)/bin
+STAMP      := $(VENV)/.meanflow-installed
+
+.PHONY: demo test test-slow bench setup clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	if [ -n "$(TORCH_SPEC)" ]; then $(BIN)/python -m pip install --quiet $(TORCH_SPEC); fi
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/meanflow demo --out demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -m slow
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/step_cost.py
+
+clean:
+	rm -rf $(VENV) demo runs .pytest_cache
