@@ -89,11 +89,13 @@ def seeded_noise(seeds: Iterable[int], shape: Sequence[int],
 def sample_seeded(net: Net, seeds: Sequence[int], shape: Sequence[int], steps: int = 1,
                   y: Tensor | None = None, schedule: Sequence[float] | Tensor | None = None,
                   method: str = "meanflow", batch_size: int = 1024,
-                  device: torch.device | str = "cpu", progress: bool = False) -> Tensor:
+                  device: torch.device | str = "cpu", progress: bool = False,
+                  dtype: torch.dtype | None = None) -> Tensor:
     """Samples (N, *shape) where sample i depends only on ``seeds[i]`` (and ``y[i]``).
 
     ``method`` is "meanflow" (``sample``) or "euler" (``euler_sample``). Work is done in chunks of
-    ``batch_size``; the result is returned on the CPU.
+    ``batch_size``; the result is returned on the CPU. The noise takes ``dtype``, by default
+    that of the network's first parameter (float32 for parameter-free callables).
     """
     if method not in SAMPLING_METHODS:
         raise ConfigError(f"unknown sampling method {method!r}: choose one of "
@@ -104,13 +106,16 @@ def sample_seeded(net: Net, seeds: Sequence[int], shape: Sequence[int], steps: i
     if y is not None and y.shape != (len(seeds),):
         raise ConfigError(f"y must hold one label per seed ({len(seeds)},), got {tuple(y.shape)}")
     fn = sample if method == "meanflow" else euler_sample
+    if dtype is None:
+        first = next(iter(net.parameters()), None) if isinstance(net, torch.nn.Module) else None
+        dtype = first.dtype if first is not None else torch.float32
     chunks = range(0, len(seeds), batch_size)
     if progress:
         from tqdm.auto import tqdm
         chunks = tqdm(chunks, desc=f"sampling {len(seeds)}", unit="batch")
     out = []
     for i in chunks:
-        noise = seeded_noise(seeds[i:i + batch_size], shape, device)
+        noise = seeded_noise(seeds[i:i + batch_size], shape, device, dtype)
         yi = None if y is None else y[i:i + batch_size].to(device)
         out.append(fn(net, noise, steps, yi, schedule).cpu())
     return torch.cat(out)

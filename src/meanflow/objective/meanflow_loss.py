@@ -64,6 +64,8 @@ def average_velocity(net: Net, z: Tensor, r: Tensor, t: Tensor,
     if bool((r > t).any()):
         raise ConfigError("r > t for some samples: the average velocity needs r <= t "
                           "(t = 1 is noise, t = 0 is data); swap them")
+    if bool((r < 0).any()) or bool((t > 1).any()):
+        raise ConfigError("times must lie in [0, 1] (t = 0 data, t = 1 noise): rescale r and t")
     return net(z, t, t - r, y)
 
 
