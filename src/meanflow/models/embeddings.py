@@ -32,9 +32,9 @@ class SinusoidalEmbedding(nn.Module):
 class TimeEmbedder(nn.Module):
     """Sinusoidal features followed by a two-layer SiLU MLP: (B,) -> (B, dim)."""
 
-    def __init__(self, dim: int, freq_dim: int = 128) -> None:
+    def __init__(self, dim: int, freq_dim: int = 128, max_freq: float = 1000.0) -> None:
         super().__init__()
-        self.freq = SinusoidalEmbedding(freq_dim)
+        self.freq = SinusoidalEmbedding(freq_dim, max_freq)
         self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, s: Tensor) -> Tensor:

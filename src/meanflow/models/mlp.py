@@ -26,6 +26,7 @@ class MLPConfig:
     emb_dim: int = 128             # size of each of the t, h (and label) embeddings
     num_classes: int | None = None  # None: unconditional; else labels in [0, num_classes]
     dropout: float = 0.0
+    time_max_freq: float = 10.0     # highest angular frequency of the t and h features
 
     def __post_init__(self) -> None:
         for name in ("dim", "width", "depth", "emb_dim"):
@@ -60,8 +61,10 @@ class MLP(nn.Module):
     def __init__(self, cfg: MLPConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.t_embed = TimeEmbedder(cfg.emb_dim)
-        self.h_embed = TimeEmbedder(cfg.emb_dim)
+        # du/dt differentiates through these features: very high frequencies make ∂u/∂t, and
+        # so the target, huge at initialisation and destabilise training.
+        self.t_embed = TimeEmbedder(cfg.emb_dim, cfg.emb_dim, cfg.time_max_freq)
+        self.h_embed = TimeEmbedder(cfg.emb_dim, cfg.emb_dim, cfg.time_max_freq)
         n_cond = 2
         if cfg.num_classes is not None:
             self.y_embed = LabelEmbedder(cfg.num_classes, cfg.emb_dim)

@@ -120,8 +120,20 @@ def _from_dict(cls: type, d: Any, prefix: str) -> Any:
         if dataclasses.is_dataclass(sub):
             kwargs[name] = _from_dict(sub, value, f"{prefix}{name}.")
         else:
-            kwargs[name] = value
+            kwargs[name] = _coerce_floats(value) if "float" in str(f.type) else value
     return cls(**kwargs)
+
+
+def _coerce_floats(value: Any) -> Any:
+    """YAML 1.1 reads ``1e-4`` (no dot) as a string; read it as the number it means."""
+    if isinstance(value, list):
+        return [_coerce_floats(v) for v in value]
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:

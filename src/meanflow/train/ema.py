@@ -14,12 +14,17 @@ __all__ = ["EMA"]
 class EMA:
     """``shadow_d ← d·shadow_d + (1 - d)·θ`` after each optimiser step, for every decay d.
 
-    Buffers (none in the MLP) are copied, not averaged.
+    Floating-point parameters are averaged (one fused ``_foreach_lerp_`` per decay); buffers
+    and integer entries are copied.
     """
 
     def __init__(self, model: nn.Module, decays: list[float]) -> None:
         self.decays = [float(d) for d in decays]
-        self.shadows = {self.key(d): {k: v.detach().clone() for k, v in model.state_dict().items()}
+        state = model.state_dict()
+        params = {name for name, p in model.named_parameters() if p.is_floating_point()}
+        self._avg_names = [k for k in state if k in params]
+        self._copy_names = [k for k in state if k not in params]
+        self.shadows = {self.key(d): {k: v.detach().clone() for k, v in state.items()}
                         for d in self.decays}
 
     @staticmethod
@@ -28,14 +33,14 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        params = dict(model.named_parameters())
+        state = model.state_dict()
+        current = [state[k] for k in self._avg_names]
         for d in self.decays:
             shadow = self.shadows[self.key(d)]
-            for name, value in model.state_dict().items():
-                if name in params and value.is_floating_point():
-                    shadow[name].lerp_(value, 1.0 - d)
-                else:
-                    shadow[name].copy_(value)
+            if current:
+                torch._foreach_lerp_([shadow[k] for k in self._avg_names], current, 1.0 - d)
+            for k in self._copy_names:
+                shadow[k].copy_(state[k])
 
     def state_dict(self) -> dict[str, Tensor]:
         """Flat ``{ema_<decay>.<param>: tensor}`` for safetensors."""

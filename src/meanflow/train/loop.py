@@ -164,7 +164,7 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False,
                                  cfg.model.options).to(device)
     loss_fn = build_loss(cfg, num_classes)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                           weight_decay=cfg.optim.weight_decay)
+                           weight_decay=cfg.optim.weight_decay, foreach=True)
     ema = EMA(model, cfg.train.ema_decays)
 
     start = 0
@@ -184,7 +184,7 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False,
     if cfg.train.progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=cfg.train.steps, initial=start, desc=f"{cfg.objective.kind}",
-                   unit="step", dynamic_ncols=True)
+                   unit="step", dynamic_ncols=True, disable=None)  # None: off when not a tty
     sums: dict[str, float] = {}
     count, nonfinite_run, skipped = 0, 0, 0
     t_log = time.perf_counter()
