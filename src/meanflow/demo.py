@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import math
 import multiprocessing
 import time
 from pathlib import Path
@@ -67,22 +68,23 @@ def _figure(path: Path, panels: list[tuple[str, torch.Tensor]], field: dict[str,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(4 * (len(panels) + 1), 4.3))
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(4 * (len(panels) + 1), 4.6))
     for ax, (title, pts) in zip(axes, panels):
         ax.scatter(pts[:, 0], pts[:, 1], s=1.5, alpha=0.5, color="tab:blue", linewidths=0)
         ax.set_title(title, fontsize=10)
     ax = axes[-1]
     g, u = field["grid"], field["u"]
-    speed = u.norm(dim=1)
     e, x = field["noise"], field["jump"]
+    angle = torch.atan2(x[:, 1], x[:, 0])            # colour each jump by where it lands
+    colors = plt.cm.hsv(((angle + math.pi) / (2 * math.pi)).numpy())
     for i in range(e.shape[0]):
-        ax.plot([e[i, 0], x[i, 0]], [e[i, 1], x[i, 1]], color="0.6", lw=0.3, alpha=0.5)
-    ax.scatter(e[:, 0], e[:, 1], s=3, color="0.4", zorder=3)
-    ax.scatter(x[:, 0], x[:, 1], s=3, color="tab:red", zorder=3)
-    ax.quiver(g[:, 0], g[:, 1], -u[:, 0], -u[:, 1], speed, cmap="viridis", angles="xy",
-              scale_units="xy", scale=4.0, width=0.006, zorder=4)
-    ax.set_title("learned field -u(z, r=0, t=1) (arrows, 1/4 length)\n"
-                 "grey noise -> red 1-step sample", fontsize=10)
+        ax.plot([e[i, 0], x[i, 0]], [e[i, 1], x[i, 1]], color=colors[i], lw=0.4, alpha=0.35)
+    ax.scatter(e[:, 0], e[:, 1], s=2, color="0.3", zorder=3, linewidths=0)
+    ax.scatter(x[:, 0], x[:, 1], s=4, color=colors, zorder=3, linewidths=0)
+    ax.quiver(g[:, 0], g[:, 1], -u[:, 0], -u[:, 1], color="black", angles="xy",
+              scale_units="xy", scale=5.0, width=0.005, alpha=0.7, zorder=4)
+    ax.set_title("one-step map: noise (grey) -> sample\n"
+                 "arrows: -u(z, r=0, t=1), 1/5 length", fontsize=10)
     for ax in axes:
         ax.set_xlim(-lim, lim)
         ax.set_ylim(-lim, lim)
@@ -141,7 +143,7 @@ def run_demo(out_dir: str | Path = "demo", steps: int = DEFAULT_STEPS, seed: int
     }
     atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
 
-    lin = torch.linspace(-3.0, 3.0, 13)
+    lin = torch.linspace(-2.5, 2.5, 9)
     grid = torch.cartesian_prod(lin, lin)
     net = runs["meanflow"].net
     with torch.no_grad():
