@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -102,8 +103,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         overrides.append("data.class_conditional=true")
     cfg = load_config(args.config, overrides + args.overrides)
     if args.dry_run:
-        from meanflow.data import build_dataset
-        build_dataset(cfg.data.name, **cfg.data.options)  # a bad name or file fails here too
+        from meanflow.train.loop import check_config
+        check_config(cfg)  # data, model and loss are built too, so a dry run catches all
         print(cfg.to_yaml(), end="")
         return 0
     ckpt = train(cfg, args.out, resume=args.resume)
@@ -116,17 +117,20 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
     from meanflow.errors import ConfigError
-    from meanflow.sampling import sample_seeded
+    from meanflow.sampling import make_schedule, sample_seeded
     from meanflow.train.checkpoint import atomic_write_text
     from meanflow.train.loop import load_model, resolve_device
 
     if args.n < 1:
         raise ConfigError(f"--n {args.n} must be >= 1")
-    for path in (args.out, args.png):
-        if path is not None and path.exists() and not args.overwrite:
-            raise ConfigError(f"{path} exists: pass --overwrite or choose another file")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size {args.batch_size} must be >= 1")
     if args.out.suffix != ".npz":
         raise ConfigError(f"--out {args.out} must end in .npz")
+    sidecar = args.out.with_suffix(".json")
+    for path in (args.out, sidecar, args.png):
+        if path is not None and path.exists() and not args.overwrite:
+            raise ConfigError(f"{path} exists: pass --overwrite or choose another file")
     schedule = None
     if args.schedule:
         try:
@@ -134,6 +138,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         except ValueError:
             raise ConfigError(f"--schedule {args.schedule!r} must be comma-separated numbers, "
                               "e.g. 1,0.5,0") from None
+    make_schedule(args.steps, schedule)  # bad --steps/--schedule fail before any work
     ema = None if args.ema == "none" else args.ema
     if ema not in (None, "auto"):
         try:
@@ -152,6 +157,9 @@ def _cmd_sample(args: argparse.Namespace) -> int:
             y = torch.arange(args.n) % loaded.num_classes
     elif args.label is not None:
         raise ConfigError("--label given but the model is unconditional")
+    if args.png is not None and math.prod(loaded.shape) != 2:
+        raise ConfigError(f"--png draws 2-D points; this model's samples have shape "
+                          f"{loaded.shape}: drop --png")
     method = "euler" if loaded.config.objective.kind == "flow_matching" else "meanflow"
     seeds = list(range(args.seed, args.seed + args.n))
     x = sample_seeded(loaded.net, seeds, loaded.shape, steps=args.steps, y=y,
@@ -166,8 +174,6 @@ def _cmd_sample(args: argparse.Namespace) -> int:
              labels=np.asarray([] if y is None else y.numpy()), meta=json.dumps(meta))
     tmp.replace(args.out)
     if args.png is not None:
-        if x[0].numel() != 2:
-            raise ConfigError("--png draws 2-D points; these samples are not 2-D")
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -179,7 +185,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         ax.set_title(f"{method}, {args.steps} step(s), {loaded.weights}, step {loaded.step}")
         fig.savefig(args.png, dpi=110)
         plt.close(fig)
-    atomic_write_text(args.out.with_suffix(".json"), json.dumps(meta, indent=2) + "\n")
+    atomic_write_text(sidecar, json.dumps(meta, indent=2) + "\n")
     print(f"wrote {args.n} samples to {args.out}")
     return 0
 

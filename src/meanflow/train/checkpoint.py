@@ -122,6 +122,8 @@ def load_checkpoint(ckpt_dir: Path, device: torch.device | str = "cpu",
     try:
         state = json.loads(state_path.read_text())
         hashes = state["sha256"]
+        if not isinstance(hashes, dict):
+            raise TypeError
     except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
         raise CheckpointError(f"{state_path} is corrupt (not meanflow checkpoint JSON); "
                               "restore it or resume from an earlier checkpoint") from None

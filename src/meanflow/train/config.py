@@ -255,6 +255,12 @@ def _validate(cfg: RunConfig) -> None:
             or not all(isinstance(d, (int, float)) and 0 < d < 1 for d in tr.ema_decays)):
         raise ConfigError(f"train.ema_decays={tr.ema_decays!r} must be a list of decays in "
                           "(0, 1), e.g. [0.999]")
+    if not tr.ema_decays:
+        raise ConfigError("train.ema_decays is empty: give at least one decay, e.g. [0.999] "
+                          "(samplers use EMA weights)")
+    if len({f"{d:g}" for d in tr.ema_decays}) != len(tr.ema_decays):
+        raise ConfigError(f"train.ema_decays={tr.ema_decays!r} repeats a decay: list each "
+                          "once")
     if not isinstance(tr.device, str) or not (tr.device in ("auto", "cpu", "mps")
                                               or tr.device.startswith("cuda")):
         raise ConfigError(f"train.device={tr.device!r} must be auto, cpu, cuda or cuda:N")

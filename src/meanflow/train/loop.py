@@ -31,7 +31,7 @@ from meanflow.train.checkpoint import (atomic_write_text, find_checkpoint, list_
 from meanflow.train.config import RunConfig
 from meanflow.train.ema import EMA
 
-__all__ = ["train", "build_loss", "step_seed", "resolve_device", "load_model", "LoadedModel",
+__all__ = ["train", "check_config", "build_loss", "step_seed", "resolve_device", "load_model", "LoadedModel",
            "prepare_run_dir"]
 
 # Settings that may change between a run and its resumption; anything else must match.
@@ -97,6 +97,8 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> None:
             keys = ", ".join(".".join(d) for d in diff)
             raise ConfigError(f"cannot resume {run_dir}: its config differs in {keys}; use "
                               "the same settings, or choose a new --out")
+    elif run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"output path {run_dir} is a file, not a folder: choose a new --out")
     elif run_dir.exists() and any(run_dir.iterdir()):
         raise ConfigError(f"output folder {run_dir} is not empty and holds no meanflow run: "
                           "choose a new or empty --out")
@@ -142,6 +144,23 @@ def _save(run_dir: Path, step: int, model: nn.Module, ema: EMA, opt: torch.optim
     return path
 
 
+def check_config(cfg: RunConfig) -> None:
+    """Everything ``train`` checks before it writes anything: values, data, model and loss.
+
+    The model is built on the meta device, so this is cheap even for large backbones.
+    """
+    cfg.validate()
+    resolve_device(cfg.train.device)
+    ds = build_dataset(cfg.data.name, **cfg.data.options)
+    num_classes = ds.num_classes if cfg.data.class_conditional else None
+    if cfg.data.class_conditional and num_classes is None:
+        raise ConfigError(f"data.class_conditional is true but {cfg.data.name!r} has no "
+                          "labels: give labelled data or set it to false")
+    with torch.device("meta"):
+        build_model_for_data(cfg.model.name, tuple(ds.shape), num_classes, cfg.model.options)
+    build_loss(cfg, num_classes)
+
+
 def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False,
           dataset: BatchSource | None = None) -> Path:
     """Trains the configured model and returns the path of the last checkpoint.
@@ -156,13 +175,14 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False,
     if cfg.data.class_conditional and num_classes is None:
         raise ConfigError(f"data.class_conditional is true but {cfg.data.name!r} has no "
                           "labels: give labelled data or set it to false")
-    prepare_run_dir(cfg, run_dir, resume)
     data_info = {"shape": list(ds.shape), "num_classes": num_classes}
 
+    # Everything that can reject the config is built before the run folder is written.
     torch.manual_seed(cfg.train.seed)
     model = build_model_for_data(cfg.model.name, tuple(ds.shape), num_classes,
                                  cfg.model.options).to(device)
     loss_fn = build_loss(cfg, num_classes)
+    prepare_run_dir(cfg, run_dir, resume)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                            weight_decay=cfg.optim.weight_decay, foreach=True)
     ema = EMA(model, cfg.train.ema_decays)
@@ -176,7 +196,8 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False,
         ema.load_state_dict(tensors["ema"])
         load_optimizer_tensors(opt, tensors["optimizer"], state["optimizer"])
         start = int(state["step"])
-        _truncate_metrics(metrics_path, start)
+    if resume:
+        _truncate_metrics(metrics_path, start)  # drop lines the resumed steps will redo
     if start >= cfg.train.steps:
         return find_checkpoint(run_dir)
 
@@ -185,7 +206,7 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False,
         from tqdm.auto import tqdm
         bar = tqdm(total=cfg.train.steps, initial=start, desc=f"{cfg.objective.kind}",
                    unit="step", dynamic_ncols=True, disable=None)  # None: off when not a tty
-    sums: dict[str, float] = {}
+    sums: dict[str, Tensor] = {}  # summed on the device; read back only when logging
     count, nonfinite_run, skipped = 0, 0, 0
     t_log = time.perf_counter()
     last_ckpt: Path | None = None
@@ -204,8 +225,19 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False,
                 group["lr"] = _lr_at(cfg, step)
             loss, stats = loss_fn(model, x, y, generator=gen)
             loss = loss.mean()
-            if not torch.isfinite(loss):
-                # Skip the update, keep going; a run of them means the run has diverged.
+            if torch.isfinite(loss):
+                nonfinite_run = 0
+                loss.backward()
+                max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else math.inf
+                stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                ema.update(model)
+                for k, v in stats.items():
+                    sums[k] = sums[k] + v.detach() if k in sums else v.detach()
+                count += 1
+            else:
+                # Skip the update but keep the bookkeeping; a run of these means divergence.
                 opt.zero_grad(set_to_none=True)
                 nonfinite_run += 1
                 skipped += 1
@@ -213,30 +245,16 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False,
                     raise FloatingPointError(
                         f"loss was non-finite for {nonfinite_run} steps in a row (last at step "
                         f"{step}): lower optim.lr, set optim.grad_clip, or raise objective.c")
-                continue
-            nonfinite_run = 0
-            loss.backward()
-            max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else math.inf
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            ema.update(model)
-
-            stats = {k: float(v) for k, v in stats.items()}
-            stats["grad_norm"] = float(grad_norm)
-            for k, v in stats.items():
-                sums[k] = sums.get(k, 0.0) + v
-            count += 1
             done = step + 1
             if bar is not None:
                 bar.update(1)
                 if done % max(1, min(cfg.train.log_every, 10)) == 0:
-                    bar.set_postfix(loss=f"{stats['loss']:.4g}", mse=f"{stats['mse']:.4g}",
-                                    refresh=False)
+                    bar.set_postfix(loss=f"{float(stats['loss']):.4g}",
+                                    mse=f"{float(stats['mse']):.4g}", refresh=False)
             if done % cfg.train.log_every == 0 or done == cfg.train.steps:
                 now = time.perf_counter()
                 record: dict[str, Any] = {"step": done}
-                record.update({k: v / max(count, 1) for k, v in sums.items()})
+                record.update({k: float(v) / max(count, 1) for k, v in sums.items()})
                 record["lr"] = _lr_at(cfg, step)
                 record["samples_per_s"] = count * cfg.train.batch_size / max(now - t_log, 1e-9)
                 record["skipped_nonfinite"] = skipped
@@ -272,14 +290,21 @@ def load_model(path: str | Path, ema: float | str | None = "auto",
     """
     ckpt = find_checkpoint(Path(path))
     tensors, state = load_checkpoint(ckpt, device, parts=("model", "ema"))
-    cfg = RunConfig.from_dict(state["config"])
-    shape = tuple(state["data"]["shape"])
-    num_classes = state["data"]["num_classes"]
+    try:
+        cfg = RunConfig.from_dict(state["config"])
+        shape = tuple(int(n) for n in state["data"]["shape"])
+        num_classes = state["data"]["num_classes"]
+        decays = [float(d) for d in state["ema_decays"]]
+        step = int(state["step"])
+    except (KeyError, TypeError, ValueError, ConfigError):
+        raise CheckpointError(f"{ckpt / 'state.json'} lacks the config, data or EMA fields of a "
+                              "meanflow checkpoint: restore it or use another checkpoint") from None
     net = build_model_for_data(cfg.model.name, shape, num_classes, cfg.model.options)
     if ema is None:
         weights, sd = "model", tensors["model"]
+    elif ema == "auto" and not decays:
+        weights, sd = "model", tensors["model"]
     else:
-        decays = state["ema_decays"]
         decay = decays[0] if ema == "auto" else float(ema)
         key = EMA.key(decay)
         if decay not in decays:
@@ -294,5 +319,5 @@ def load_model(path: str | Path, ema: float | str | None = "auto",
         raise CheckpointError(f"weights in {ckpt} do not fit the configured model "
                               f"({str(exc).splitlines()[0]})") from None
     net.to(device).eval()
-    return LoadedModel(net=net, config=cfg, step=int(state["step"]), shape=shape,
+    return LoadedModel(net=net, config=cfg, step=step, shape=shape,
                        num_classes=num_classes, weights=weights, checkpoint=ckpt)

@@ -1,0 +1,394 @@
+"""The command line: help, dry runs, train -> sample, and one-line errors with exit code 2.
+
+Runs ``meanflow.cli.main`` in-process (it returns the exit code), plus one subprocess call
+to prove the installed entry point works.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from meanflow.cli import main
+from meanflow.sampling import sample_seeded
+from meanflow.train.loop import load_model
+
+TINY_SET = ["--set", "model.options={width: 16, depth: 1, emb_dim: 8}",
+            "--set", "train.progress=false", "--set", "train.checkpoint_every=2",
+            "--batch-size", "16"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def cli(*args) -> int:
+    """Exit code of ``meanflow ARGS`` run in-process (argparse exits via SystemExit)."""
+    try:
+        return main([str(a) for a in args])
+    except SystemExit as exc:
+        return exc.code
+
+
+def assert_one_line_error(capsys, code: int, *needles: str) -> str:
+    """Exit code 2 and exactly one stderr line, 'meanflow: error: ...', holding the needles."""
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("meanflow: error:")
+    for needle in needles:
+        assert needle in lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A 4-step unconditional MeanFlow run trained through the CLI."""
+    out = tmp_path_factory.mktemp("cli") / "run"
+    assert cli("train", "--out", out, "--steps", 4, *TINY_SET) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def cond_run(tmp_path_factory) -> Path:
+    """A 2-step class-conditional, guided run on 8gaussians."""
+    out = tmp_path_factory.mktemp("cli") / "cond"
+    assert cli("train", "--out", out, "--steps", 2, "--class-conditional",
+               "--set", "objective.omega=1.5", "--set", "objective.kappa=0.2", *TINY_SET) == 0
+    return out
+
+
+# ---------------------------------------------------------------------------- help, version
+
+def test_entry_point_help_in_a_subprocess():
+    """The module runs as a program and --help exits 0 listing the subcommands."""
+    proc = subprocess.run([sys.executable, "-m", "meanflow.cli", "--help"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for command in ("train", "sample", "demo"):
+        assert command in proc.stdout
+
+
+@pytest.mark.parametrize("command", [[], ["train"], ["sample"], ["demo"]])
+def test_help_of_each_command(capsys, command):
+    """--help of the program and of each subcommand exits 0 and prints a usage text."""
+    assert cli(*command, "--help") == 0
+    assert "usage: meanflow" in capsys.readouterr().out
+
+
+def test_version(capsys):
+    """--version prints the package version."""
+    from meanflow import __version__
+    assert cli("--version") == 0
+    assert capsys.readouterr().out.strip() == __version__
+
+
+def test_no_command_prints_help_and_fails(capsys):
+    """Without a subcommand the help is printed and the exit code is 2."""
+    assert cli() == 2
+    assert "usage: meanflow" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------- train
+
+def test_dry_run_prints_resolved_yaml_and_creates_nothing(tmp_path, capsys):
+    """--dry-run prints the resolved config as YAML, with flags and --set values applied, and
+    creates no folder."""
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("objective:\n  p: 0.7\n  c: 0.01\n")
+    out = tmp_path / "never"
+    code = cli("train", "--dry-run", "--config", cfg, "--out", out, "--steps", 33,
+               "--objective", "flow_matching", "--lr", "2e-4", "--jvp", "func",
+               "--set", "objective.p=0.5", "--set", "optim.lr=1e-4", "--set",
+               "train.ema_decays=[0.9]")
+    printed = capsys.readouterr().out
+    assert code == 0
+    d = yaml.safe_load(printed)
+    assert d["objective"]["p"] == 0.5 and d["objective"]["c"] == 0.01
+    assert d["objective"]["kind"] == "flow_matching" and d["objective"]["jvp"] == "func"
+    assert d["optim"]["lr"] == 1e-4                      # --set wins over --lr
+    assert d["train"]["steps"] == 33 and d["train"]["ema_decays"] == [0.9]
+    assert not out.exists()
+
+
+def test_train_writes_a_run(run_dir, capsys):
+    """A few-step train writes config files, metrics and the final checkpoint."""
+    assert (run_dir / "config.json").is_file() and (run_dir / "config.yaml").is_file()
+    assert (run_dir / "metrics.jsonl").is_file()
+    assert (run_dir / "checkpoints" / "step_0000004" / "state.json").is_file()
+    cfg = json.loads((run_dir / "config.json").read_text())
+    assert cfg["train"]["steps"] == 4 and cfg["model"]["options"]["width"] == 16
+
+
+def test_train_prints_the_checkpoint(tmp_path, capsys):
+    """train reports the path of the checkpoint it wrote on stdout."""
+    out = tmp_path / "r"
+    assert cli("train", "--out", out, "--steps", 2, "--objective", "flow_matching",
+               *TINY_SET) == 0
+    assert str(out / "checkpoints" / "step_0000002") in capsys.readouterr().out
+
+
+def test_train_resume_flag(tmp_path, capsys):
+    """--resume continues a run to more steps instead of refusing its folder."""
+    out = tmp_path / "r"
+    assert cli("train", "--out", out, "--steps", 2, *TINY_SET) == 0
+    assert cli("train", "--out", out, "--steps", 4, "--resume", *TINY_SET) == 0
+    assert (out / "checkpoints" / "step_0000004").is_dir()
+
+
+# ---------------------------------------------------------------------------- sample
+
+def test_sample_writes_npz_png_and_meta(run_dir, tmp_path, capsys):
+    """sample writes samples (n, 2), their seeds and meta to .npz (+ .json) and a PNG; the
+    samples equal those drawn in Python from the run's EMA weights."""
+    out, png = tmp_path / "s.npz", tmp_path / "s.png"
+    assert cli("sample", run_dir, "--n", 37, "--seed", 5, "--out", out, "--png", png) == 0
+    with np.load(out, allow_pickle=False) as f:
+        samples, seeds, labels = f["samples"], f["seeds"], f["labels"]
+        meta = json.loads(str(f["meta"]))
+    assert samples.shape == (37, 2) and np.isfinite(samples).all()
+    assert seeds.tolist() == list(range(5, 42)) and labels.size == 0
+    assert meta["step"] == 4 and meta["weights"] == "ema_0.999" and meta["method"] == "meanflow"
+    assert meta["n"] == 37 and meta["seed"] == 5 and meta["steps"] == 1
+    assert json.loads(out.with_suffix(".json").read_text()) == meta
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    expected = sample_seeded(load_model(run_dir).net, range(5, 42), (2,), steps=1)
+    assert np.array_equal(samples, expected.numpy())
+
+
+def test_sample_depends_only_on_the_seed(run_dir, tmp_path):
+    """Sample i depends on seed+i only: a shifted seed range gives the same rows exactly, and
+    another --batch-size the same rows up to float32 rounding of the matrix products."""
+    a, b, c = tmp_path / "a.npz", tmp_path / "b.npz", tmp_path / "c.npz"
+    assert cli("sample", run_dir, "--n", 10, "--out", a) == 0
+    assert cli("sample", run_dir, "--n", 6, "--seed", 4, "--out", b) == 0
+    assert cli("sample", run_dir, "--n", 10, "--batch-size", 3, "--out", c) == 0
+    with np.load(a) as fa, np.load(b) as fb, np.load(c) as fc:
+        assert np.array_equal(fa["samples"][4:], fb["samples"])
+        np.testing.assert_allclose(fc["samples"], fa["samples"], rtol=0, atol=1e-5)
+        assert not np.array_equal(fa["samples"][:6], fb["samples"])     # seeds matter
+
+
+def test_sample_two_steps_and_schedule(run_dir, tmp_path):
+    """--steps 2 uses two network calls (different from one step); an explicit uniform
+    schedule gives the same result as the default."""
+    one, two, sched = tmp_path / "1.npz", tmp_path / "2.npz", tmp_path / "sch.npz"
+    assert cli("sample", run_dir, "--n", 8, "--out", one) == 0
+    assert cli("sample", run_dir, "--n", 8, "--steps", 2, "--out", two) == 0
+    assert cli("sample", run_dir, "--n", 8, "--steps", 2, "--schedule", "1,0.5,0",
+               "--out", sched) == 0
+    with np.load(one) as f1, np.load(two) as f2, np.load(sched) as f3:
+        assert f2["samples"].shape == (8, 2)
+        assert json.loads(str(f2["meta"]))["steps"] == 2
+        assert not np.array_equal(f1["samples"], f2["samples"])
+        assert np.array_equal(f2["samples"], f3["samples"])
+
+
+def test_sample_raw_weights(run_dir, tmp_path):
+    """--ema none samples the raw training weights."""
+    out = tmp_path / "raw.npz"
+    assert cli("sample", run_dir, "--n", 4, "--ema", "none", "--out", out) == 0
+    with np.load(out) as f:
+        assert json.loads(str(f["meta"]))["weights"] == "model"
+
+
+def test_sample_refuses_to_overwrite(run_dir, tmp_path, capsys):
+    """An existing output is kept (exit 2, bytes unchanged) unless --overwrite is given."""
+    out = tmp_path / "s.npz"
+    out.write_bytes(b"my precious results")
+    assert_one_line_error(capsys, cli("sample", run_dir, "--n", 4, "--out", out),
+                          str(out), "--overwrite")
+    assert out.read_bytes() == b"my precious results"
+    png = tmp_path / "p.png"
+    png.write_bytes(b"old plot")
+    assert_one_line_error(capsys, cli("sample", run_dir, "--n", 4, "--out", tmp_path / "new.npz",
+                                      "--png", png), str(png))
+    assert png.read_bytes() == b"old plot" and not (tmp_path / "new.npz").exists()
+    assert cli("sample", run_dir, "--n", 4, "--out", out, "--overwrite") == 0
+    with np.load(out) as f:
+        assert f["samples"].shape == (4, 2)
+
+
+def test_sample_does_not_overwrite_the_json_sidecar(run_dir, tmp_path, capsys):
+    """Without --overwrite, no existing file is replaced, including OUT.json."""
+    side = tmp_path / "s.json"
+    side.write_text("my notes")
+    cli("sample", run_dir, "--n", 4, "--out", tmp_path / "s.npz")
+    assert side.read_text() == "my notes"
+
+
+def test_class_conditional_sample_with_label(cond_run, tmp_path):
+    """--label gives every sample that class; without it labels cycle over the 8 classes."""
+    a, b = tmp_path / "a.npz", tmp_path / "b.npz"
+    assert cli("sample", cond_run, "--n", 10, "--label", 3, "--out", a) == 0
+    assert cli("sample", cond_run, "--n", 10, "--out", b) == 0
+    with np.load(a) as fa, np.load(b) as fb:
+        assert fa["labels"].tolist() == [3] * 10
+        assert fb["labels"].tolist() == [i % 8 for i in range(10)]
+        assert fa["samples"].shape == (10, 2)
+        assert not np.array_equal(fa["samples"], fb["samples"])
+    loaded = load_model(cond_run)
+    expected = sample_seeded(loaded.net, range(10), (2,), y=torch.full((10,), 3))
+    with np.load(a) as fa:
+        assert np.array_equal(fa["samples"], expected.numpy())
+
+
+@pytest.mark.parametrize("label", [8, -1])
+def test_label_out_of_range(cond_run, tmp_path, capsys, label):
+    """A label outside [0, num_classes) is a one-line error."""
+    out = tmp_path / "s.npz"
+    assert_one_line_error(capsys, cli("sample", cond_run, "--n", 4, "--label", label,
+                                      "--out", out), "--label")
+    assert not out.exists()
+
+
+def test_label_on_unconditional_model(run_dir, tmp_path, capsys):
+    """--label on an unconditional model is a one-line error."""
+    assert_one_line_error(capsys, cli("sample", run_dir, "--n", 4, "--label", 1,
+                                      "--out", tmp_path / "s.npz"), "unconditional")
+
+
+def test_flow_matching_sample_uses_euler(tmp_path):
+    """A flow-matching run is sampled with Euler steps."""
+    run, out = tmp_path / "fm", tmp_path / "s.npz"
+    assert cli("train", "--out", run, "--steps", 2, "--objective", "flow_matching",
+               *TINY_SET) == 0
+    assert cli("sample", run, "--n", 4, "--steps", 3, "--out", out) == 0
+    with np.load(out) as f:
+        assert json.loads(str(f["meta"]))["method"] == "euler"
+
+
+def test_png_of_3d_samples_fails_without_writing(tmp_path, capsys):
+    """--png on 3-D data is a one-line error that writes no output."""
+    pts = tmp_path / "pts.npz"
+    np.savez(pts, x=np.random.default_rng(0).normal(size=(40, 3)).astype(np.float32))
+    run, out = tmp_path / "r3", tmp_path / "s.npz"
+    assert cli("train", "--out", run, "--steps", 2, "--data", pts, *TINY_SET) == 0
+    capsys.readouterr()
+    code = cli("sample", run, "--n", 4, "--out", out, "--png", tmp_path / "p.png")
+    assert code == 2
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------------------- one-line errors
+
+@pytest.mark.parametrize("args,needle", [
+    (["--set", "objective.fraction_r_neq_t=1.5"], "fraction_r_neq_t"),
+    (["--set", "objective.p=-1"], "objective.p"),
+    (["--set", "objective.c=0"], "objective.c"),
+    (["--data", "no_such_set"], "no_such_set"),
+    (["--jvp", "magic"], "magic"),
+    (["--objective", "diffusion"], "diffusion"),
+    (["--set", "objective.bogus=1"], "objective.bogus"),
+    (["--set", "objective.p"], "objective.p"),
+    (["--set", "train.steps=0"], "train.steps"),
+    (["--steps", "ten"], "--steps"),
+    (["--no-such-flag"], "--no-such-flag"),
+], ids=["fraction", "p", "c", "dataset", "jvp", "objective", "unknown-key", "no-equals",
+        "steps0", "steps-type", "unknown-flag"])
+@pytest.mark.parametrize("dry", [False, True], ids=["train", "dry-run"])
+def test_bad_train_inputs(tmp_path, capsys, args, needle, dry):
+    """Each bad train input exits 2 with one 'meanflow: error:' line, creating no folder."""
+    out = tmp_path / "run"
+    code = cli("train", "--out", out, "--steps", 2, *(["--dry-run"] if dry else []), *args)
+    assert_one_line_error(capsys, code, needle)
+    assert not out.exists()
+
+
+def test_dry_run_rejects_bad_model_options(tmp_path, capsys):
+    """--dry-run catches a model option that cannot build the model (exit 2, one line)."""
+    code = cli("train", "--dry-run", "--out", tmp_path / "r", "--set", "model.options.width=0")
+    assert_one_line_error(capsys, code, "width")
+
+
+def test_missing_config_file(tmp_path, capsys):
+    """A missing --config file is a one-line error naming it."""
+    missing = tmp_path / "nope.yaml"
+    assert_one_line_error(capsys, cli("train", "--config", missing, "--out", tmp_path / "r"),
+                          str(missing))
+
+
+def test_output_folder_holding_another_run(run_dir, capsys):
+    """Training into a folder holding a run (without --resume) is a one-line error, and the
+    run's files are unchanged."""
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in run_dir.rglob("*")
+              if p.is_file()}
+    assert_one_line_error(capsys, cli("train", "--out", run_dir, "--steps", 2, *TINY_SET),
+                          "already holds a run", "--resume")
+    after = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in run_dir.rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_resume_with_changed_setting(tmp_path, capsys):
+    """--resume with a changed objective is a one-line error naming the setting."""
+    out = tmp_path / "r"
+    assert cli("train", "--out", out, "--steps", 2, *TINY_SET) == 0
+    assert_one_line_error(capsys, cli("train", "--out", out, "--steps", 4, "--resume",
+                                      "--objective", "flow_matching", *TINY_SET),
+                          "objective.kind")
+
+
+def test_output_path_is_a_file(tmp_path, capsys):
+    """--out naming an existing file is a one-line error and the file is kept."""
+    target = tmp_path / "file.txt"
+    target.write_text("keep")
+    assert_one_line_error(capsys, cli("train", "--out", target, "--steps", 2, *TINY_SET))
+    assert target.read_text() == "keep"
+
+
+def _tamper(run: Path, dst: Path) -> Path:
+    import shutil
+    shutil.copytree(run, dst)
+    path = dst / "checkpoints" / "step_0000004" / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x40
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("case", [
+    "n0", "schedule-text", "schedule-up",
+    "schedule-length", "missing", "tampered", "not-npz", "ema",
+    "ema-absent", "steps0"])
+def test_bad_sample_inputs(run_dir, tmp_path, capsys, case):
+    """Each bad sample input exits 2 with one 'meanflow: error:' line and writes nothing."""
+    out = tmp_path / "s.npz"
+    ckpt, extra, needle = run_dir, [], ""
+    if case == "n0":
+        extra, needle = ["--n", 0], "--n"
+    elif case == "schedule-text":
+        extra, needle = ["--steps", 2, "--schedule", "1,half,0"], "--schedule"
+    elif case == "schedule-up":
+        extra, needle = ["--steps", 2, "--schedule", "0,0.5,1"], "schedule"
+    elif case == "schedule-length":
+        extra, needle = ["--steps", 1, "--schedule", "1,0.5,0"], "schedule"
+    elif case == "missing":
+        ckpt = tmp_path / "no-run"
+        needle = str(ckpt)
+    elif case == "tampered":
+        ckpt = tmp_path / "bad"
+        needle = str(_tamper(run_dir, ckpt))
+    elif case == "not-npz":
+        out, needle = tmp_path / "s.txt", ".npz"
+    elif case == "ema":
+        extra, needle = ["--ema", "newest"], "--ema"
+    elif case == "ema-absent":
+        extra, needle = ["--ema", "0.5"], "0.5"
+    else:
+        extra, needle = ["--steps", 0], "steps"
+    code = cli("sample", ckpt, "--n", 4, "--out", out, *extra) if case != "n0" else \
+        cli("sample", ckpt, "--out", out, *extra)
+    assert_one_line_error(capsys, code, needle)
+    assert not out.exists() and not out.with_suffix(".json").exists()

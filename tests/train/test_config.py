@@ -1,0 +1,253 @@
+"""Run configuration: defaults <- YAML/JSON file <- dotted overrides, validated into one-line
+ConfigErrors that name the offending key, and a lossless dict/JSON/YAML round trip."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from meanflow.errors import ConfigError
+from meanflow.train.config import RunConfig, apply_overrides, load_config
+
+
+def test_defaults_validate():
+    """The default config is valid, and load_config() with nothing given returns it."""
+    cfg = RunConfig()
+    assert cfg.validate() is cfg
+    assert load_config() == cfg
+    assert load_config(None, []) == RunConfig()
+
+
+def test_yaml_file_loads_and_reads_exponent_floats(tmp_path):
+    """A YAML file sets nested values; YAML 1.1's string '1e-4' is read as the float 1e-4."""
+    path = tmp_path / "run.yaml"
+    path.write_text("objective:\n  p: 0.5\n  kind: flow_matching\n"
+                    "optim:\n  lr: 1e-4\n  betas: [0.5, 0.99]\n"
+                    "train:\n  steps: 7\n  ema_decays: [0.9, 0.99]\n")
+    cfg = load_config(path)
+    assert cfg.objective.p == 0.5 and cfg.objective.kind == "flow_matching"
+    assert isinstance(cfg.optim.lr, float) and cfg.optim.lr == 1e-4
+    assert cfg.optim.betas == [0.5, 0.99]
+    assert cfg.train.steps == 7 and cfg.train.ema_decays == [0.9, 0.99]
+    # Untouched values keep their defaults.
+    assert cfg.objective.c == RunConfig().objective.c
+    assert cfg.model == RunConfig().model
+
+
+def test_json_file_loads(tmp_path):
+    """A JSON file (a subset of YAML) is accepted the same way."""
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"data": {"name": "moons", "options": {"noise": 0.2}},
+                                "model": {"options": {"width": 16}},
+                                "optim": {"grad_clip": None, "lr": 0.01},
+                                "train": {"batch_size": 32}}))
+    cfg = load_config(path)
+    assert cfg.data.name == "moons" and cfg.data.options == {"noise": 0.2}
+    assert cfg.model.options == {"width": 16}
+    assert cfg.train.batch_size == 32
+    assert cfg.optim.grad_clip is None and cfg.optim.lr == 0.01
+
+
+def test_empty_file_gives_defaults(tmp_path):
+    """An empty config file means "all defaults"."""
+    path = tmp_path / "empty.yaml"
+    path.write_text("")
+    assert load_config(path) == RunConfig()
+
+
+def test_dotted_overrides_are_typed_and_win_over_the_file(tmp_path):
+    """Overrides parse as YAML (numbers, lists, null), lr '1e-4' is a float, and they are
+    applied after the file."""
+    path = tmp_path / "run.yaml"
+    path.write_text("objective:\n  p: 0.7\n")
+    cfg = load_config(path, ["objective.p=0.5", "optim.lr=1e-4", "train.steps=12",
+                             "objective.t_interval=[0.1, 0.9]", "optim.grad_clip=null",
+                             "data.class_conditional=true"])
+    assert cfg.objective.p == 0.5
+    assert type(cfg.optim.lr) is float and cfg.optim.lr == 1e-4
+    assert cfg.train.steps == 12 and type(cfg.train.steps) is int
+    assert cfg.objective.t_interval == [0.1, 0.9]
+    assert cfg.optim.grad_clip is None
+    assert cfg.data.class_conditional is True
+
+
+def test_later_override_wins():
+    """Of two overrides of one key, the last applies."""
+    assert load_config(None, ["objective.p=0.3", "objective.p=0.6"]).objective.p == 0.6
+
+
+@pytest.mark.parametrize("override,key", [
+    ("objective.foo=1", "objective.foo"),
+    ("modle.name=mlp", "modle"),
+    ("train.step=5", "train.step"),
+])
+def test_unknown_key_is_named(override, key):
+    """An unknown key raises ConfigError whose message names the full dotted key."""
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert key in str(info.value)
+
+
+def test_unknown_key_in_file_is_named(tmp_path):
+    """The same holds for a key that comes from a file."""
+    path = tmp_path / "bad.yaml"
+    path.write_text("optim:\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match=r"optim\.learning_rate"):
+        load_config(path)
+
+
+# (override(s), a piece of the message that names the problem)
+INVALID = [
+    (["objective.fraction_r_neq_t=1.5"], "fraction_r_neq_t"),
+    (["objective.fraction_r_neq_t=-0.1"], "fraction_r_neq_t"),
+    (["objective.p=-1"], "objective.p"),
+    (["objective.p=-0.001"], "objective.p"),
+    (["objective.c=0"], "objective.c"),
+    (["objective.c=-1e-3"], "objective.c"),
+    (["objective.kind=diffusion"], "objective.kind"),
+    (["objective.time_sampler=gamma"], "time_sampler"),
+    (["objective.jvp=magic"], "objective.jvp"),
+    (["objective.kind=flow_matching", "objective.time_sampler=v1"], "v1"),
+    (["objective.kappa=1.0", "data.class_conditional=true"], "kappa"),
+    (["objective.kappa=1.5", "data.class_conditional=true"], "kappa"),
+    (["objective.kappa=-0.1", "data.class_conditional=true"], "kappa"),
+    (["objective.t_interval=[0.8, 0.2]"], "t_interval"),
+    (["objective.t_interval=[0.0, 1.5]"], "t_interval"),
+    (["objective.t_interval=[-0.1, 0.5]"], "t_interval"),
+    (["objective.t_interval=[0.5]"], "t_interval"),
+    (["objective.t_interval=half"], "t_interval"),
+    (["objective.omega=1.5"], "class_conditional"),
+    (["objective.kappa=0.2"], "class_conditional"),
+    (["objective.sigma=0"], "objective.sigma"),
+    (["objective.label_drop=1.5"], "label_drop"),
+    (["objective.p=nan"], "objective.p"),
+    (["objective.p=true"], "objective.p"),
+    (["optim.lr=0"], "optim.lr"),
+    (["optim.lr=-1e-3"], "optim.lr"),
+    (["optim.lr=inf"], "optim.lr"),
+    (["optim.betas=[0.9]"], "betas"),
+    (["optim.betas=[1.0, 0.999]"], "betas"),
+    (["optim.betas=[0.9, -0.1]"], "betas"),
+    (["optim.betas=0.9"], "betas"),
+    (["optim.weight_decay=-1"], "weight_decay"),
+    (["optim.grad_clip=0"], "grad_clip"),
+    (["train.steps=0"], "train.steps"),
+    (["train.steps=-3"], "train.steps"),
+    (["train.steps=2.5"], "train.steps"),
+    (["train.batch_size=0"], "batch_size"),
+    (["train.log_every=0"], "log_every"),
+    (["train.checkpoint_every=0"], "checkpoint_every"),
+    (["train.keep_checkpoints=-1"], "keep_checkpoints"),
+    (["train.ema_decays=[1.0]"], "ema_decays"),
+    (["train.ema_decays=[0.999, 1.0]"], "ema_decays"),
+    (["train.ema_decays=[0.0]"], "ema_decays"),
+    (["train.ema_decays=0.999"], "ema_decays"),
+    (["train.device=tpu"], "train.device"),
+    (["data.name="], "data.name"),
+    (["model.options=3"], "model.options"),
+    (["objective=3"], "objective"),
+]
+
+
+@pytest.mark.parametrize("overrides,needle", INVALID, ids=[" ".join(o) for o, _ in INVALID])
+def test_invalid_values_raise_config_error(overrides, needle):
+    """Every out-of-range or unknown value raises a one-line ConfigError naming the key."""
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    message = str(info.value)
+    assert needle in message
+    assert "\n" not in message
+
+
+def test_validate_checks_a_config_built_in_python():
+    """validate() also catches values set on the dataclasses directly."""
+    cfg = RunConfig()
+    cfg.objective.fraction_r_neq_t = 2.0
+    with pytest.raises(ConfigError, match="fraction_r_neq_t"):
+        cfg.validate()
+
+
+@pytest.mark.parametrize("overrides", [
+    ["objective.fraction_r_neq_t=0"], ["objective.fraction_r_neq_t=1"], ["objective.p=0"],
+    ["objective.kappa=0.99", "data.class_conditional=true"],
+    ["objective.omega=1.5", "objective.kappa=0.2", "data.class_conditional=true"],
+    ["objective.t_interval=[0.3, 0.3]"], ["optim.betas=[0, 0.5]"],
+    ["objective.kind=flow_matching", "objective.time_sampler=uniform"],
+    ["train.device=cuda:1"], ["optim.grad_clip=1.0"],
+])
+def test_boundary_values_are_accepted(overrides):
+    """Values on the edge of each valid range are accepted (the checks are not too strict)."""
+    load_config(None, overrides)
+
+
+def test_guidance_with_class_conditional_is_valid():
+    """omega=1.5, kappa=0.2 with data.class_conditional=true is a valid guided config."""
+    cfg = load_config(None, ["objective.omega=1.5", "objective.kappa=0.2",
+                             "data.class_conditional=true"])
+    assert (cfg.objective.omega, cfg.objective.kappa) == (1.5, 0.2)
+
+
+def test_malformed_override_raises():
+    """An override without '=' raises ConfigError showing the expected form."""
+    with pytest.raises(ConfigError, match="section.key=value"):
+        apply_overrides({}, ["objective.p"])
+
+
+def test_override_into_a_scalar_raises():
+    """A dotted key that descends into a scalar value is refused."""
+    with pytest.raises(ConfigError, match="not a section"):
+        apply_overrides({"objective": {"p": 1.0}}, ["objective.p.q=1"])
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("objective: [1, 2\n", "not valid YAML"),
+    ("- 1\n- 2\n", "mapping"),
+    ("objective: 3\n", "objective"),
+])
+def test_bad_file_contents_raise(tmp_path, text, needle):
+    """Unparsable YAML, a top-level list or a non-mapping section give ConfigError."""
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=needle):
+        load_config(path)
+
+
+def test_missing_file_raises_with_path(tmp_path):
+    """A missing config file raises ConfigError naming the path."""
+    path = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(path) in str(info.value)
+
+
+def _custom() -> RunConfig:
+    return load_config(None, [
+        "model.options={width: 16, depth: 1, emb_dim: 8, dropout: 0.1}",
+        "data.name=moons", "data.options={noise: 0.2}", "data.class_conditional=true",
+        "objective.omega=1.5", "objective.kappa=0.2", "objective.t_interval=[0.1, 0.8]",
+        "objective.jvp=func", "optim.lr=3e-4", "optim.grad_clip=2.5",
+        "train.ema_decays=[0.9, 0.99]", "train.progress=false", "train.steps=5"])
+
+
+@pytest.mark.parametrize("make", [RunConfig, _custom], ids=["defaults", "custom"])
+def test_round_trips(tmp_path, make):
+    """to_dict -> from_dict, to_json -> from_dict and to_yaml -> load_config give an equal
+    config (nothing lost or retyped)."""
+    cfg = make()
+    assert RunConfig.from_dict(cfg.to_dict()) == cfg
+    assert RunConfig.from_dict(json.loads(cfg.to_json())) == cfg
+    path = tmp_path / "cfg.yaml"
+    path.write_text(cfg.to_yaml())
+    assert load_config(path) == cfg
+    assert yaml.safe_load(cfg.to_yaml()) == cfg.to_dict()
+
+
+def test_to_dict_is_a_copy():
+    """Mutating the dict from to_dict does not change the config."""
+    cfg = RunConfig()
+    d = cfg.to_dict()
+    d["optim"]["betas"].append(0.5)
+    d["objective"]["p"] = 7
+    assert cfg.optim.betas == [0.9, 0.999] and cfg.objective.p == 1.0
