@@ -179,8 +179,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         import matplotlib.pyplot as plt
         fig, ax = plt.subplots(figsize=(5, 5))
         pts = x.reshape(x.shape[0], 2)
-        ax.scatter(pts[:, 0], pts[:, 1], s=2, alpha=0.5, c=None if y is None else y,
-                   cmap="tab10", linewidths=0)
+        colour = {} if y is None else {"c": y.numpy(), "cmap": "tab10"}
+        ax.scatter(pts[:, 0], pts[:, 1], s=2, alpha=0.5, linewidths=0, **colour)
         ax.set_aspect("equal")
         ax.set_title(f"{method}, {args.steps} step(s), {loaded.weights}, step {loaded.step}")
         fig.savefig(args.png, dpi=110)
