@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--steps", type=int, default=None, help="training steps of each model")
     de.add_argument("--seed", type=int, default=0)
     de.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    de.add_argument("--set", dest="overrides", action="append", default=[],
+                    metavar="KEY=VALUE", help="change a setting of both runs, e.g. "
+                    "objective.p=1.0 (repeatable)")
     return parser
 
 
@@ -194,7 +197,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from meanflow.demo import DEFAULT_STEPS, run_demo
 
     metrics = run_demo(args.out, steps=args.steps or DEFAULT_STEPS, seed=args.seed,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, overrides=args.overrides)
     floor = metrics["floor_two_data_samples"]
     print(f"energy distance to the data (floor of two data samples: {floor:.4f}):")
     for name, m in metrics["sets"].items():
