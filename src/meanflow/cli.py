@@ -41,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train a model", description="Train a MeanFlow (or "
                         "flow-matching) model. Settings: defaults <- --config <- flags <- --set.")
     tr.add_argument("--config", type=Path, help="YAML/JSON config file")
-    tr.add_argument("--out", type=Path, default=Path("runs/default"),
-                    help="run folder (default: runs/default)")
+    tr.add_argument("--out", type=Path, default=None,
+                    help="run folder (default: a new runs/NNNNN-<data>-<objective>-<model>)")
     tr.add_argument("--resume", action="store_true",
                     help="continue the run in --out from its newest checkpoint")
     tr.add_argument("--dry-run", action="store_true",
@@ -97,8 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from meanflow.errors import ConfigError
     from meanflow.train.config import load_config
-    from meanflow.train.loop import train
+    from meanflow.train.loop import new_run_dir, train
 
     overrides = [f"{key}={getattr(args, flag)}" for flag, key in TRAIN_FLAGS.items()
                  if getattr(args, flag) is not None]
@@ -110,6 +111,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
         check_config(cfg)  # data, model and loss are built too, so a dry run catches all
         print(cfg.to_yaml(), end="")
         return 0
+    if args.out is None:
+        if args.resume:
+            raise ConfigError("--resume needs --out: name the run folder to continue")
+        args.out = new_run_dir(cfg)
+    print(f"run folder: {args.out}", file=sys.stderr)
     ckpt = train(cfg, args.out, resume=args.resume)
     print(f"done: {ckpt}")
     return 0

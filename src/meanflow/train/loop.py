@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,7 @@ from meanflow.train.checkpoint import (atomic_write_text, find_checkpoint, list_
 from meanflow.train.config import RunConfig
 from meanflow.train.ema import EMA
 
-__all__ = ["train", "check_config", "build_loss", "step_seed", "resolve_device", "load_model", "LoadedModel",
+__all__ = ["train", "check_config", "new_run_dir", "build_loss", "step_seed", "resolve_device", "load_model", "LoadedModel",
            "prepare_run_dir"]
 
 # Settings that may change between a run and its resumption; anything else must match.
@@ -105,6 +106,17 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.json", cfg.to_json() + "\n")
     atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
+
+
+def new_run_dir(cfg: RunConfig, root: str | Path = "runs") -> Path:
+    """A fresh run folder named by its content, e.g. ``runs/00003-8gaussians-meanflow-mlp``."""
+    root = Path(root)
+    taken = [int(p.name.split("-", 1)[0]) for p in root.glob("[0-9][0-9][0-9][0-9][0-9]-*")
+             if p.name.split("-", 1)[0].isdigit()] if root.is_dir() else []
+    data = re.sub(r"[^A-Za-z0-9_.]+", "_", Path(cfg.data.name).stem)
+    cond = "-cond" if cfg.data.class_conditional else ""
+    name = f"{max(taken, default=0) + 1:05d}-{data}{cond}-{cfg.objective.kind}-{cfg.model.name}"
+    return root / name
 
 
 def _truncate_metrics(path: Path, last_step: int) -> None:
