@@ -115,7 +115,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if args.resume:
             raise ConfigError("--resume needs --out: name the run folder to continue")
         args.out = new_run_dir(cfg)
-    print(f"run folder: {args.out}", file=sys.stderr)
     ckpt = train(cfg, args.out, resume=args.resume)
     print(f"done: {ckpt}")
     return 0
