@@ -514,3 +514,17 @@ def test_copying_a_run_folder_keeps_it_loadable(tmp_path):
     shutil.copytree(run, moved)
     assert load_model(moved).step == 4
     assert train(make_config(6), moved, resume=True).name == "step_0000006"
+
+
+def test_new_run_dir_is_named_by_content_and_numbered(tmp_path):
+    """Without --out, runs get fresh folders runs/NNNNN-<data>[-cond]-<objective>-<model>."""
+    from meanflow.train.loop import new_run_dir
+    cfg = RunConfig.from_dict({"data": {"name": str(tmp_path / "my points.npz"),
+                                        "class_conditional": True},
+                               "objective": {"kind": "flow_matching"}})
+    first = new_run_dir(cfg, tmp_path / "runs")
+    assert first.name == "00001-my_points-cond-flow_matching-mlp"
+    first.mkdir(parents=True)
+    (tmp_path / "runs" / "notes.txt").write_text("not a run")
+    second = new_run_dir(RunConfig(), tmp_path / "runs")
+    assert second.name == "00002-8gaussians-meanflow-mlp"
