@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+import weakref
 
 import torch
 from torch.autograd import forward_ad
@@ -36,17 +37,27 @@ def _sync(device: torch.device) -> None:
 
 
 def _saved_bytes(fn) -> int:
-    """Bytes of tensors saved for backward while running ``fn`` (activation memory)."""
-    total = 0
+    """Bytes of distinct tensor storages that ``fn``'s autograd graph keeps for backward.
+
+    Tensors packed by a no-grad pass (the split strategies' JVP) are freed when it ends, so
+    only what is still alive while the graph exists is counted.
+    """
+    packed: list[weakref.ref] = []
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        nonlocal total
-        total += t.numel() * t.element_size()
+        packed.append(weakref.ref(t))
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return total
+        keep = fn()  # noqa: F841  (holds the graph while we count)
+    storages = {}
+    for ref in packed:
+        t = ref()
+        if t is not None:
+            storage = t.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    del keep
+    return sum(storages.values())
 
 
 def _time(step, repeats: int, device: torch.device) -> float:

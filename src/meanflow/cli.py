@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--lr", type=float, help="learning rate")
     tr.add_argument("--seed", type=int, help="random seed")
     tr.add_argument("--device", help="auto, cpu, cuda or cuda:N")
-    tr.add_argument("--jvp", help="du/dt strategy: split, split_forward_ad, func, forward_ad")
+    tr.add_argument("--jvp", help="du/dt strategy: split (default), split_func, func, forward_ad")
     tr.add_argument("--set", dest="overrides", action="append", default=[],
                     metavar="KEY=VALUE", help="any config value, e.g. objective.p=0.5 "
                     "(repeatable)")

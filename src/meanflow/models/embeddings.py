@@ -7,6 +7,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from meanflow.models.layers import Linear
+
 __all__ = ["SinusoidalEmbedding", "TimeEmbedder", "LabelEmbedder"]
 
 
@@ -35,7 +37,7 @@ class TimeEmbedder(nn.Module):
     def __init__(self, dim: int, freq_dim: int = 128, max_freq: float = 1000.0) -> None:
         super().__init__()
         self.freq = SinusoidalEmbedding(freq_dim, max_freq)
-        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.mlp = nn.Sequential(Linear(freq_dim, dim), nn.SiLU(), Linear(dim, dim))
 
     def forward(self, s: Tensor) -> Tensor:
         return self.mlp(self.freq(s))

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from meanflow.errors import ConfigError
 from meanflow.models.embeddings import LabelEmbedder, TimeEmbedder
+from meanflow.models.layers import Linear
 
 __all__ = ["MLPConfig", "MLP"]
 
@@ -44,9 +45,9 @@ class _Block(nn.Module):
 
     def __init__(self, width: int, cond_dim: int, dropout: float) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(width, width)
-        self.cond = nn.Linear(cond_dim, width)
-        self.fc2 = nn.Linear(width, width)
+        self.fc1 = Linear(width, width)
+        self.cond = Linear(cond_dim, width)
+        self.fc2 = Linear(width, width)
         self.drop = nn.Dropout(dropout)
         self.act = nn.SiLU()
 
@@ -70,10 +71,10 @@ class MLP(nn.Module):
             self.y_embed = LabelEmbedder(cfg.num_classes, cfg.emb_dim)
             n_cond = 3
         cond_dim = n_cond * cfg.emb_dim
-        self.inp = nn.Linear(cfg.dim, cfg.width)
+        self.inp = Linear(cfg.dim, cfg.width)
         self.blocks = nn.ModuleList(_Block(cfg.width, cond_dim, cfg.dropout)
                                     for _ in range(cfg.depth))
-        self.out = nn.Linear(cfg.width, cfg.dim)
+        self.out = Linear(cfg.width, cfg.dim)
         self.act = nn.SiLU()
         self.initialize_weights()
 

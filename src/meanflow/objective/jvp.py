@@ -8,11 +8,13 @@ the right tangent would be (v, 1, 1), and getting it wrong ruins training (paper
 
 Strategies (all exact; they differ in cost, see JVP-NOTES and benchmarks/step_cost.py):
 
-- ``"split"``: du/dt from ``torch.func.jvp`` under ``torch.no_grad()``, then u from an ordinary
-  forward with grad. The target is stop-gradient anyway, so nothing is lost; memory stays that of
-  flow matching and the grad pass may use fused kernels or a DDP wrapper. The global RNG state is
-  restored between the passes so dropout masks are identical.
-- ``"split_forward_ad"``: the same with ``torch.autograd.forward_ad`` for the no-grad JVP.
+- ``"split"`` (default): du/dt from forward-mode dual tensors (``torch.autograd.forward_ad``)
+  under ``torch.no_grad()``, then u from an ordinary forward with grad. The target is
+  stop-gradient anyway, so nothing is lost; memory stays that of flow matching and the grad pass
+  may use fused kernels or a DDP wrapper. The global RNG state is restored between the passes so
+  dropout masks are identical. Dual tensors were the faster engine on CPU (README, Results) and
+  are the one JVP-NOTES saw working under bf16 autocast.
+- ``"split_func"``: the same with ``torch.func.jvp`` for the no-grad JVP.
 - ``"func"``: one ``torch.func.jvp`` call returns u (carrying the autograd graph) and du/dt.
 - ``"forward_ad"``: one pass on dual tensors; the primal output carries the autograd graph.
 """
@@ -30,7 +32,7 @@ from meanflow.errors import ConfigError
 
 __all__ = ["JVP_STRATEGIES", "u_and_dudt", "time_derivative", "check_strategy"]
 
-JVP_STRATEGIES = ("split", "split_forward_ad", "func", "forward_ad")
+JVP_STRATEGIES = ("split", "split_func", "func", "forward_ad")
 
 Net = Callable[..., Tensor]
 
@@ -99,7 +101,7 @@ def u_and_dudt(net: Net, z: Tensor, r: Tensor, t: Tensor, v: Tensor, y: Tensor |
         jvp = _jvp_func if strategy == "func" else _jvp_forward_ad
         u, dudt = jvp(f, z, r, t, v)
         return u, dudt.detach()
-    jvp = _jvp_func if strategy == "split" else _jvp_forward_ad
+    jvp = _jvp_func if strategy == "split_func" else _jvp_forward_ad
     with _same_rng(z.device) as rewind:
         with torch.no_grad():
             _, dudt = jvp(f, z, r, t, v)
@@ -112,10 +114,10 @@ def time_derivative(net: Net, z: Tensor, r: Tensor, t: Tensor, v: Tensor,
                     y: Tensor | None = None, strategy: str = "split") -> Tensor:
     """du/dt = v · ∂_z u(z, r, t) + ∂_t u(z, r, t), shape (B, *S), detached.
 
-    Runs only the JVP (no grad pass): ``torch.func.jvp`` for "split" and "func", forward-mode
-    dual tensors for "split_forward_ad" and "forward_ad".
+    Runs only the JVP (no grad pass): ``torch.func.jvp`` for "split_func" and "func",
+    forward-mode dual tensors for "split" and "forward_ad".
     """
     check_strategy(strategy)
-    jvp = _jvp_func if strategy in ("split", "func") else _jvp_forward_ad
+    jvp = _jvp_func if strategy in ("split_func", "func") else _jvp_forward_ad
     with torch.no_grad():
         return jvp(_fn(net, y), z, r, t, v)[1]
