@@ -12,12 +12,18 @@ VENV       ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN        := $(VENV)/bin
 STAMP      := $(VENV)/.meanflow-installed
+SPEC_FILE  := $(VENV)/.torch-spec
 
 .PHONY: demo test test-slow bench setup clean
 
+# Record TORCH_SPEC; the file is rewritten (and so newer than the stamp) only when the spec
+# changes, so a new spec reinstalls and an unchanged one does nothing.
+$(shell mkdir -p $(VENV) && (echo '$(TORCH_SPEC)' | cmp -s - $(SPEC_FILE) \
+	|| echo '$(TORCH_SPEC)' > $(SPEC_FILE)))
+
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile $(SPEC_FILE)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	if [ -n "$(TORCH_SPEC)" ]; then $(BIN)/python -m pip install --quiet $(TORCH_SPEC); fi
 	$(BIN)/python -m pip install --quiet -e ".[dev]"

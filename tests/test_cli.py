@@ -392,3 +392,88 @@ def test_bad_sample_inputs(run_dir, tmp_path, capsys, case):
         cli("sample", ckpt, "--out", out, *extra)
     assert_one_line_error(capsys, code, needle)
     assert not out.exists() and not out.with_suffix(".json").exists()
+
+
+# ------------------------------------------------- inputs found by review to leak tracebacks
+
+@pytest.mark.parametrize("args,needle", [
+    (["--set", "model.options.dropout=abc"], "dropout"),
+    (["--set", "model.options.time_max_freq=-1"], "time_max_freq"),
+    (["--set", "model.options.time_max_freq=abc"], "time_max_freq"),
+    (["--set", "train.device=tpu"], "train.device"),
+    (["--set", "train.device=cuda:x"], "train.device"),
+], ids=["dropout-text", "freq-negative", "freq-text", "device-unknown", "device-index"])
+def test_more_bad_train_inputs(tmp_path, capsys, args, needle):
+    """Each is a one-line error with exit 2, and no run folder is written."""
+    out = tmp_path / "run"
+    code = cli("train", "--out", out, "--steps", 2, *TINY_SET, *args)
+    assert_one_line_error(capsys, code, needle)
+    assert not out.exists()
+
+
+def test_float_in_options_written_with_exponent(tmp_path):
+    """YAML 1.1 reads 1e-1 as a string; inside model.options it still means 0.1."""
+    from meanflow.train.config import load_config
+    cfg = load_config(None, ["model.options.dropout=1e-1", "data.options.std=5e-1"])
+    assert cfg.model.options["dropout"] == 0.1 and cfg.data.options["std"] == 0.5
+
+
+def test_binary_config_file(tmp_path, capsys):
+    """A config file that is not text is refused in one line."""
+    bad = tmp_path / "weights.yaml"
+    bad.write_bytes(bytes(range(256)))
+    assert_one_line_error(capsys, cli("train", "--config", bad, "--dry-run"), "not text")
+
+
+def test_out_below_a_file(tmp_path, capsys):
+    """--out inside a regular file: one line, exit 2."""
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code = cli("train", "--out", blocker / "run", "--steps", 2, *TINY_SET)
+    assert_one_line_error(capsys, code)
+
+
+def test_resume_of_a_missing_run(tmp_path, capsys):
+    """--resume on a folder that holds no run is refused, so a typo does not start afresh."""
+    code = cli("train", "--out", tmp_path / "typo", "--resume", "--steps", 2, *TINY_SET)
+    assert_one_line_error(capsys, code, "no run to continue")
+    assert not (tmp_path / "typo").exists()
+
+
+def test_divergence_is_one_line(tmp_path, capsys):
+    """A run whose loss is non-finite 10 steps in a row ends with one line, exit 1."""
+    code = cli("train", "--out", tmp_path / "run", "--steps", 30, *TINY_SET,
+               "--set", "optim.lr=1e30", "--set", "objective.p=0")
+    err = capsys.readouterr().err.splitlines()
+    assert code == 1 and len(err) == 1 and "non-finite" in err[0], err
+
+
+def test_sample_png_into_a_new_folder(run_dir, tmp_path):
+    """--png into a folder that does not exist yet creates it; npz, json and png all land."""
+    out = tmp_path / "a" / "s.npz"
+    png = tmp_path / "b" / "c" / "s.png"
+    assert cli("sample", run_dir, "--n", 8, "--out", out, "--png", png) == 0
+    assert out.is_file() and out.with_suffix(".json").is_file() and png.is_file()
+
+
+def test_tampered_state_json_step(run_dir, tmp_path, capsys):
+    """An edited state.json (step is not a number) gives a one-line error on --resume."""
+    import shutil
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    for ckpt in (copy / "checkpoints").iterdir():
+        state = json.loads((ckpt / "state.json").read_text())
+        state["step"] = "x"
+        (ckpt / "state.json").write_text(json.dumps(state))
+    code = cli("train", "--out", copy, "--resume", "--steps", 6, *TINY_SET)
+    assert_one_line_error(capsys, code, "state.json")
+
+
+def test_demo_refuses_a_folder_with_other_files(tmp_path, capsys):
+    """The demo never overwrites files it did not write, and --steps 0 is an error, not 2000."""
+    (tmp_path / "figure.png").write_text("mine")
+    (tmp_path / "notes.txt").write_text("mine")
+    assert_one_line_error(capsys, cli("demo", "--out", tmp_path, "--steps", 5), "notes.txt")
+    assert (tmp_path / "figure.png").read_text() == "mine"
+    assert_one_line_error(capsys, cli("demo", "--out", tmp_path / "new", "--steps", 0),
+                          "train.steps")

@@ -111,6 +111,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         check_config(cfg)  # data, model and loss are built too, so a dry run catches all
         print(cfg.to_yaml(), end="")
         return 0
+    if args.resume and args.out is not None and not (args.out / "config.json").is_file():
+        raise ConfigError(f"--resume: {args.out} holds no run to continue; check the path, "
+                          "or drop --resume to start a new run there")
     if args.out is None:
         if args.resume:
             raise ConfigError("--resume needs --out: name the run folder to continue")
@@ -139,6 +142,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     for path in (args.out, sidecar, args.png):
         if path is not None and path.exists() and not args.overwrite:
             raise ConfigError(f"{path} exists: pass --overwrite or choose another file")
+    if args.png is not None and args.png.suffix.lower() != ".png":
+        raise ConfigError(f"--png {args.png} must end in .png")
     schedule = None
     if args.schedule:
         try:
@@ -176,7 +181,9 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     meta = {"checkpoint": str(loaded.checkpoint), "step": loaded.step,
             "weights": loaded.weights, "method": method, "steps": args.steps,
             "schedule": schedule, "seed": args.seed, "n": args.n}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for path in (args.out, args.png):
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_name(f".{args.out.name}.tmp.npz")
     np.savez(tmp, samples=x.numpy(), seeds=np.asarray(seeds),
              labels=np.asarray([] if y is None else y.numpy()), meta=json.dumps(meta))
@@ -201,7 +208,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from meanflow.demo import DEFAULT_STEPS, run_demo
 
-    metrics = run_demo(args.out, steps=args.steps or DEFAULT_STEPS, seed=args.seed,
+    steps = DEFAULT_STEPS if args.steps is None else args.steps
+    metrics = run_demo(args.out, steps=steps, seed=args.seed,
                        progress=not args.no_progress, overrides=args.overrides)
     floor = metrics["floor_two_data_samples"]
     print(f"energy distance to the data (floor of two data samples: {floor:.4f}):")
@@ -225,6 +233,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handlers[args.command](args)
     except MeanFlowError as exc:
+        print(f"meanflow: error: {exc}", file=sys.stderr)
+        return 2
+    except FloatingPointError as exc:  # training diverged: not bad input, but no traceback
+        print(f"meanflow: error: {exc}", file=sys.stderr)
+        return 1
+    except (OSError, UnicodeDecodeError) as exc:  # unreadable/unwritable paths and the like
         print(f"meanflow: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

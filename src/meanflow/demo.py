@@ -31,6 +31,7 @@ from meanflow.train.loop import load_model, train
 __all__ = ["demo_config", "run_demo", "DEFAULT_STEPS"]
 
 DEFAULT_STEPS = 2000
+DEMO_FILES = {"meanflow", "flow_matching", "figure.png", "metrics.json"}
 NUM_SAMPLES = 4000
 SAMPLE_SEED0 = 1_000_000      # sampling seeds, disjoint from the data seeds below
 DATA_SEEDS = (7, 8)           # reference data and the independent copy for the floor
@@ -109,9 +110,17 @@ def run_demo(out_dir: str | Path = "demo", steps: int = DEFAULT_STEPS, seed: int
             raise ConfigError(f"the demo compares MeanFlow with flow matching on 8gaussians: "
                               f"drop --set {item}")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"demo output {out_dir} is a file: choose a folder with --out")
+    foreign = sorted(p.name for p in out_dir.iterdir()
+                     if p.name not in DEMO_FILES and not p.name.startswith(".")) \
+        if out_dir.is_dir() else []
+    if foreign:
+        raise ConfigError(f"{out_dir} holds files that are not the demo's ({', '.join(foreign)}):"
+                          " choose another --out")
     cfgs = {kind: demo_config(kind, steps, seed, overrides)
             for kind in ("meanflow", "flow_matching")}
+    out_dir.mkdir(parents=True, exist_ok=True)
     cfgs["meanflow"].train.progress = progress
     cfgs["flow_matching"].train.progress = False
     # The two models train at once, one core each: tiny nets gain little from a second

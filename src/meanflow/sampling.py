@@ -58,7 +58,11 @@ def _integrate(net: Net, noise: Tensor, times: list[float], y: Tensor | None,
     for t_k, t_next in zip(times, times[1:]):
         t = torch.full((B,), t_k, device=noise.device, dtype=noise.dtype)
         h = torch.full_like(t, t_k - t_next) if mean_flow else torch.zeros_like(t)
-        z = z - (t_k - t_next) * net(z, t, h, y)
+        out = net(z, t, h, y)
+        if not isinstance(out, Tensor) or out.shape != z.shape:
+            raise ConfigError(f"the network returned {getattr(out, 'shape', type(out))} for "
+                              f"input {tuple(z.shape)}: it must return a tensor shaped like z")
+        z = z - (t_k - t_next) * out
     return z
 
 

@@ -77,3 +77,35 @@ def test_module_is_a_drop_in_for_nn_linear():
     x = torch.randn(2, 6)
     assert torch.equal(ours(x), ref(x))
     assert set(ours.state_dict()) == {"weight", "bias"}
+
+
+def test_bias_only_tangent(tensors):
+    """A tangent on the bias alone is broadcast over the batch (the rule has no other term)."""
+    x, _, w, b = tensors
+    bt = torch.randn_like(b)
+    ours = torch.func.jvp(lambda c: linear(x, w, c), (b,), (bt,))[1]
+    ref = torch.func.jvp(lambda c: F.linear(x, w, c), (b,), (bt,))[1]
+    torch.testing.assert_close(ours, ref)
+
+
+def test_bf16_autocast_matches_nn_linear():
+    """Under CPU bf16 autocast, outputs, gradients and tangents match nn.Linear's."""
+    torch.manual_seed(0)
+    ours, ref = Linear(8, 4), torch.nn.Linear(8, 4)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(3, 8, requires_grad=True)
+    v = torch.randn(3, 8)
+    outs, grads = [], []
+    for layer in (ours, ref):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x)
+            with forward_ad.dual_level():
+                tangent = forward_ad.unpack_dual(layer(forward_ad.make_dual(x.detach(), v)))[1]
+        assert y.dtype == torch.bfloat16 and tangent.dtype == torch.bfloat16
+        outs.append((y, tangent))
+        grads.append(torch.autograd.grad(y.float().square().sum(), (x, layer.weight)))
+    torch.testing.assert_close(outs[0][0], outs[1][0])
+    torch.testing.assert_close(outs[0][1], outs[1][1])
+    for a, b in zip(grads[0], grads[1]):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)

@@ -32,7 +32,13 @@ def build_model(name: str, **kwargs: Any) -> nn.Module:
     if unknown:
         raise ConfigError(f"unknown option(s) {', '.join(unknown)} for model {name!r}: "
                           f"valid ones are {', '.join(sorted(fields))}")
-    return model_cls(cfg_cls(**kwargs))
+    try:
+        cfg = cfg_cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"bad option for model {name!r}: {exc}") from None
+    return model_cls(cfg)
 
 
 def build_model_for_data(name: str, sample_shape: tuple[int, ...], num_classes: int | None,

@@ -32,6 +32,7 @@ class _LinearFn(torch.autograd.Function):
         ctx.save_for_backward(x, weight)
         ctx.save_for_forward(x, weight)
         ctx.has_bias = bias is not None
+        ctx.out_dtype = output.dtype  # differs from the inputs' under autocast
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor | None) -> tuple[Tensor | None, ...]:
@@ -39,23 +40,33 @@ class _LinearFn(torch.autograd.Function):
             return None, None, None
         x, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad
-        grad_x = grad @ weight if need_x else None
+        # Under autocast the incoming grad is low precision while x and the weight are not:
+        # multiply in the grad's dtype (as autocast did forward), return each input's dtype.
+        dtype = grad.dtype
+        grad_x = (grad @ weight.to(dtype)).to(x.dtype) if need_x else None
         flat = grad.reshape(-1, grad.shape[-1])
-        grad_w = flat.t() @ x.reshape(-1, x.shape[-1]) if need_w else None
-        grad_b = flat.sum(0) if (need_b and ctx.has_bias) else None
+        grad_w = ((flat.t() @ x.reshape(-1, x.shape[-1]).to(dtype)).to(weight.dtype)
+                  if need_w else None)
+        grad_b = flat.sum(0).to(weight.dtype) if (need_b and ctx.has_bias) else None
         return grad_x, grad_w, grad_b
 
     @staticmethod
     def jvp(ctx: Any, x_t: Tensor | None, weight_t: Tensor | None,
             bias_t: Tensor | None) -> Tensor | None:
         x, weight = ctx.saved_tensors
-        out = F.linear(x_t, weight) if x_t is not None else None
+        terms = []
+        if x_t is not None:
+            terms.append(F.linear(x_t, weight))
         if weight_t is not None:
-            term = F.linear(x, weight_t)
-            out = term if out is None else out + term
+            terms.append(F.linear(x, weight_t))
         if bias_t is not None:
-            out = bias_t.expand_as(out) if out is None else out + bias_t
-        return out
+            terms.append(bias_t.expand(*x.shape[:-1], weight.shape[0]))
+        if not terms:
+            return None
+        out = terms[0]
+        for term in terms[1:]:
+            out = out + term
+        return out.to(ctx.out_dtype)
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from meanflow.errors import ConfigError
-from meanflow.objective.meanflow_loss import check_batch, drop_labels, expand_like
+from meanflow.objective.meanflow_loss import check_batch, check_output, drop_labels, expand_like
 from meanflow.objective.time_sampler import TimeSampler
 
 __all__ = ["FlowMatchingLoss"]
@@ -61,7 +61,7 @@ class FlowMatchingLoss:
         tt = expand_like(t, x)
         z = (1 - tt) * x + tt * e
         v = e - x
-        v_pred = net(z, t, torch.zeros_like(t), y)
+        v_pred = check_output(net(z, t, torch.zeros_like(t), y), z)
         err = (v_pred - v).pow(2).flatten(1).sum(1)
         with torch.no_grad():
             stats = {"loss": err.mean().detach(), "mse": err.mean().detach(),

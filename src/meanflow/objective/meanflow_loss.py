@@ -26,7 +26,7 @@ from meanflow.objective.jvp import check_strategy, u_and_dudt
 from meanflow.objective.time_sampler import TimeSampler
 
 __all__ = ["MeanFlowLoss", "average_velocity", "guided_velocity", "adaptive_weight",
-           "drop_labels", "check_batch", "expand_like"]
+           "drop_labels", "check_batch", "check_output", "expand_like"]
 
 Net = Callable[..., Tensor]
 
@@ -53,6 +53,20 @@ def check_batch(x: Tensor, y: Tensor | None, num_classes: int | None) -> None:
     if y.shape != x.shape[:1] or y.dtype.is_floating_point or y.dtype == torch.bool:
         raise ConfigError(f"y must be integer labels shaped ({x.shape[0]},), got "
                           f"{tuple(y.shape)} {y.dtype}")
+    # Range-checked on the CPU only: on a GPU the check would stall every step, and the
+    # library's datasets validate their labels when they load.
+    if y.device.type == "cpu" and y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise ConfigError(f"labels must lie in [0, {num_classes}), got values in "
+                          f"[{int(y.min())}, {int(y.max())}]: fix the labels or num_classes")
+
+
+def check_output(out: Tensor, z: Tensor) -> Tensor:
+    """The backbone contract: the output has the shape of its input z."""
+    if not isinstance(out, Tensor) or out.shape != z.shape:
+        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ConfigError(f"the network returned {shape} for input {tuple(z.shape)}: a "
+                          "backbone must return a tensor shaped like z")
+    return out
 
 
 def average_velocity(net: Net, z: Tensor, r: Tensor, t: Tensor,
@@ -66,7 +80,7 @@ def average_velocity(net: Net, z: Tensor, r: Tensor, t: Tensor,
                           "(t = 1 is noise, t = 0 is data); swap them")
     if bool((r < 0).any()) or bool((t > 1).any()):
         raise ConfigError("times must lie in [0, 1] (t = 0 data, t = 1 noise): rescale r and t")
-    return net(z, t, t - r, y)
+    return check_output(net(z, t, t - r, y), z)
 
 
 def adaptive_weight(err: Tensor, p: float, c: float) -> Tensor:
@@ -217,6 +231,7 @@ class MeanFlowLoss:
                                       self.kappa, apply)
 
         u, dudt = u_and_dudt(net, z, r, t, v_tilde, y, self.jvp)
+        check_output(u, z)
         u_tgt = (v_tilde - expand_like(t - r, x) * dudt).detach()
         err = (u - u_tgt).pow(2).flatten(1).sum(1)                      # (B,)
         w = adaptive_weight(err, self.p, self.c)

@@ -98,9 +98,13 @@ def save_checkpoint(ckpt_dir: Path, *, model: dict[str, Tensor], ema: dict[str, 
             hashes[fname] = _sha256(tmp / fname)
         meta = dict(state, format_version=FORMAT_VERSION, sha256=hashes)
         (tmp / "state.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
-        if ckpt_dir.exists():
-            shutil.rmtree(ckpt_dir)
+        old = None
+        if ckpt_dir.exists():  # re-saving a step: move the old copy aside, never leave a gap
+            old = ckpt_dir.with_name(f".{ckpt_dir.name}.old-{os.getpid()}")
+            os.replace(ckpt_dir, old)
         os.replace(tmp, ckpt_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

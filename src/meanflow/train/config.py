@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,7 +121,11 @@ def _from_dict(cls: type, d: Any, prefix: str) -> Any:
         if dataclasses.is_dataclass(sub):
             kwargs[name] = _from_dict(sub, value, f"{prefix}{name}.")
         else:
-            kwargs[name] = _coerce_floats(value) if "float" in str(f.type) else value
+            if "float" in str(f.type):
+                value = _coerce_floats(value)
+            elif name == "options" and isinstance(value, dict):
+                value = {k: _coerce_floats(v) for k, v in value.items()}
+            kwargs[name] = value
     return cls(**kwargs)
 
 
@@ -174,6 +179,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except yaml.YAMLError as exc:
             line = str(exc).splitlines()[0]
             raise ConfigError(f"config file {path} is not valid YAML/JSON ({line})") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {path} is not text: give a YAML or JSON "
+                              "file") from None
         if loaded is not None:
             if not isinstance(loaded, dict):
                 raise ConfigError(f"config file {path} must hold a mapping of sections")
@@ -261,6 +269,6 @@ def _validate(cfg: RunConfig) -> None:
     if len({f"{d:g}" for d in tr.ema_decays}) != len(tr.ema_decays):
         raise ConfigError(f"train.ema_decays={tr.ema_decays!r} repeats a decay: list each "
                           "once")
-    if not isinstance(tr.device, str) or not (tr.device in ("auto", "cpu", "mps")
-                                              or tr.device.startswith("cuda")):
-        raise ConfigError(f"train.device={tr.device!r} must be auto, cpu, cuda or cuda:N")
+    if not isinstance(tr.device, str) or not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?",
+                                                             tr.device):
+        raise ConfigError(f"train.device={tr.device!r} must be auto, cpu, mps, cuda or cuda:N")

@@ -47,10 +47,20 @@ def step_seed(seed: int, rank: int, step: int) -> int:
 
 
 def resolve_device(name: str) -> torch.device:
+    """"auto" (CUDA when available, else CPU), "cpu", "mps", "cuda" or "cuda:N", checked."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name!r} but CUDA is not available: use cpu or auto")
+    if not isinstance(name, str) or not re.fullmatch(r"cpu|mps|cuda(:\d+)?", name):
+        raise ConfigError(f"device {name!r} is not one of auto, cpu, mps, cuda, cuda:N")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {name!r} but CUDA is not available: use cpu or auto")
+        index = int(name.split(":")[1]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"device {name!r} but only {torch.cuda.device_count()} CUDA "
+                              "device(s) exist")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device 'mps' is not available here: use cpu or auto")
     return torch.device(name)
 
 
@@ -206,8 +216,12 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False,
         tensors, state = load_checkpoint(ckpt, device)
         model.load_state_dict(tensors["model"])
         ema.load_state_dict(tensors["ema"])
-        load_optimizer_tensors(opt, tensors["optimizer"], state["optimizer"])
-        start = int(state["step"])
+        try:
+            load_optimizer_tensors(opt, tensors["optimizer"], state["optimizer"])
+            start = int(state["step"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"{ckpt / 'state.json'} does not fit this run ({exc}); "
+                                  "restore it or resume from an earlier checkpoint") from None
     if resume:
         _truncate_metrics(metrics_path, start)  # drop lines the resumed steps will redo
     if start >= cfg.train.steps:
@@ -306,6 +320,8 @@ def load_model(path: str | Path, ema: float | str | None = "auto",
         cfg = RunConfig.from_dict(state["config"])
         shape = tuple(int(n) for n in state["data"]["shape"])
         num_classes = state["data"]["num_classes"]
+        if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
+            raise TypeError
         decays = [float(d) for d in state["ema_decays"]]
         step = int(state["step"])
     except (KeyError, TypeError, ValueError, ConfigError):
