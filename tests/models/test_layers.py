@@ -89,23 +89,36 @@ def test_bias_only_tangent(tensors):
 
 
 def test_bf16_autocast_matches_nn_linear():
-    """Under CPU bf16 autocast, outputs, gradients and tangents match nn.Linear's."""
+    """Under CPU bf16 autocast the lean function's outputs, gradients and tangents match
+    F.linear's (dtypes included)."""
     torch.manual_seed(0)
-    ours, ref = Linear(8, 4), torch.nn.Linear(8, 4)
-    ref.load_state_dict(ours.state_dict())
+    w, b = torch.randn(4, 8, requires_grad=True), torch.randn(4, requires_grad=True)
     x = torch.randn(3, 8, requires_grad=True)
     v = torch.randn(3, 8)
-    outs, grads = [], []
-    for layer in (ours, ref):
+    results = []
+    for fn in (linear, F.linear):
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            y = layer(x)
+            y = fn(x, w, b)
             with forward_ad.dual_level():
-                tangent = forward_ad.unpack_dual(layer(forward_ad.make_dual(x.detach(), v)))[1]
-        assert y.dtype == torch.bfloat16 and tangent.dtype == torch.bfloat16
-        outs.append((y, tangent))
-        grads.append(torch.autograd.grad(y.float().square().sum(), (x, layer.weight)))
-    torch.testing.assert_close(outs[0][0], outs[1][0])
-    torch.testing.assert_close(outs[0][1], outs[1][1])
-    for a, b in zip(grads[0], grads[1]):
-        assert a.dtype == b.dtype
-        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+                tangent = forward_ad.unpack_dual(fn(forward_ad.make_dual(x.detach(), v),
+                                                    w.detach(), b.detach()))[1]
+        grads = torch.autograd.grad(y.float().square().sum(), (x, w, b))
+        results.append((y, tangent, grads))
+    (y1, t1, g1), (y2, t2, g2) = results
+    assert y1.dtype == y2.dtype == torch.bfloat16 and t1.dtype == t2.dtype == torch.bfloat16
+    torch.testing.assert_close(y1, y2)
+    torch.testing.assert_close(t1, t2)
+    for a, c in zip(g1, g2):
+        assert a.dtype == c.dtype
+        torch.testing.assert_close(a, c, rtol=2e-2, atol=2e-2)
+
+
+def test_module_uses_the_lean_rule_only_without_grad():
+    """The module's no-grad JVP (the split strategies' pass) makes 2 products; with grad on it
+    is plain F.linear (native backward)."""
+    torch.manual_seed(0)
+    layer = Linear(8, 4)
+    x, v = torch.randn(3, 8), torch.randn(3, 8)
+    with torch.no_grad():
+        assert _products(lambda: torch.func.jvp(layer, (x,), (v,))) == 2
+    assert layer(x.requires_grad_()).grad_fn.name() != "_LinearFnBackward"

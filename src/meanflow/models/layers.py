@@ -4,7 +4,7 @@ PyTorch's forward-AD rule for ``addmm`` multiplies the input by a *materialised 
 for the weights even when the weights carry none, so an eager JVP pays an extra GEMM per layer
 (see README, Results, and ``benchmarks/step_cost.py``). :class:`Linear` computes the same
 function through an ``autograd.Function`` whose ``jvp`` skips absent tangents: for an input
-tangent ẋ it is just ẋ·Wᵀ. Values and gradients are those of ``torch.nn.Linear``.
+tangent ẋ it is just ẋ·Wᵀ. Values, gradients and tangents are those of ``torch.nn.Linear``.
 """
 
 from __future__ import annotations
@@ -75,7 +75,15 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 
 
 class Linear(nn.Linear):
-    """Drop-in ``nn.Linear`` whose forward-mode AD skips the weights' zero tangent."""
+    """Drop-in ``nn.Linear`` whose forward-mode AD skips the weights' zero tangent.
+
+    The lean rule is used when grad mode is off: the no-grad JVP pass of the ``split``
+    strategies, and sampling. With grad on (the training forward) this is plain ``F.linear``,
+    whose native backward is faster than a Python ``autograd.Function``'s (measured: flow
+    matching 17.5 against 23.2 ms per MLP step with the Function, README Results).
+    """
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.is_grad_enabled():
+            return F.linear(x, self.weight, self.bias)
         return linear(x, self.weight, self.bias)
