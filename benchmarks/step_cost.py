@@ -5,12 +5,13 @@ flow-matching step on the same backbone and batch, the bytes saved for backward 
 memory) relative to flow matching, and on CUDA the peak allocated memory ratio. The floor for a
 matmul-bound net is about 4/3: the JVP adds one forward's work to FM's forward + backward.
 
-It also counts the matrix products of one JVP pass against one forward pass, to show whether
-the parameters' zero tangents cost an extra GEMM per layer (the eager PyTorch behaviour noted in
+It also counts the matrix products of one loss evaluation per strategy, to show whether the
+parameters' zero tangents cost an extra GEMM per layer (the eager PyTorch behaviour noted in
 JVP-NOTES): the tangent needs exactly one extra product per Linear layer, the zero-tangent path
-would need two.
+two or more.
 
     python benchmarks/step_cost.py [--model mlp] [--batch 256] [--device cpu] [--repeats 20]
+                                   [--threads N] [--native-linear]
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import time
 import weakref
 
 import torch
-from torch.autograd import forward_ad
 
 from meanflow import JVP_STRATEGIES, FlowMatchingLoss, MeanFlowLoss
 from meanflow.models import build_model
@@ -87,7 +87,15 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--native-linear", action="store_true",
+                        help="build the backbone with torch.nn.Linear instead of meanflow's "
+                        "JVP-lean Linear, to measure what the lean rule saves")
     args = parser.parse_args()
+    if args.native_linear:
+        import meanflow.models.embeddings
+        import meanflow.models.mlp
+        meanflow.models.mlp.Linear = torch.nn.Linear
+        meanflow.models.embeddings.Linear = torch.nn.Linear
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -115,7 +123,8 @@ def main() -> None:
     fm_saved = _saved_bytes(lambda: fm(net, x))
     fm_peak = peak(fm_step)
     print(f"# {args.model} {PRESETS[args.model]}, batch {args.batch}, device {device}, "
-          f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+          f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"{'torch.nn.Linear' if args.native_linear else 'meanflow Linear'}")
     print(f"flow matching step: {fm_time * 1e3:.2f} ms, "
           f"{args.batch / fm_time:.0f} samples/s")
     print(f"{'strategy':18s} {'ms/step':>9s} {'time/FM':>8s} {'/(4/3)':>6s} "
@@ -130,25 +139,18 @@ def main() -> None:
         print(f"{strategy:18s} {mf_time * 1e3:9.2f} {ratio:8.2f} {ratio / (4 / 3):6.2f} "
               f"{saved:9.2f} {peak_ratio}")
 
-    t = torch.rand(args.batch, device=device)
-    v = torch.randn_like(x)
-
-    def forward_ad_pass() -> None:
-        with forward_ad.dual_level():
-            out = net(forward_ad.make_dual(x, v), forward_ad.make_dual(t, torch.ones_like(t)),
-                      forward_ad.make_dual(t, torch.ones_like(t)))
-            forward_ad.unpack_dual(out)
-
-    with torch.no_grad():
-        n_fwd = _count_products(lambda: net(x, t, t))
-        n_func = _count_products(lambda: torch.func.jvp(
-            lambda z, tt: net(z, tt, tt), (x, t), (v, torch.ones_like(t))))
-        n_fad = _count_products(forward_ad_pass)
+    # Matrix products of one loss evaluation (no backward). FM's is one forward; a MeanFlow
+    # step adds the JVP, which needs exactly one more product per Linear layer (the input
+    # tangent times the weights) when the weights' zero tangent is skipped.
     n_linear = sum(isinstance(m, torch.nn.Linear) for m in net.modules())
-    print(f"matrix products for {n_linear} Linear layers: forward {n_fwd}, "
-          f"func.jvp {n_func}, forward_ad {n_fad}")
-    print("  a JVP needs 2 per layer (primal + input tangent); 3 or more means the weights' "
-          "zero tangent is multiplied too")
+    counts = {"flow matching": _count_products(lambda: fm(net, x))}
+    for strategy in JVP_STRATEGIES:
+        mf = MeanFlowLoss(jvp=strategy, fraction_r_neq_t=1.0)
+        counts[strategy] = _count_products(lambda: mf(net, x))
+    print(f"matrix products per loss evaluation, {n_linear} Linear layers (least possible: "
+          f"split {3 * n_linear} = JVP {2 * n_linear} + grad forward {n_linear}; joint "
+          f"{2 * n_linear}):")
+    print("  " + ", ".join(f"{k} {v}" for k, v in counts.items()))
 
 
 if __name__ == "__main__":

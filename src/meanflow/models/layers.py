@@ -79,8 +79,7 @@ class Linear(nn.Linear):
 
     The lean rule is used when grad mode is off: the no-grad JVP pass of the ``split``
     strategies, and sampling. With grad on (the training forward) this is plain ``F.linear``,
-    whose native backward is faster than a Python ``autograd.Function``'s (measured: flow
-    matching 17.5 against 23.2 ms per MLP step with the Function, README Results).
+    whose native backward is faster than a Python ``autograd.Function``'s.
     """
 
     def forward(self, x: Tensor) -> Tensor:
