@@ -25,14 +25,6 @@ TINY_SET = ["--set", "model.options={width: 16, depth: 1, emb_dim: 8}",
             "--batch-size", "16"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def cli(*args) -> int:
     """Exit code of ``meanflow ARGS`` run in-process (argparse exits via SystemExit)."""
     try:

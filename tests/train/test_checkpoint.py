@@ -23,14 +23,6 @@ from meanflow.train.loop import load_model, train
 TINY = {"width": 16, "depth": 1, "emb_dim": 8}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def tiny_config(steps: int = 4, **train_opts) -> RunConfig:
     train_cfg = {"steps": steps, "batch_size": 16, "checkpoint_every": 2, "log_every": 2,
                  "progress": False, "ema_decays": [0.999, 0.9], "keep_checkpoints": 0}

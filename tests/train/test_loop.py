@@ -23,14 +23,6 @@ TINY = {"width": 16, "depth": 1, "emb_dim": 8}
 PARTS = ("model", "ema", "optimizer")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def make_config(steps: int = 6, kind: str = "meanflow", model: dict | None = None,
                 data: dict | None = None, objective: dict | None = None,
                 **train_opts) -> RunConfig:
