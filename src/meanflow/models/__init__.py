@@ -12,28 +12,34 @@ from typing import Any, Callable
 from torch import nn
 
 from meanflow.errors import ConfigError
+from meanflow.models.dit import DIT_SIZES, DiT, DiTConfig
 from meanflow.models.mlp import MLP, MLPConfig
 
-__all__ = ["MODELS", "build_model", "build_model_for_data", "MLP", "MLPConfig"]
+__all__ = ["MODELS", "build_model", "build_model_for_data", "MLP", "MLPConfig", "DiT",
+           "DiTConfig"]
 
-# name -> (config dataclass, module class)
-MODELS: dict[str, tuple[type, Callable[[Any], nn.Module]]] = {
-    "mlp": (MLPConfig, MLP),
+# name -> (config dataclass, module class, preset values of the config)
+MODELS: dict[str, tuple[type, Callable[[Any], nn.Module], dict[str, Any]]] = {
+    "mlp": (MLPConfig, MLP, {}),
 }
+for _size, (_depth, _width, _heads) in DIT_SIZES.items():
+    for _patch in (2, 4, 8):
+        MODELS[f"dit-{_size}/{_patch}"] = (DiTConfig, DiT, {
+            "depth": _depth, "width": _width, "heads": _heads, "patch": _patch})
 
 
 def build_model(name: str, **kwargs: Any) -> nn.Module:
     """Builds a registered backbone from keyword arguments of its config dataclass."""
     if name not in MODELS:
         raise ConfigError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}")
-    cfg_cls, model_cls = MODELS[name]
+    cfg_cls, model_cls, preset = MODELS[name]
     fields = {f.name for f in dataclasses.fields(cfg_cls)}
     unknown = sorted(set(kwargs) - fields)
     if unknown:
         raise ConfigError(f"unknown option(s) {', '.join(unknown)} for model {name!r}: "
                           f"valid ones are {', '.join(sorted(fields))}")
     try:
-        cfg = cfg_cls(**kwargs)
+        cfg = cfg_cls(**{**preset, **kwargs})
     except (TypeError, ValueError) as exc:
         if isinstance(exc, ConfigError):
             raise
@@ -53,6 +59,11 @@ def build_model_for_data(name: str, sample_shape: tuple[int, ...], num_classes: 
     derived: dict[str, Any] = {"num_classes": num_classes}
     if name == "mlp":
         derived["dim"] = math.prod(sample_shape)
+    elif name.startswith("dit-"):
+        if len(sample_shape) != 3 or sample_shape[1] != sample_shape[2]:
+            raise ConfigError(f"model {name!r} needs square images (C, H, H); the data have "
+                              f"shape {tuple(sample_shape)}")
+        derived["in_channels"], derived["input_size"] = sample_shape[0], sample_shape[1]
     for key, value in derived.items():
         if key in options and options[key] != value:
             raise ConfigError(f"model option {key}={options[key]!r} contradicts the data "

@@ -15,15 +15,15 @@ __all__ = ["SinusoidalEmbedding", "TimeEmbedder", "LabelEmbedder"]
 class SinusoidalEmbedding(nn.Module):
     """Raw time s in [0, 1] (no ×1000 scaling, SPEC §1) -> [sin(ω_i s), cos(ω_i s)].
 
-    The angular frequencies ω_i are geometric from 1 to ``max_freq`` so that both coarse and fine
-    differences of s in [0, 1] are resolved. (B,) -> (B, dim).
+    The angular frequencies ω_i are geometric from ``min_freq`` to ``max_freq``.
+    (B,) -> (B, dim).
     """
 
-    def __init__(self, dim: int, max_freq: float = 1000.0) -> None:
+    def __init__(self, dim: int, max_freq: float = 1000.0, min_freq: float = 1.0) -> None:
         super().__init__()
         if dim % 2:
             raise ValueError(f"embedding dim must be even, got {dim}")
-        freqs = torch.exp(torch.linspace(0.0, math.log(max_freq), dim // 2))
+        freqs = torch.exp(torch.linspace(math.log(min_freq), math.log(max_freq), dim // 2))
         self.register_buffer("freqs", freqs, persistent=False)
 
     def forward(self, s: Tensor) -> Tensor:
@@ -34,9 +34,10 @@ class SinusoidalEmbedding(nn.Module):
 class TimeEmbedder(nn.Module):
     """Sinusoidal features followed by a two-layer SiLU MLP: (B,) -> (B, dim)."""
 
-    def __init__(self, dim: int, freq_dim: int = 128, max_freq: float = 1000.0) -> None:
+    def __init__(self, dim: int, freq_dim: int = 128, max_freq: float = 1000.0,
+                 min_freq: float = 1.0) -> None:
         super().__init__()
-        self.freq = SinusoidalEmbedding(freq_dim, max_freq)
+        self.freq = SinusoidalEmbedding(freq_dim, max_freq, min_freq)
         self.mlp = nn.Sequential(Linear(freq_dim, dim), nn.SiLU(), Linear(dim, dim))
 
     def forward(self, s: Tensor) -> Tensor:
