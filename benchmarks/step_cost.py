@@ -26,8 +26,10 @@ import torch
 from meanflow import JVP_STRATEGIES, FlowMatchingLoss, MeanFlowLoss
 from meanflow.models import build_model
 
-PRESETS = {  # backbone options per benchmark size (later backbones add theirs here)
-    "mlp": {"dim": 2, "width": 256, "depth": 4, "emb_dim": 64},
+# backbone name -> (options, shape of one sample); small enough for a CPU
+PRESETS = {
+    "mlp": ({"dim": 2, "width": 256, "depth": 4, "emb_dim": 64}, (2,)),
+    "dit-s/2": ({"in_channels": 4, "input_size": 8}, (4, 8, 8)),
 }
 
 
@@ -54,8 +56,11 @@ def _saved_bytes(fn) -> int:
     for ref in packed:
         t = ref()
         if t is not None:
-            storage = t.untyped_storage()
-            storages[storage.data_ptr()] = storage.nbytes()
+            try:
+                storage = t.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+            except RuntimeError:  # a forward-AD dual's storage cannot be inspected: count it
+                storages[id(t)] = t.numel() * t.element_size()
     del keep
     return sum(storages.values())
 
@@ -83,7 +88,8 @@ def _count_products(fn) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="mlp", choices=sorted(PRESETS))
-    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=None,
+                        help="default 256 for mlp, 16 for DiT")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -98,10 +104,17 @@ def main() -> None:
         meanflow.models.embeddings.Linear = torch.nn.Linear
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.batch is None:
+        args.batch = 256 if args.model == "mlp" else 16
     device = torch.device(args.device)
     torch.manual_seed(0)
-    net = build_model(args.model, **PRESETS[args.model]).to(device)
-    x = torch.randn(args.batch, PRESETS[args.model]["dim"], device=device)
+    options, shape = PRESETS[args.model]
+    net = build_model(args.model, **options).to(device)
+    if args.model.startswith("dit-"):  # adaLN-Zero starts at u = 0; benchmark a trained-like net
+        with torch.no_grad():
+            for p in net.parameters():
+                p.normal_(0.0, 0.02)
+    x = torch.randn(args.batch, *shape, device=device)
 
     def make_step(loss_fn):
         def step() -> None:
@@ -122,7 +135,7 @@ def main() -> None:
     fm_time = _time(fm_step, args.repeats, device)
     fm_saved = _saved_bytes(lambda: fm(net, x))
     fm_peak = peak(fm_step)
-    print(f"# {args.model} {PRESETS[args.model]}, batch {args.batch}, device {device}, "
+    print(f"# {args.model} {options}, batch {args.batch}, device {device}, "
           f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"{'torch.nn.Linear' if args.native_linear else 'meanflow Linear'}")
     print(f"flow matching step: {fm_time * 1e3:.2f} ms, "
@@ -143,13 +156,15 @@ def main() -> None:
     # step adds the JVP, which needs exactly one more product per Linear layer (the input
     # tangent times the weights) when the weights' zero tangent is skipped.
     n_linear = sum(isinstance(m, torch.nn.Linear) for m in net.modules())
+    n_attn = sum(type(m).__name__ == "Attention" for m in net.modules())
     counts = {"flow matching": _count_products(lambda: fm(net, x))}
     for strategy in JVP_STRATEGIES:
         mf = MeanFlowLoss(jvp=strategy, fraction_r_neq_t=1.0)
         counts[strategy] = _count_products(lambda: mf(net, x))
-    print(f"matrix products per loss evaluation, {n_linear} Linear layers (least possible: "
-          f"split {3 * n_linear} = JVP {2 * n_linear} + grad forward {n_linear}; joint "
-          f"{2 * n_linear}):")
+    print(f"matrix products per loss evaluation, {n_linear} Linear layers"
+          + (f" and {n_attn} attention layers (whose own products add to these)" if n_attn
+             else f" (least possible: split {3 * n_linear} = JVP {2 * n_linear} + grad "
+                  f"forward {n_linear}; joint {2 * n_linear})") + ":")
     print("  " + ", ".join(f"{k} {v}" for k, v in counts.items()))
 
 
