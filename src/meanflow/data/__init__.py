@@ -14,11 +14,13 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from meanflow.data.images import FASHION_MNIST_ROOT, ImageArray
 from meanflow.data.points import POINT_FILE_SUFFIXES, PointCloud
 from meanflow.data.toy import Checkerboard, EightGaussians, Spirals, TwoMoons
 from meanflow.errors import ConfigError
 
 __all__ = [
+    "ImageArray", "FASHION_MNIST_ROOT",
     "BatchSource",
     "TOY_DATASETS",
     "build_dataset",
@@ -67,7 +69,8 @@ def build_dataset(name_or_path: str | os.PathLike[str], **kwargs: Any) -> BatchS
     """Build a batch source from a toy dataset name or a point file path.
 
     Args:
-        name_or_path: one of :data:`TOY_DATASETS` (case-insensitive), or a path ending in
+        name_or_path: one of :data:`TOY_DATASETS` (case-insensitive), ``fashion-mnist``
+            (IDX files of the Debian package dataset-fashion-mnist), or a path ending in
             ``.npy``, ``.npz`` or ``.csv`` (read by :meth:`PointCloud.from_file`).
         **kwargs: constructor options of the toy class (e.g. ``std=0.3`` for ``8gaussians``)
             or ``labels=...`` for a point file.
@@ -88,6 +91,9 @@ def build_dataset(name_or_path: str | os.PathLike[str], **kwargs: Any) -> BatchS
         cls = _TOY_REGISTRY[key]
         _check_options(key, cls, kwargs)
         return cls(**kwargs)
+    if key == "fashion-mnist":
+        _check_options(key, ImageArray.fashion_mnist, kwargs)
+        return ImageArray.fashion_mnist(**kwargs)
     if key.endswith(POINT_FILE_SUFFIXES):
         _check_options(text, PointCloud.from_file, kwargs)
         return PointCloud.from_file(text, **kwargs)
