@@ -116,7 +116,7 @@ def sample_seeded(net: Net, seeds: Sequence[int], shape: Sequence[int], steps: i
     chunks = range(0, len(seeds), batch_size)
     if progress:
         from tqdm.auto import tqdm
-        chunks = tqdm(chunks, desc=f"sampling {len(seeds)}", unit="batch")
+        chunks = tqdm(chunks, desc=f"sampling {len(seeds)}", unit="batch", disable=None)
     out = []
     for i in chunks:
         noise = seeded_noise(seeds[i:i + batch_size], shape, device, dtype)
