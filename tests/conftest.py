@@ -12,8 +12,8 @@ from meanflow.models import build_model
 @pytest.fixture(autouse=True, scope="session")
 def _one_thread():
     """Every test net is tiny: one thread is as fast, and it cannot be slowed down by OpenMP
-    spin-waiting when another process shares the two cores (seen here: a 256x256 matmul over
-    20x slower with 2 threads than with 1 while another process ran)."""
+    spin-waiting when another process shares the two cores (seen here: small matmuls many
+    times slower with 2 threads than with 1 while another process ran)."""
     old = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
