@@ -14,15 +14,14 @@ rule, SPEC §4) or grad mode is off (the split strategies' JVP pass).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd import forward_ad
 
 from meanflow.errors import ConfigError
+from meanflow.models.attention import Attention
 from meanflow.models.embeddings import LabelEmbedder, TimeEmbedder
 from meanflow.models.layers import Linear
 
@@ -81,34 +80,9 @@ def sincos_2d(width: int, grid: int) -> Tensor:
     return torch.cat([encode(rows), encode(cols)], 1).float()         # (grid², width)
 
 
-def _has_tangent(x: Tensor) -> bool:
-    """True inside torch.func.jvp (functorch-wrapped) or for a forward-AD dual tensor."""
-    return (torch._C._functorch.is_functorch_wrapped_tensor(x)
-            or forward_ad.unpack_dual(x).tangent is not None)
-
-
 def _layer_norm(x: Tensor) -> Tensor:
     # No affine parameters (SPEC §2); also the form a compiled JVP accepts (JVP-NOTES).
     return F.layer_norm(x, x.shape[-1:], eps=1e-6)
-
-
-class Attention(nn.Module):
-    def __init__(self, width: int, heads: int, mode: str) -> None:
-        super().__init__()
-        self.heads, self.mode = heads, mode
-        self.qkv = Linear(width, 3 * width)
-        self.proj = Linear(width, width)
-
-    def forward(self, x: Tensor) -> Tensor:
-        B, N, D = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.heads, D // self.heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                 # 3 × (B, heads, N, d)
-        if self.mode == "math" or not torch.is_grad_enabled() or _has_tangent(x):
-            scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, heads, N, N)
-            out = scores.softmax(dim=-1) @ v                             # (B, heads, N, d)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(B, N, D))          # (B, N, D)
 
 
 class Block(nn.Module):
