@@ -30,6 +30,7 @@ from meanflow.models import build_model
 PRESETS = {
     "mlp": ({"dim": 2, "width": 256, "depth": 4, "emb_dim": 64}, (2,)),
     "dit-s/2": ({"in_channels": 4, "input_size": 8}, (4, 8, 8)),
+    "unet-small": ({"in_channels": 1, "input_size": 28}, (1, 28, 28)),
 }
 
 
@@ -110,7 +111,7 @@ def main() -> None:
     torch.manual_seed(0)
     options, shape = PRESETS[args.model]
     net = build_model(args.model, **options).to(device)
-    if args.model.startswith("dit-"):  # adaLN-Zero starts at u = 0; benchmark a trained-like net
+    if args.model != "mlp":  # zero-initialised outputs start at u = 0; use a trained-like net
         with torch.no_grad():
             for p in net.parameters():
                 p.normal_(0.0, 0.02)

@@ -14,9 +14,10 @@ from torch import nn
 from meanflow.errors import ConfigError
 from meanflow.models.dit import DIT_SIZES, DiT, DiTConfig
 from meanflow.models.mlp import MLP, MLPConfig
+from meanflow.models.unet import UNET_PRESETS, UNet, UNetConfig
 
 __all__ = ["MODELS", "build_model", "build_model_for_data", "MLP", "MLPConfig", "DiT",
-           "DiTConfig"]
+           "DiTConfig", "UNet", "UNetConfig"]
 
 # name -> (config dataclass, module class, preset values of the config)
 MODELS: dict[str, tuple[type, Callable[[Any], nn.Module], dict[str, Any]]] = {
@@ -26,6 +27,8 @@ for _size, (_depth, _width, _heads) in DIT_SIZES.items():
     for _patch in (2, 4, 8):
         MODELS[f"dit-{_size}/{_patch}"] = (DiTConfig, DiT, {
             "depth": _depth, "width": _width, "heads": _heads, "patch": _patch})
+for _name, _preset in UNET_PRESETS.items():
+    MODELS[_name] = (UNetConfig, UNet, dict(_preset))
 
 
 def build_model(name: str, **kwargs: Any) -> nn.Module:
@@ -59,7 +62,7 @@ def build_model_for_data(name: str, sample_shape: tuple[int, ...], num_classes: 
     derived: dict[str, Any] = {"num_classes": num_classes}
     if name == "mlp":
         derived["dim"] = math.prod(sample_shape)
-    elif name.startswith("dit-"):
+    elif name.startswith(("dit-", "unet-")):
         if len(sample_shape) != 3 or sample_shape[1] != sample_shape[2]:
             raise ConfigError(f"model {name!r} needs square images (C, H, H); the data have "
                               f"shape {tuple(sample_shape)}")
