@@ -188,3 +188,58 @@ def test_npz_errors(tmp_path):
         ImageArray.from_npz(tmp_path / "badlab.npz")
     with pytest.raises(DataError, match="missing.npz"):
         ImageArray.from_npz(tmp_path / "missing.npz")
+
+
+# --------------------------------------------------------------------------- CIFAR-10 pickles
+
+def _write_cifar(folder, n=3, split_names=None):
+    """A cifar-10-batches-py folder in the real format: dicts with bytes keys, (N, 3072)
+    uint8 rows (R plane, then G, then B) and a list of labels."""
+    import pickle
+    folder.mkdir(parents=True, exist_ok=True)
+    names = split_names or [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for k, name in enumerate(names):
+        data = ((np.arange(n * 3072).reshape(n, 3072) + 7 * k) % 256).astype(np.uint8)
+        batch = {b"batch_label": name.encode(), b"labels": [(k + i) % 10 for i in range(n)],
+                 b"data": data, b"filenames": [b"x.png"] * n}
+        with open(folder / name, "wb") as fh:
+            pickle.dump(batch, fh, protocol=2)
+    return folder
+
+
+def test_cifar10_reads_the_real_format(tmp_path):
+    """Pixels land channel-first exactly as stored; labels and both splits come through."""
+    root = _write_cifar(tmp_path / "cifar-10-batches-py")
+    train = ImageArray.cifar10(root)
+    test = ImageArray.cifar10(root, split="test")
+    assert len(train) == 15 and len(test) == 3 and train.shape == (3, 32, 32)
+    first = ((np.arange(3072)) % 256).astype(np.uint8).reshape(3, 32, 32)
+    assert np.array_equal(train.images[0].numpy(), first)
+    assert train.labels[:3].tolist() == [0, 1, 2]
+
+
+def test_cifar10_refuses_code_in_a_pickle(tmp_path):
+    """A pickle whose payload calls a global (here os.system) is refused, never executed."""
+    import pickle
+    root = _write_cifar(tmp_path / "c")
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            import os
+            return os.system, (f"touch {marker}",)
+
+    with open(root / "data_batch_3", "wb") as fh:
+        pickle.dump({b"data": Evil(), b"labels": [0]}, fh, protocol=2)
+    with pytest.raises(DataError, match="data_batch_3"):
+        ImageArray.cifar10(root)
+    assert not marker.exists()
+
+
+def test_cifar10_missing_and_malformed(tmp_path):
+    with pytest.raises(DataError, match="cifar-10-python.tar.gz"):
+        ImageArray.cifar10(tmp_path / "nowhere")
+    root = _write_cifar(tmp_path / "c", split_names=["test_batch"])
+    (root / "test_batch").write_bytes(b"not a pickle at all")
+    with pytest.raises(DataError, match="test_batch"):
+        ImageArray.cifar10(root, split="test")

@@ -70,7 +70,8 @@ def build_dataset(name_or_path: str | os.PathLike[str], **kwargs: Any) -> BatchS
 
     Args:
         name_or_path: one of :data:`TOY_DATASETS` (case-insensitive), ``fashion-mnist``
-            (IDX files of the Debian package dataset-fashion-mnist), or a path ending in
+            (IDX files of the Debian package dataset-fashion-mnist), ``cifar10`` (with
+            ``root=`` its cifar-10-batches-py folder), or a path ending in
             ``.npy``, ``.npz`` or ``.csv`` (read by :meth:`PointCloud.from_file`).
         **kwargs: constructor options of the toy class (e.g. ``std=0.3`` for ``8gaussians``)
             or ``labels=...`` for a point file.
@@ -91,6 +92,12 @@ def build_dataset(name_or_path: str | os.PathLike[str], **kwargs: Any) -> BatchS
         cls = _TOY_REGISTRY[key]
         _check_options(key, cls, kwargs)
         return cls(**kwargs)
+    if key == "cifar10":
+        if "root" not in kwargs:
+            raise ConfigError("cifar10 needs its folder: set data.options.root to the "
+                              "cifar-10-batches-py folder")
+        _check_options(key, ImageArray.cifar10, kwargs)
+        return ImageArray.cifar10(**kwargs)
     if key == "fashion-mnist":
         _check_options(key, ImageArray.fashion_mnist, kwargs)
         return ImageArray.fashion_mnist(**kwargs)

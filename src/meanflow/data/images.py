@@ -3,13 +3,16 @@
 :class:`ImageArray` wraps an ``(N, C, H, W)`` ``uint8`` tensor (plus optional labels). It can
 be read from MNIST-style IDX files (:meth:`ImageArray.from_idx`, gzipped or not), from the
 Debian Fashion-MNIST package (:meth:`ImageArray.fashion_mnist`) or from a ``.npz`` file
-(:meth:`ImageArray.from_npz`). Files are parsed with numpy only; nothing is unpickled.
+(:meth:`ImageArray.from_npz`), or from CIFAR-10's ``cifar-10-batches-py`` pickles
+(:meth:`ImageArray.cifar10`), which a restricted unpickler reads: it rebuilds numpy arrays and
+plain containers and refuses every other global, so a crafted file cannot run code.
 """
 
 from __future__ import annotations
 
 import gzip
 import os
+import pickle
 import zipfile
 import zlib
 from pathlib import Path
@@ -21,7 +24,23 @@ from torch import Tensor
 from meanflow.data.toy import _check_batch_args
 from meanflow.errors import ConfigError, DataError
 
-__all__ = ["ImageArray", "FASHION_MNIST_ROOT"]
+__all__ = ["ImageArray", "FASHION_MNIST_ROOT", "CIFAR10_TRAIN", "CIFAR10_TEST"]
+
+CIFAR10_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
+CIFAR10_TEST = ("test_batch",)
+
+# The only globals a CIFAR-10 batch pickle needs: numpy's array reconstruction, and the codec
+# call with which protocol-2 pickles written by Python 3 carry raw bytes. None runs code.
+_SAFE_GLOBALS = {("_codecs", "encode"), ("numpy.core.multiarray", "_reconstruct"),
+                 ("numpy._core.multiarray", "_reconstruct"),
+                 ("numpy", "ndarray"), ("numpy", "dtype")}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):  # noqa: ANN201 (pickle's own signature)
+        if (module, name) in _SAFE_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refused global {module}.{name}")
 
 #: Where the Debian package ``dataset-fashion-mnist`` installs the Fashion-MNIST files.
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
@@ -169,6 +188,45 @@ class ImageArray:
                             "dataset-fashion-mnist (apt-get install dataset-fashion-mnist) "
                             "or pass root=")
         return cls.from_idx(images, labels, hflip=hflip)
+
+    @classmethod
+    def cifar10(cls, root: str | os.PathLike[str], split: str = "train",
+                hflip: bool = False) -> ImageArray:
+        """CIFAR-10 from its ``cifar-10-batches-py`` folder: (3, 32, 32) images, 10 classes.
+
+        ``split`` is "train" (the five data batches, 50 000 images) or "test" (10 000).
+        The batches are read with a restricted unpickler (see the module docstring).
+        """
+        if split not in ("train", "test"):
+            raise ConfigError(f"unknown CIFAR-10 split {split!r}: choose 'train' or 'test'")
+        folder = Path(os.fspath(root))
+        names = CIFAR10_TRAIN if split == "train" else CIFAR10_TEST
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise DataError(f"CIFAR-10 not found in {folder} (missing {', '.join(missing)}): "
+                            "download and unpack cifar-10-python.tar.gz, then pass the "
+                            "cifar-10-batches-py folder")
+        images, labels = [], []
+        for name in names:
+            file = folder / name
+            try:
+                with open(file, "rb") as fh:
+                    batch = _RestrictedUnpickler(fh, encoding="bytes").load()
+                data = np.asarray(batch[b"data"])
+                y = np.asarray(batch[b"labels"], dtype=np.int64)
+            except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError,
+                    AttributeError, IndexError) as exc:
+                raise DataError(f"{file} is not a CIFAR-10 batch ({_one_line(exc)}); "
+                                "re-download cifar-10-python.tar.gz") from None
+            if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 \
+                    or y.shape != (data.shape[0],):
+                raise DataError(f"{file} holds data {data.shape} {data.dtype} and "
+                                f"{y.shape} labels, not (N, 3072) uint8 with N labels; "
+                                "re-download cifar-10-python.tar.gz")
+            images.append(data.reshape(-1, 3, 32, 32))
+            labels.append(y)
+        return cls(torch.from_numpy(np.concatenate(images)),
+                   torch.from_numpy(np.concatenate(labels)), hflip=hflip)
 
     @classmethod
     def from_npz(cls, path: str | os.PathLike[str], key: str = "x",
