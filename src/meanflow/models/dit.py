@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from meanflow.errors import ConfigError
 from meanflow.models.attention import Attention
-from meanflow.models.embeddings import LabelEmbedder, TimeEmbedder
+from meanflow.models.embeddings import LabelEmbedder, TimeEmbedder, init_embedders
 from meanflow.models.layers import Linear
 
 __all__ = ["DiTConfig", "DiT", "DIT_SIZES", "sincos_2d"]
@@ -127,12 +127,7 @@ class DiT(nn.Module):
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
-        for embedder in (self.t_embed, self.h_embed):
-            for layer in embedder.mlp:
-                if isinstance(layer, nn.Linear):
-                    nn.init.normal_(layer.weight, std=0.02)
-        if self.cfg.num_classes is not None:
-            nn.init.normal_(self.y_embed.table.weight, std=0.02)
+        init_embedders(self.t_embed, self.h_embed, getattr(self, "y_embed", None))
         # adaLN-Zero: every block starts as the identity, the output as zero.
         for block in self.blocks:
             nn.init.zeros_(block.modulation.weight)

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from meanflow.models.layers import Linear
 
-__all__ = ["SinusoidalEmbedding", "TimeEmbedder", "LabelEmbedder"]
+__all__ = ["SinusoidalEmbedding", "TimeEmbedder", "LabelEmbedder", "init_embedders"]
 
 
 class SinusoidalEmbedding(nn.Module):
@@ -55,3 +55,15 @@ class LabelEmbedder(nn.Module):
 
     def forward(self, y: Tensor) -> Tensor:
         return self.table(y)
+
+
+def init_embedders(*embedders: nn.Module | None, std: float = 0.02) -> None:
+    """DiT-style start for conditioning embedders: N(0, std²) weights in the time MLPs and the
+    label table (biases are left as the caller set them)."""
+    for embedder in embedders:
+        if isinstance(embedder, TimeEmbedder):
+            for layer in embedder.mlp:
+                if isinstance(layer, nn.Linear):
+                    nn.init.normal_(layer.weight, std=std)
+        elif isinstance(embedder, LabelEmbedder):
+            nn.init.normal_(embedder.table.weight, std=std)

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from meanflow.errors import ConfigError
 from meanflow.models.attention import Attention
-from meanflow.models.embeddings import LabelEmbedder, TimeEmbedder
+from meanflow.models.embeddings import LabelEmbedder, TimeEmbedder, init_embedders
 from meanflow.models.layers import Linear
 
 __all__ = ["UNetConfig", "UNet", "UNET_PRESETS"]
@@ -215,12 +215,7 @@ class UNet(nn.Module):
             if isinstance(module, (nn.Linear, nn.Conv2d)):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
-        for embedder in (self.t_embed, self.h_embed):
-            for layer in embedder.mlp:
-                if isinstance(layer, nn.Linear):
-                    nn.init.normal_(layer.weight, std=0.02)
-        if self.cfg.num_classes is not None:
-            nn.init.normal_(self.y_embed.table.weight, std=0.02)
+        init_embedders(self.t_embed, self.h_embed, getattr(self, "y_embed", None))
         # Every residual branch and attention output starts at zero, and so does the output.
         zero = [self.conv_out]
         for block in self.modules():
