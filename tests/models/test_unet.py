@@ -62,55 +62,22 @@ def test_small_preset_runs_on_fashion_mnist_size():
     assert net(z, torch.rand(2), torch.rand(2)).shape == z.shape
 
 
-def test_fused_and_math_attention_agree():
-    net, math_net = tiny_unet(), tiny_unet(attention="math")
-    z = torch.randn(3, 3, 8, 8, dtype=torch.float64)
-    t, h = torch.rand(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) * 0.3
-    y = torch.tensor([0, 4, 5])
-    fused = net(z, t, h, y)
-    with torch.no_grad():
-        explicit = math_net(z, t, h, y)
-    torch.testing.assert_close(fused, explicit, rtol=1e-10, atol=1e-12)
+def test_fused_and_math_attention_agree(assert_attention_paths_agree):
+    """The fused SDPA path (grad on) equals the explicit softmax path in float64."""
+    assert_attention_paths_agree(tiny_unet(), tiny_unet(attention="math"))
 
 
 @pytest.mark.parametrize("strategy", JVP_STRATEGIES)
-def test_dudt_equals_finite_differences(strategy):
+def test_dudt_equals_finite_differences(strategy, assert_dudt_matches_fd):
     """Every strategy's du/dt equals a float64 central difference along (v, 0, 1)."""
-    net = tiny_unet()
-    g = torch.Generator().manual_seed(1)
-    z = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=g)
-    v = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=g)
-    t = torch.tensor([0.7, 0.4], dtype=torch.float64)
-    r = torch.tensor([0.2, 0.35], dtype=torch.float64)
-    y = torch.tensor([1, 5])
-    eps = 1e-6
-    fd = (average_velocity(net, z + eps * v, r, t + eps, y)
-          - average_velocity(net, z - eps * v, r, t - eps, y)) / (2 * eps)
-    dudt = time_derivative(net, z, r, t, v, y, strategy=strategy)
-    torch.testing.assert_close(dudt, fd, rtol=1e-6, atol=1e-7)
-    wrong = time_derivative(net, z, r, t, torch.zeros_like(v), y, strategy=strategy)
-    assert (wrong - fd).abs().max() > 1e-3  # dropping the v·∂u/∂z term is far off
+    assert_dudt_matches_fd(tiny_unet(), strategy)
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_meanflow_loss_agrees_across_strategies(dropout):
+def test_meanflow_loss_agrees_across_strategies(dropout, assert_strategies_agree):
     """The same seeded batch gives the same loss and gradients under every strategy, also with
     dropout in train mode (the split strategies rewind the RNG so the masks match)."""
-    net = tiny_unet(dropout=dropout).train()
-    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
-    y = torch.tensor([0, 1, 2, 3])
-    results = []
-    for strategy in JVP_STRATEGIES:
-        loss_fn = MeanFlowLoss(jvp=strategy, num_classes=5, fraction_r_neq_t=1.0, p=0.0,
-                               omega=1.5, kappa=0.3)
-        torch.manual_seed(7)
-        loss, _ = loss_fn(net, x, y, generator=torch.Generator().manual_seed(3))
-        grads = torch.autograd.grad(loss.mean(), list(net.parameters()))
-        results.append((loss.detach(), grads))
-    for loss, grads in results[1:]:
-        torch.testing.assert_close(loss, results[0][0], rtol=1e-9, atol=1e-12)
-        for a, b in zip(grads, results[0][1]):
-            torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+    assert_strategies_agree(tiny_unet(dropout=dropout).train())
 
 
 def test_bad_inputs():
