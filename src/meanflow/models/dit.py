@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from meanflow.errors import ConfigError
 from meanflow.models.attention import Attention
+from meanflow.models.checks import check_common
 from meanflow.models.embeddings import LabelEmbedder, TimeEmbedder, init_embedders
 from meanflow.models.layers import Linear
 
@@ -45,10 +46,7 @@ class DiTConfig:
     attention: str = "auto"         # "auto": fused when possible; "math": always explicit
 
     def __post_init__(self) -> None:
-        for name in ("in_channels", "input_size", "patch", "depth", "width", "heads"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"model {name}={value!r} must be a positive integer")
+        check_common(self, ("in_channels", "input_size", "patch", "depth", "width", "heads"))
         if self.input_size % self.patch:
             raise ConfigError(f"input size {self.input_size} is not divisible by patch "
                               f"{self.patch}: choose a patch that divides it")
@@ -57,12 +55,6 @@ class DiTConfig:
                               "size")
         if self.width % 4:
             raise ConfigError(f"width {self.width} must be divisible by 4 (2-D sin-cos)")
-        if self.attention not in ("auto", "math"):
-            raise ConfigError(f"attention {self.attention!r} must be 'auto' or 'math'")
-        if self.num_classes is not None and (not isinstance(self.num_classes, int)
-                                             or self.num_classes < 1):
-            raise ConfigError(f"model num_classes={self.num_classes!r} must be a positive "
-                              "integer or null")
 
 
 def sincos_2d(width: int, grid: int) -> Tensor:

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from meanflow.errors import ConfigError
+from meanflow.models.checks import check_common
 from meanflow.models.embeddings import LabelEmbedder, TimeEmbedder
 from meanflow.models.layers import Linear
 
@@ -30,24 +31,14 @@ class MLPConfig:
     time_max_freq: float = 10.0     # highest angular frequency of the t and h features
 
     def __post_init__(self) -> None:
-        for name in ("dim", "width", "depth", "emb_dim"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"model {name}={value!r} must be a positive integer")
+        check_common(self, ("dim", "width", "depth", "emb_dim"))
         if self.emb_dim % 2:
             raise ConfigError(f"model emb_dim={self.emb_dim} must be even (sin and cos halves)")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
-                or not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"model dropout={self.dropout!r} must be a number in [0, 1)")
         if isinstance(self.time_max_freq, bool) \
                 or not isinstance(self.time_max_freq, (int, float)) \
                 or not math.isfinite(self.time_max_freq) or self.time_max_freq < 1:
             raise ConfigError(f"model time_max_freq={self.time_max_freq!r} must be a number "
                               ">= 1 (the top angular frequency of the time features)")
-        if self.num_classes is not None and (not isinstance(self.num_classes, int)
-                                             or self.num_classes < 1):
-            raise ConfigError(f"model num_classes={self.num_classes!r} must be a positive "
-                              "integer or null")
 
 
 class _Block(nn.Module):

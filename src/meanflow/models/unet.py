@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from meanflow.errors import ConfigError
 from meanflow.models.attention import Attention
+from meanflow.models.checks import check_common
 from meanflow.models.embeddings import LabelEmbedder, TimeEmbedder, init_embedders
 from meanflow.models.layers import Linear
 
@@ -60,11 +61,8 @@ class UNetConfig:
     attention: str = "auto"         # "auto": fused when possible; "math": always explicit
 
     def __post_init__(self) -> None:
-        for name in ("in_channels", "input_size", "channels", "blocks_per_res", "emb_dim",
-                     "heads"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"model {name}={value!r} must be a positive integer")
+        check_common(self, ("in_channels", "input_size", "channels", "blocks_per_res",
+                            "emb_dim", "heads"))
         for name in ("channel_mult", "attn_resolutions"):
             value = getattr(self, name)
             if not isinstance(value, (list, tuple)) or not all(
@@ -84,15 +82,6 @@ class UNetConfig:
             if res in self.attn_resolutions and width % self.heads:
                 raise ConfigError(f"width {width} at resolution {res} must split into "
                                   f"{self.heads} heads")
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"model dropout={self.dropout!r} must be in [0, 1)")
-        if self.attention not in ("auto", "math"):
-            raise ConfigError(f"attention {self.attention!r} must be 'auto' or 'math'")
-        if self.num_classes is not None and (not isinstance(self.num_classes, int)
-                                             or isinstance(self.num_classes, bool)
-                                             or self.num_classes < 1):
-            raise ConfigError(f"model num_classes={self.num_classes!r} must be a positive "
-                              "integer or null")
 
 
 def _groups(channels: int) -> int:
