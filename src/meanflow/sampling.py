@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from meanflow.errors import ConfigError
+from meanflow.objective.meanflow_loss import check_output
 
 __all__ = ["sample", "euler_sample", "make_schedule", "seeded_noise", "sample_seeded",
            "SAMPLING_METHODS"]
@@ -58,11 +59,7 @@ def _integrate(net: Net, noise: Tensor, times: list[float], y: Tensor | None,
     for t_k, t_next in zip(times, times[1:]):
         t = torch.full((B,), t_k, device=noise.device, dtype=noise.dtype)
         h = torch.full_like(t, t_k - t_next) if mean_flow else torch.zeros_like(t)
-        out = net(z, t, h, y)
-        if not isinstance(out, Tensor) or out.shape != z.shape:
-            raise ConfigError(f"the network returned {getattr(out, 'shape', type(out))} for "
-                              f"input {tuple(z.shape)}: it must return a tensor shaped like z")
-        z = z - (t_k - t_next) * out
+        z = z - (t_k - t_next) * check_output(net(z, t, h, y), z)
     return z
 
 

@@ -32,7 +32,8 @@ from meanflow.train.checkpoint import (atomic_write_text, find_checkpoint, list_
 from meanflow.train.config import RunConfig
 from meanflow.train.ema import EMA
 
-__all__ = ["train", "check_config", "new_run_dir", "build_loss", "step_seed", "resolve_device", "load_model", "LoadedModel",
+__all__ = ["train", "check_config", "new_run_dir", "build_loss", "step_seed", "resolve_device",
+           "load_model", "LoadedModel",
            "prepare_run_dir"]
 
 # Settings that may change between a run and its resumption; anything else must match.
