@@ -1,8 +1,9 @@
 """Command-line interface. It only parses, validates and calls the library.
 
-    meanflow train  [--config FILE] [--out DIR] [flags] [--set section.key=value ...]
-    meanflow sample RUN_OR_CHECKPOINT [--n N] [--steps K] [--out FILE.npz] [--png FILE.png]
-    meanflow demo   [--out DIR] [--steps N]
+    meanflow train   [--preset NAME | --config FILE] [--out DIR] [flags] [--set key=value ...]
+    meanflow sample  RUN_OR_CHECKPOINT [--n N] [--steps K] [--out FILE.npz] [--png FILE.png]
+    meanflow presets
+    meanflow demo    [--out DIR] [--steps N]
 
 Every user error prints one line ``meanflow: error: ...`` and exits with status 2.
 """
@@ -41,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train a model", description="Train a MeanFlow (or "
                         "flow-matching) model. Settings: defaults <- --config <- flags <- --set.")
     tr.add_argument("--config", type=Path, help="YAML/JSON config file")
+    tr.add_argument("--preset", help="a shipped config by name (list them: meanflow presets), "
+                    "e.g. fmnist-unet")
     tr.add_argument("--out", type=Path, default=None,
                     help="run folder (default: a new runs/NNNNN-<data>-<objective>-<model>)")
     tr.add_argument("--resume", action="store_true",
@@ -78,10 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "or 'none' for the raw weights")
     sa.add_argument("--batch-size", type=int, default=1024, help="samples per network call")
     sa.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    sa.add_argument("--out", type=Path, default=Path("samples.npz"),
-                    help="output .npz (default samples.npz)")
-    sa.add_argument("--png", type=Path, help="also draw a scatter plot (2-D data)")
+    sa.add_argument("--out", type=Path, default=None,
+                    help="output .npz: 'samples' in model space, plus 'images' as uint8 "
+                    "(N, H, W, C) for image models (default samples.npz unless only --png)")
+    sa.add_argument("--png", type=Path, help="draw an image grid (images) or a scatter plot "
+                    "(2-D points)")
+    sa.add_argument("--nrow", type=int, help="images per row of the --png grid")
     sa.add_argument("--overwrite", action="store_true", help="replace existing output files")
+
+    sub.add_parser("presets", help="list the shipped training presets",
+                   description="List the presets `meanflow train --preset NAME` accepts.")
 
     de = sub.add_parser("demo", help="MeanFlow vs flow matching on the 8-Gaussian ring",
                         description="Train MeanFlow and flow matching on the 8-Gaussian ring "
@@ -105,6 +114,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
                  if getattr(args, flag) is not None]
     if args.class_conditional:
         overrides.append("data.class_conditional=true")
+    if args.preset is not None:
+        from meanflow.presets import preset_path
+        if args.config is not None:
+            raise ConfigError("give --preset or --config, not both (a preset is a config "
+                              "file; copy it to edit it)")
+        args.config = preset_path(args.preset)
     cfg = load_config(args.config, overrides + args.overrides)
     if args.dry_run:
         from meanflow.train.loop import check_config
@@ -136,9 +151,13 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         raise ConfigError(f"--n {args.n} must be >= 1")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size {args.batch_size} must be >= 1")
-    if args.out.suffix != ".npz":
+    if args.out is None and args.png is None:
+        args.out = Path("samples.npz")
+    if args.out is not None and args.out.suffix != ".npz":
         raise ConfigError(f"--out {args.out} must end in .npz")
-    sidecar = args.out.with_suffix(".json")
+    if args.nrow is not None and args.nrow < 1:
+        raise ConfigError(f"--nrow {args.nrow} must be >= 1")
+    sidecar = (args.out if args.out is not None else args.png).with_suffix(".json")
     for path in (args.out, sidecar, args.png):
         if path is not None and path.exists() and not args.overwrite:
             raise ConfigError(f"{path} exists: pass --overwrite or choose another file")
@@ -170,8 +189,9 @@ def _cmd_sample(args: argparse.Namespace) -> int:
             y = torch.arange(args.n) % loaded.num_classes
     elif args.label is not None:
         raise ConfigError("--label given but the model is unconditional")
-    if args.png is not None and math.prod(loaded.shape) != 2:
-        raise ConfigError(f"--png draws 2-D points; this model's samples have shape "
+    is_image = len(loaded.shape) == 3
+    if args.png is not None and not is_image and math.prod(loaded.shape) != 2:
+        raise ConfigError(f"--png draws images or 2-D points; this model's samples have shape "
                           f"{loaded.shape}: drop --png")
     method = "euler" if loaded.config.objective.kind == "flow_matching" else "meanflow"
     seeds = list(range(args.seed, args.seed + args.n))
@@ -184,24 +204,33 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     for path in (args.out, args.png):
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(f".{args.out.name}.tmp.npz")
-    np.savez(tmp, samples=x.numpy(), seeds=np.asarray(seeds),
-             labels=np.asarray([] if y is None else y.numpy()), meta=json.dumps(meta))
-    tmp.replace(args.out)
+    if args.out is not None:
+        extra = {}
+        if is_image:
+            from meanflow.viz import to_uint8
+            extra["images"] = to_uint8(x).permute(0, 2, 3, 1).numpy()   # (N, H, W, C)
+        tmp = args.out.with_name(f".{args.out.name}.tmp.npz")
+        np.savez(tmp, samples=x.numpy(), seeds=np.asarray(seeds),
+                 labels=np.asarray([] if y is None else y.numpy()), meta=json.dumps(meta),
+                 **extra)
+        tmp.replace(args.out)
     if args.png is not None:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(5, 5))
-        pts = x.reshape(x.shape[0], 2)
-        colour = {} if y is None else {"c": y.numpy(), "cmap": "tab10"}
-        ax.scatter(pts[:, 0], pts[:, 1], s=2, alpha=0.5, linewidths=0, **colour)
-        ax.set_aspect("equal")
-        ax.set_title(f"{method}, {args.steps} step(s), {loaded.weights}, step {loaded.step}")
-        fig.savefig(args.png, dpi=110)
-        plt.close(fig)
+        from meanflow.viz import save_samples_png
+        title = f"{method}, {args.steps} step(s), {loaded.weights}, step {loaded.step}"
+        nrow = args.nrow
+        if nrow is None and is_image and y is not None and loaded.num_classes <= 16:
+            nrow = loaded.num_classes  # one class per column
+        save_samples_png(x, args.png, labels=y, title=title, nrow=nrow)
     atomic_write_text(sidecar, json.dumps(meta, indent=2) + "\n")
-    print(f"wrote {args.n} samples to {args.out}")
+    print(f"wrote {args.n} samples to " + " and ".join(
+        str(p) for p in (args.out, args.png) if p is not None))
+    return 0
+
+
+def _cmd_presets(args: argparse.Namespace) -> int:
+    from meanflow.presets import describe_presets
+    for name, summary in describe_presets().items():
+        print(f"{name:20s} {summary}")
     return 0
 
 
@@ -229,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    handlers = {"train": _cmd_train, "sample": _cmd_sample, "demo": _cmd_demo}
+    handlers = {"train": _cmd_train, "sample": _cmd_sample, "demo": _cmd_demo,
+                "presets": _cmd_presets}
     try:
         return handlers[args.command](args)
     except MeanFlowError as exc:

@@ -56,6 +56,25 @@ def test_fresh_model_outputs_zero_and_keeps_the_shape(shape, kw):
     assert out.shape == z.shape and torch.count_nonzero(out) > 0
 
 
+def test_conditioning_reaches_the_output_at_every_width():
+    """t, h and the label change the output, also in narrow nets: GroupNorm keeps at least 4
+    channels per group (with one channel per group it would cancel the per-channel embedding
+    added just before it, and a 32-channel level would ignore t, h and y)."""
+    from meanflow.models.unet import _groups
+    assert [_groups(c) for c in (3, 8, 16, 32, 64, 128, 256, 384, 512)] == \
+        [1, 2, 4, 8, 16, 32, 32, 32, 32]
+    net = tiny_unet()
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=g)
+    t = torch.tensor([0.3, 0.8], dtype=torch.float64)
+    h = torch.tensor([0.1, 0.2], dtype=torch.float64)
+    y = torch.tensor([1, 2])
+    base = net(z, t, h, y)
+    # (before the fix these differences were ~1e-16; t and h enter through low frequencies)
+    for other in (net(z, t + 0.2, h, y), net(z, t, h + 0.2, y), net(z, t, h, y + 1)):
+        assert (other - base).abs().max() > 1e-5
+
+
 def test_small_preset_runs_on_fashion_mnist_size():
     net = build("unet-small", in_channels=1, input_size=28, num_classes=10)
     z = torch.randn(2, 1, 28, 28)
@@ -105,3 +124,107 @@ def test_registry_builds_presets_for_the_data():
     net = build_model_for_data("unet-small", (1, 28, 28), 10, {})
     z = torch.randn(2, 1, 28, 28)
     assert net(z, torch.rand(2), torch.rand(2), torch.tensor([3, 10])).shape == z.shape
+
+
+# ---- the augmentation label (EDM's map_augment) ----------------------------------------------
+
+def test_augment_dim_zero_keeps_the_parameter_count():
+    """augment_dim = 0 (the default) adds nothing; augment_dim = 9 adds one bias-free 9 -> 512
+    map."""
+    counts = {}
+    for dim in (None, 0, 9):
+        kw = {} if dim is None else {"augment_dim": dim}
+        with torch.device("meta"):
+            net = build("unet-cifar10", in_channels=3, input_size=32, num_classes=None, **kw)
+        counts[dim] = sum(p.numel() for p in net.parameters())
+    assert counts[0] == counts[None]
+    assert counts[9] == counts[0] + 9 * 512
+    assert net.aug_embed.bias is None
+
+
+def test_aug_none_equals_zero_labels_and_a_label_changes_the_output():
+    net = tiny_unet(augment_dim=9)
+    g = torch.Generator().manual_seed(4)
+    z = torch.randn(3, 3, 8, 8, dtype=torch.float64, generator=g)
+    t = torch.rand(3, dtype=torch.float64, generator=g)
+    h = t * 0.5
+    y = torch.tensor([0, 2, 5])
+    plain = net(z, t, h, y)
+    assert plain.abs().max() > 0
+    torch.testing.assert_close(net(z, t, h, y, aug=torch.zeros(3, 9, dtype=torch.float64)),
+                               plain, rtol=0, atol=0)
+    aug = torch.zeros(3, 9, dtype=torch.float64)
+    aug[1, 3], aug[1, 4] = -0.5, 0.8
+    out = net(z, t, h, y, aug=aug)
+    assert torch.equal(out[[0, 2]], plain[[0, 2]])          # rows with a zero label unchanged
+    assert (out[1] - plain[1]).abs().max() > 1e-3
+    # float32 labels (EDMAugment on float32 images) work with a float64 net
+    torch.testing.assert_close(net(z, t, h, y, aug=aug.float()), out, rtol=1e-6, atol=1e-7)
+
+
+def test_fresh_augmented_model_starts_at_zero_and_feeds_the_label_to_every_block():
+    """Fresh: output 0 whatever the label (zero-init output); after perturbing the zero-init
+    output layers, the label changes the output."""
+    torch.manual_seed(0)
+    net = build(**TINY, augment_dim=9)
+    z, t = torch.randn(2, 3, 8, 8), torch.rand(2)
+    aug = torch.randn(2, 9)
+    assert torch.count_nonzero(net(z, t, t * 0, aug=aug)) == 0
+    assert net.aug_embed.weight.abs().sum() > 0              # xavier, not zero
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, torch.nn.Conv2d) and not module.weight.any():
+                module.weight.normal_(0.0, 0.1)
+    assert (net(z, t, t * 0, aug=aug) - net(z, t, t * 0)).abs().max() > 1e-4
+
+
+def test_augmentation_label_errors():
+    net = build(**TINY)
+    z, t = torch.randn(2, 3, 8, 8), torch.rand(2)
+    with pytest.raises(ConfigError, match="augment_dim=0.*aug=None"):
+        net(z, t, t, aug=torch.zeros(2, 9))
+    net = build(**TINY, augment_dim=9)
+    with pytest.raises(ConfigError, match=r"shape \(2, 4\).*\(2, 9\)"):
+        net(z, t, t, aug=torch.zeros(2, 4))
+    for value in (-1, 2.0, True, None):
+        with pytest.raises(ConfigError, match="augment_dim"):
+            build(**TINY, augment_dim=value)
+
+
+@pytest.mark.parametrize("strategy", JVP_STRATEGIES)
+def test_dudt_with_augment_labels_equals_finite_differences(strategy, assert_dudt_matches_fd):
+    """With a fixed augmentation label (a constant, not differentiated) every strategy's du/dt
+    still equals a float64 central difference; a different label gives another du/dt."""
+    net = tiny_unet(augment_dim=9)
+    aug = torch.randn(2, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+
+    def with_label(z, t, h, y=None):
+        return net(z, t, h, y, aug=aug)
+
+    assert_dudt_matches_fd(with_label, strategy)
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=g)
+    v = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=g)
+    t = torch.tensor([0.7, 0.4], dtype=torch.float64)
+    r = torch.tensor([0.2, 0.35], dtype=torch.float64)
+    y = torch.tensor([1, 5])
+    labelled = time_derivative(with_label, z, r, t, v, y, strategy=strategy)
+    plain = time_derivative(net, z, r, t, v, y, strategy=strategy)
+    assert (labelled - plain).abs().max() > 1e-4
+
+
+def test_func_jvp_treats_the_label_as_a_constant():
+    """torch.func.jvp through (z, t) with aug closed over equals the same JVP with aug passed
+    as a primal with a zero tangent."""
+    net = tiny_unet(augment_dim=9)
+    g = torch.Generator().manual_seed(6)
+    z = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=g)
+    v = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=g)
+    t = torch.tensor([0.6, 0.9], dtype=torch.float64)
+    h = torch.tensor([0.1, 0.5], dtype=torch.float64)
+    aug = torch.randn(2, 9, dtype=torch.float64, generator=g)
+    _, closed = torch.func.jvp(lambda z_, t_: net(z_, t_, h, aug=aug), (z, t),
+                               (v, torch.ones_like(t)))
+    _, explicit = torch.func.jvp(lambda z_, t_, a_: net(z_, t_, h, aug=a_), (z, t, aug),
+                                 (v, torch.ones_like(t), torch.zeros_like(aug)))
+    torch.testing.assert_close(closed, explicit, rtol=1e-12, atol=1e-12)

@@ -2,7 +2,9 @@
 
 The training loop seeds a :class:`torch.Generator` per step and asks the dataset for a batch,
 so resuming a run reproduces its batches exactly. :func:`build_dataset` turns a name (one of
-:data:`TOY_DATASETS`) or a ``.npy``/``.npz``/``.csv`` path into a :class:`BatchSource`.
+:data:`TOY_DATASETS`, ``fashion-mnist``, ``cifar10``), a folder of images or a
+``.npy``/``.npz``/``.csv`` path into a :class:`BatchSource`. :class:`EDMAugment` is the
+EDM-style geometric augmentation whose label the U-Net takes as a condition.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from meanflow.data.augment import EDMAugment
+from meanflow.data.arrays import ArraySamples, npz_sample_kind
+from meanflow.data.folder import FolderImages, load_image_folder
 from meanflow.data.images import FASHION_MNIST_ROOT, ImageArray
 from meanflow.data.points import POINT_FILE_SUFFIXES, PointCloud
 from meanflow.data.toy import Checkerboard, EightGaussians, Spirals, TwoMoons
@@ -21,6 +26,8 @@ from meanflow.errors import ConfigError
 
 __all__ = [
     "ImageArray", "FASHION_MNIST_ROOT",
+    "FolderImages", "load_image_folder", "ArraySamples",
+    "EDMAugment",
     "BatchSource",
     "TOY_DATASETS",
     "build_dataset",
@@ -64,17 +71,27 @@ _TOY_REGISTRY: dict[str, type] = {
 #: Names of the built-in 2-D toy datasets accepted by :func:`build_dataset`.
 TOY_DATASETS: tuple[str, ...] = tuple(_TOY_REGISTRY)
 
+# Every name build_dataset accepts (for error messages).
+_NAMES: tuple[str, ...] = (*TOY_DATASETS, "fashion-mnist", "cifar10")
+
 
 def build_dataset(name_or_path: str | os.PathLike[str], **kwargs: Any) -> BatchSource:
-    """Build a batch source from a toy dataset name or a point file path.
+    """Build a batch source from a dataset name, an image folder or a point file path.
 
     Args:
         name_or_path: one of :data:`TOY_DATASETS` (case-insensitive), ``fashion-mnist``
             (IDX files of the Debian package dataset-fashion-mnist), ``cifar10`` (with
-            ``root=`` its cifar-10-batches-py folder), or a path ending in
-            ``.npy``, ``.npz`` or ``.csv`` (read by :meth:`PointCloud.from_file`).
-        **kwargs: constructor options of the toy class (e.g. ``std=0.3`` for ``8gaussians``)
-            or ``labels=...`` for a point file.
+            ``root=`` its cifar-10-batches-py folder), the path of an existing folder of
+            .png/.jpg/.jpeg images (read by :func:`load_image_folder`; class sub-folders give
+            labels), or a path ending in ``.npy``, ``.npz`` or ``.csv``. A ``.npz`` whose
+            ``x`` is uint8 (N, H, W[, C]) is read as images (:meth:`ImageArray.from_npz`), one
+            whose ``x`` is real with 3 or more dimensions as samples of that shape, e.g.
+            latents (:class:`ArraySamples`); anything else as points
+            (:meth:`PointCloud.from_file`). Names are matched before paths: write ``./moons``
+            for a folder called ``moons``.
+        **kwargs: constructor options of the toy class (e.g. ``std=0.3`` for ``8gaussians``),
+            ``labels=...`` for a point file, or ``resolution``, ``channels`` and ``hflip``
+            for an image folder.
 
     Returns:
         The dataset, following :class:`BatchSource`.
@@ -86,7 +103,8 @@ def build_dataset(name_or_path: str | os.PathLike[str], **kwargs: Any) -> BatchS
     text = os.fspath(name_or_path) if isinstance(name_or_path, os.PathLike) else name_or_path
     if not isinstance(text, str):
         raise ConfigError(f"dataset must be a name or path string, got {text!r}: "
-                          f"choose one of {', '.join(TOY_DATASETS)}, or give a .npy/.npz/.csv path")
+                          f"choose one of {', '.join(_NAMES)}, or give an image folder or a "
+                          ".npy/.npz/.csv path")
     key = text.strip().lower()
     if key in _TOY_REGISTRY:
         cls = _TOY_REGISTRY[key]
@@ -101,11 +119,22 @@ def build_dataset(name_or_path: str | os.PathLike[str], **kwargs: Any) -> BatchS
     if key == "fashion-mnist":
         _check_options(key, ImageArray.fashion_mnist, kwargs)
         return ImageArray.fashion_mnist(**kwargs)
+    if os.path.isdir(text):
+        _check_options(text, load_image_folder, kwargs)
+        return load_image_folder(text, **kwargs)
+    if key.endswith(".npz") and os.path.isfile(text):
+        kind = npz_sample_kind(text)
+        if kind == "images":     # uint8 (N, H, W[, C]) pictures -> [-1, 1]
+            _check_options(text, ImageArray.from_npz, kwargs)
+            return ImageArray.from_npz(text, **kwargs)
+        if kind == "arrays":     # real (N, C, H, W, ...) samples such as latents, as stored
+            _check_options(text, ArraySamples.from_npz, kwargs)
+            return ArraySamples.from_npz(text, **kwargs)
     if key.endswith(POINT_FILE_SUFFIXES):
         _check_options(text, PointCloud.from_file, kwargs)
         return PointCloud.from_file(text, **kwargs)
-    raise ConfigError(f"unknown dataset {text!r}: choose one of {', '.join(TOY_DATASETS)}, "
-                      "or give a .npy/.npz/.csv path")
+    raise ConfigError(f"unknown dataset {text!r}: choose one of {', '.join(_NAMES)}, "
+                      "or give an existing image folder or a .npy/.npz/.csv path")
 
 
 def _check_options(name: str, target: Any, kwargs: dict[str, Any]) -> None:

@@ -6,14 +6,19 @@ one self-attention per block at the resolutions in ``attn_resolutions``; residua
 (2x2 average pool) and up-sampling (nearest) blocks between levels; decoder blocks concatenate the
 encoder's skips. t and h have separate embedders whose outputs are concatenated and projected to
 ``emb_dim`` (SPEC: "concatenated for the U-Net"); the label embedding (null class =
-``num_classes``) is added. Named sizes: ``unet-cifar10`` (the paper's) and ``unet-small`` (CPU).
+``num_classes``) is added, and so is a bias-free linear map of the augmentation label when
+``augment_dim > 0`` (EDM's ``map_augment``; :class:`meanflow.data.EDMAugment` makes the label,
+zero = no augmentation, which is what sampling uses). Named sizes: ``unet-cifar10`` (the
+paper's) and ``unet-small`` (CPU).
 
-GroupNorm has no affine inside ``F.group_norm`` (an affine norm inside a compiled
-``torch.func.jvp`` hits an internal assert, JVP-NOTES); the learned per-channel scale and shift
-are separate parameters applied afterwards. The last conv of every residual block, the attention
-output projections and the output conv start at zero, so a fresh model outputs 0.
+GroupNorm uses at most 32 groups of at least 4 channels (EDM's rule). It has no affine inside
+``F.group_norm`` (an affine norm inside a compiled ``torch.func.jvp`` hits an internal assert,
+JVP-NOTES); the learned per-channel scale and shift are separate parameters applied afterwards.
+The last conv of every residual block, the attention output projections and the output conv
+start at zero, so a fresh model outputs 0.
 
-Contract: ``net(z, t, h, y=None)`` with z (B, C, H, W) and t, h (B,); output (B, C, H, W).
+Contract: ``net(z, t, h, y=None, aug=None)`` with z (B, C, H, W), t, h (B,) and aug
+(B, augment_dim); output (B, C, H, W).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from meanflow.errors import ConfigError
 from meanflow.models.attention import Attention
 from meanflow.models.checks import check_common
 from meanflow.models.embeddings import LabelEmbedder, TimeEmbedder, init_embedders
-from meanflow.models.layers import Linear
+from meanflow.models.layers import Conv2d, Linear
 
 __all__ = ["UNetConfig", "UNet", "UNET_PRESETS"]
 
@@ -59,10 +64,15 @@ class UNetConfig:
     dropout: float = 0.2
     heads: int = 1
     attention: str = "auto"         # "auto": fused when possible; "math": always explicit
+    augment_dim: int = 0            # width of the augmentation label (EDMAugment: 9); 0 = none
 
     def __post_init__(self) -> None:
         check_common(self, ("in_channels", "input_size", "channels", "blocks_per_res",
                             "emb_dim", "heads"))
+        if isinstance(self.augment_dim, bool) or not isinstance(self.augment_dim, int) \
+                or self.augment_dim < 0:
+            raise ConfigError(f"model augment_dim={self.augment_dim!r} must be a non-negative "
+                              "integer (9 for EDM augmentation labels, 0 for none)")
         for name in ("channel_mult", "attn_resolutions"):
             value = getattr(self, name)
             if not isinstance(value, (list, tuple)) or not all(
@@ -85,8 +95,15 @@ class UNetConfig:
 
 
 def _groups(channels: int) -> int:
-    """The largest group count <= 32 that divides ``channels``."""
-    return max(g for g in range(1, min(32, channels) + 1) if channels % g == 0)
+    """EDM's group count: at most 32 groups of at least 4 channels (the largest such count
+    that divides ``channels``; 1 for fewer than 8 channels).
+
+    A group needs several channels: the per-channel embedding is added just before a GroupNorm,
+    which would cancel it entirely with one channel per group (a 32-channel level with 32
+    groups would ignore t, h, the label and the augmentation label).
+    """
+    cap = max(1, min(32, channels // 4))
+    return max(g for g in range(1, cap + 1) if channels % g == 0)
 
 
 class GroupNorm(nn.Module):
@@ -123,11 +140,11 @@ class ResBlock(nn.Module):
         super().__init__()
         self.resample, self.dropout = resample, dropout
         self.norm0 = GroupNorm(cin)
-        self.conv0 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.conv0 = Conv2d(cin, cout, 3, padding=1)
         self.emb = Linear(emb_dim, cout)
         self.norm1 = GroupNorm(cout)
-        self.conv1 = nn.Conv2d(cout, cout, 3, padding=1)
-        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout or resample else None
+        self.conv1 = Conv2d(cout, cout, 3, padding=1)
+        self.skip = Conv2d(cin, cout, 1) if cin != cout or resample else None
         self.attn = Attention(cout, heads, mode) if attn else None
         self.norm2 = GroupNorm(cout) if attn else None
 
@@ -168,8 +185,10 @@ class UNet(nn.Module):
         self.emb_proj = Linear(2 * E, E)                   # concatenated t and h -> emb_dim
         if cfg.num_classes is not None:
             self.y_embed = LabelEmbedder(cfg.num_classes, E)
+        if cfg.augment_dim > 0:                            # augmentation label -> emb_dim
+            self.aug_embed = Linear(cfg.augment_dim, E, bias=False)
 
-        self.conv_in = nn.Conv2d(cfg.in_channels, C0, 3, padding=1)
+        self.conv_in = Conv2d(cfg.in_channels, C0, 3, padding=1)
         self.encoder = nn.ModuleList()
         skips, cin, res = [C0], C0, cfg.input_size
         for level, mult in enumerate(cfg.channel_mult):
@@ -196,14 +215,15 @@ class UNet(nn.Module):
                 cin = cout
         assert not skips
         self.norm_out = GroupNorm(cin)
-        self.conv_out = nn.Conv2d(cin, cfg.in_channels, 3, padding=1)
+        self.conv_out = Conv2d(cin, cfg.in_channels, 3, padding=1)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Conv2d)):
                 nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
         init_embedders(self.t_embed, self.h_embed, getattr(self, "y_embed", None))
         # Every residual branch and attention output starts at zero, and so does the output.
         zero = [self.conv_out]
@@ -216,16 +236,30 @@ class UNet(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def forward(self, z: Tensor, t: Tensor, h: Tensor, y: Tensor | None = None) -> Tensor:
+    def forward(self, z: Tensor, t: Tensor, h: Tensor, y: Tensor | None = None,
+                aug: Tensor | None = None) -> Tensor:
+        """u(z, r, t) for h = t - r. ``aug`` (B, augment_dim) is the augmentation label;
+        ``None`` means no augmentation (zeros), which is what sampling uses."""
         B, C, H, W = z.shape
         if (C, H, W) != (self.cfg.in_channels, self.cfg.input_size, self.cfg.input_size):
             raise ConfigError(f"U-Net built for {self.cfg.in_channels}×{self.cfg.input_size}×"
                               f"{self.cfg.input_size} inputs got {C}×{H}×{W}")
+        A = self.cfg.augment_dim
+        if aug is not None:
+            if A == 0:
+                raise ConfigError("this U-Net takes no augmentation label (augment_dim=0): "
+                                  "build it with augment_dim=9 for EDM augmentation, or pass "
+                                  "aug=None")
+            if aug.shape != (B, A):
+                raise ConfigError(f"augmentation label has shape {tuple(aug.shape)}, the "
+                                  f"U-Net needs ({B}, {A}): one augment_dim-wide row per sample")
         emb = self.emb_proj(torch.cat([self.t_embed(t), self.h_embed(h)], dim=1))  # (B, E)
         if self.cfg.num_classes is not None:
             if y is None:
                 y = torch.full((B,), self.cfg.num_classes, device=z.device, dtype=torch.long)
             emb = emb + self.y_embed(y)
+        if A > 0 and aug is not None:   # aug = None is the zero label: aug_embed(0) = 0
+            emb = emb + self.aug_embed(aug.to(emb.dtype))
         emb = F.silu(emb)                                              # (B, E)
         x = self.conv_in(z)                                            # (B, C0, H, W)
         skips = [x]

@@ -80,8 +80,16 @@ def _jvp_forward_ad(f: Callable, z: Tensor, r: Tensor, t: Tensor,
     return u, dudt
 
 
+def _jvp_precision(device: torch.device, keep_autocast: bool) -> contextlib.AbstractContextManager:
+    """Inside an enclosing autocast, leaves it on (``keep_autocast``) or turns it off, so that
+    the JVP runs in fp32 (SPEC §4: keep the JVP fp32 unless bf16 is measured as good)."""
+    if keep_autocast or not torch.is_autocast_enabled(device.type):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, enabled=False)
+
+
 def u_and_dudt(net: Net, z: Tensor, r: Tensor, t: Tensor, v: Tensor, y: Tensor | None = None,
-               strategy: str = "split") -> tuple[Tensor, Tensor]:
+               strategy: str = "split", jvp_autocast: bool = False) -> tuple[Tensor, Tensor]:
     """Average velocity and its total time derivative.
 
     Args:
@@ -90,6 +98,9 @@ def u_and_dudt(net: Net, z: Tensor, r: Tensor, t: Tensor, v: Tensor, y: Tensor |
         r, t: (B,) times with r <= t.
         y: optional (B,) labels passed through to ``net``.
         strategy: one of ``JVP_STRATEGIES``.
+        jvp_autocast: under an enclosing ``torch.autocast``, run the JVP in autocast too. By
+            default it runs in fp32 with autocast off; the split strategies still run the grad
+            pass under autocast, the joint ones (one pass for both) then run entirely in fp32.
 
     Returns:
         ``(u, dudt)``, both (B, *S): u = net(z, t, t - r, y) carries the autograd graph when grad
@@ -99,11 +110,12 @@ def u_and_dudt(net: Net, z: Tensor, r: Tensor, t: Tensor, v: Tensor, y: Tensor |
     f = _fn(net, y)
     if strategy in ("func", "forward_ad"):
         jvp = _jvp_func if strategy == "func" else _jvp_forward_ad
-        u, dudt = jvp(f, z, r, t, v)
+        with _jvp_precision(z.device, jvp_autocast):
+            u, dudt = jvp(f, z, r, t, v)
         return u, dudt.detach()
     jvp = _jvp_func if strategy == "split_func" else _jvp_forward_ad
     with _same_rng(z.device) as rewind:
-        with torch.no_grad():
+        with torch.no_grad(), _jvp_precision(z.device, jvp_autocast):
             _, dudt = jvp(f, z, r, t, v)
         rewind()
         u = f(z, r, t)

@@ -139,6 +139,7 @@ class MeanFlowLoss:
         label_drop       = 0.1             # class dropout to the null class
         num_classes      = None            # None: unconditional; null class index = num_classes
         jvp              = "split"         # see meanflow.objective.jvp
+        jvp_precision    = "fp32"          # under autocast: JVP in fp32, or "amp" (bf16 too)
 
     ``stats`` holds detached scalars: ``loss`` (weighted), ``mse`` (mean raw ||Δ||²),
     ``u_minus_v`` (mean ||u_θ - v||² against the plain conditional velocity, comparable with a
@@ -151,7 +152,8 @@ class MeanFlowLoss:
                  fraction_r_neq_t: float = 0.25, p: float = 1.0, c: float = 1e-3,
                  omega: float = 1.0, kappa: float = 0.0,
                  t_interval: tuple[float, float] = (0.0, 1.0), label_drop: float = 0.1,
-                 num_classes: int | None = None, jvp: str = "split") -> None:
+                 num_classes: int | None = None, jvp: str = "split",
+                 jvp_precision: str = "fp32") -> None:
         self.sampler = TimeSampler(kind=time_sampler, mu=mu, sigma=sigma, mu_r=mu_r,
                                    sigma_r=sigma_r, fraction_r_neq_t=fraction_r_neq_t)
         if not (math.isfinite(p) and p >= 0):
@@ -177,6 +179,10 @@ class MeanFlowLoss:
             raise ConfigError(f"t_interval={tuple(t_interval)!r} must satisfy "
                               "0 <= t_min <= t_max <= 1")
         check_strategy(jvp)
+        if jvp_precision not in ("fp32", "amp"):
+            raise ConfigError(f"jvp_precision={jvp_precision!r}: choose fp32 (JVP outside "
+                              "autocast) or amp (JVP inside it)")
+        self.jvp_autocast = jvp_precision == "amp"
         self.p, self.c = float(p), float(c)
         self.omega, self.kappa = float(omega), float(kappa)
         self.t_interval = (t_min, t_max)
@@ -230,7 +236,7 @@ class MeanFlowLoss:
             v_tilde = guided_velocity(net, z, t, v, y, self.num_classes, self.omega,
                                       self.kappa, apply)
 
-        u, dudt = u_and_dudt(net, z, r, t, v_tilde, y, self.jvp)
+        u, dudt = u_and_dudt(net, z, r, t, v_tilde, y, self.jvp, self.jvp_autocast)
         check_output(u, z)
         u_tgt = (v_tilde - expand_like(t - r, x) * dudt).detach()
         err = (u - u_tgt).pow(2).flatten(1).sum(1)                      # (B,)

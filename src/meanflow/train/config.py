@@ -21,9 +21,11 @@ from meanflow.objective.jvp import JVP_STRATEGIES
 from meanflow.objective.time_sampler import TIME_SAMPLERS
 
 __all__ = ["ModelConfig", "DataConfig", "ObjectiveConfig", "OptimConfig", "TrainConfig",
-           "RunConfig", "load_config", "apply_overrides", "OBJECTIVES"]
+           "RunConfig", "load_config", "apply_overrides", "OBJECTIVES", "AMP_MODES"]
 
 OBJECTIVES = ("meanflow", "flow_matching")
+AMP_MODES = ("none", "bf16")
+JVP_PRECISIONS = ("fp32", "amp")
 
 
 @dataclass
@@ -37,6 +39,8 @@ class DataConfig:
     name: str = "8gaussians"      # toy name, or the path of a .npy/.npz/.csv file
     class_conditional: bool = False  # feed labels (mixture component / file labels) to the net
     options: dict[str, Any] = field(default_factory=dict)  # dataset keyword arguments
+    augment: float = 0.0          # EDM augmentation probability p (images; 0 = off); its
+                                  # 9-number label conditions the net (U-Net augment_dim)
 
 
 @dataclass
@@ -55,6 +59,8 @@ class ObjectiveConfig:
     t_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])
     label_drop: float = 0.1       # class dropout to the null class (class-conditional only)
     jvp: str = "split"            # du/dt strategy (meanflow.objective.jvp)
+    jvp_precision: str = "fp32"   # under train.amp: "fp32" keeps the JVP pass out of autocast,
+                                  # "amp" runs it in bf16 too (split strategies only)
 
 
 @dataclass
@@ -68,8 +74,13 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 2000
-    batch_size: int = 256
+    steps: int = 2000             # training length in optimiser steps, unless one of:
+    epochs: float | None = None   #   passes over the dataset (finite datasets), or
+    images: int | None = None     #   training images seen; either one overrides steps
+    batch_size: int = 256         # global batch per optimiser step
+    grad_accumulation: int = 1    # micro-batches per step (batch_size must divide evenly)
+    amp: str = "none"             # "bf16": autocast the network (the JVP: objective.jvp_precision)
+    compile: bool = False         # torch.compile the network; du/dt is checked against eager
     seed: int = 0
     ema_decays: list[float] = field(default_factory=lambda: [0.999])
     log_every: int = 50           # lines appended to metrics.jsonl
@@ -77,6 +88,10 @@ class TrainConfig:
     keep_checkpoints: int = 2     # newest periodic checkpoints kept (0 keeps all)
     device: str = "auto"          # "auto" picks CUDA when available
     progress: bool = True         # tqdm bar
+    sample_every: int = 0         # PNG of samples from fixed seeds every N steps (0: at the end)
+    sample_count: int = 64        # samples in each PNG
+    sample_steps: list[int] = field(default_factory=lambda: [1, 2])  # NFEs drawn each time
+    tensorboard: bool = False     # also log to run_dir/tensorboard (needs `tensorboard`)
 
 
 @dataclass
@@ -254,7 +269,32 @@ def _validate(cfg: RunConfig) -> None:
     if opt.grad_clip is not None:
         _number("optim.grad_clip", opt.grad_clip, lo=0, lo_open=True)
     _number("train.steps", tr.steps, lo=1, integer=True)
+    if tr.epochs is not None and tr.images is not None:
+        raise ConfigError("give the training length once: train.epochs or train.images "
+                          "(or neither, to use train.steps), not both")
+    if tr.epochs is not None:
+        _number("train.epochs", tr.epochs, lo=0, lo_open=True)
+    if tr.images is not None:
+        _number("train.images", tr.images, lo=1, integer=True)
     _number("train.batch_size", tr.batch_size, lo=1, integer=True)
+    _number("train.grad_accumulation", tr.grad_accumulation, lo=1, integer=True)
+    if tr.batch_size % tr.grad_accumulation:
+        raise ConfigError(f"train.batch_size={tr.batch_size} is not divisible by "
+                          f"train.grad_accumulation={tr.grad_accumulation}: the global batch "
+                          "is split into equal micro-batches")
+    _choice("train.amp", tr.amp, AMP_MODES)
+    _choice("objective.jvp_precision", o.jvp_precision, JVP_PRECISIONS)
+    if not isinstance(tr.compile, bool):
+        raise ConfigError("train.compile must be true or false")
+    if not isinstance(tr.tensorboard, bool):
+        raise ConfigError("train.tensorboard must be true or false")
+    _number("train.sample_every", tr.sample_every, lo=0, integer=True)
+    _number("train.sample_count", tr.sample_count, lo=0, integer=True)
+    if (not isinstance(tr.sample_steps, (list, tuple)) or not tr.sample_steps or not all(
+            isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in tr.sample_steps)):
+        raise ConfigError(f"train.sample_steps={tr.sample_steps!r} must be a list of positive "
+                          "step counts, e.g. [1, 2]")
+    _number("data.augment", cfg.data.augment, lo=0, hi=1)
     _number("train.seed", tr.seed, lo=0, integer=True)
     _number("train.log_every", tr.log_every, lo=1, integer=True)
     _number("train.checkpoint_every", tr.checkpoint_every, lo=1, integer=True)

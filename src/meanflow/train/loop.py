@@ -10,6 +10,7 @@ each step. Resuming from a checkpoint therefore continues exactly where the run 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -33,12 +34,13 @@ from meanflow.train.config import RunConfig
 from meanflow.train.ema import EMA
 
 __all__ = ["train", "check_config", "new_run_dir", "build_loss", "step_seed", "resolve_device",
-           "load_model", "LoadedModel",
-           "prepare_run_dir"]
+           "load_model", "LoadedModel", "prepare_run_dir", "total_steps", "check_compiled",
+           "WithAugmentLabels"]
 
 # Settings that may change between a run and its resumption; anything else must match.
-RESUMABLE_KEYS = {("train", "steps"), ("train", "log_every"), ("train", "checkpoint_every"),
-                  ("train", "keep_checkpoints"), ("train", "device"), ("train", "progress")}
+RESUMABLE_KEYS = {("train", k) for k in (
+    "steps", "epochs", "images", "log_every", "checkpoint_every", "keep_checkpoints", "device",
+    "progress", "compile", "sample_every", "sample_count", "sample_steps", "tensorboard")}
 MAX_NONFINITE_IN_A_ROW = 10
 
 
@@ -73,7 +75,8 @@ def build_loss(cfg: RunConfig, num_classes: int | None) -> Callable:
     return MeanFlowLoss(time_sampler=o.time_sampler, mu=o.mu, sigma=o.sigma, mu_r=o.mu_r,
                         sigma_r=o.sigma_r, fraction_r_neq_t=o.fraction_r_neq_t, p=o.p, c=o.c,
                         omega=o.omega, kappa=o.kappa, t_interval=tuple(o.t_interval),
-                        label_drop=o.label_drop, num_classes=num_classes, jvp=o.jvp)
+                        label_drop=o.label_drop, num_classes=num_classes, jvp=o.jvp,
+                        jvp_precision=o.jvp_precision)
 
 
 def _differences(a: dict, b: dict, prefix: tuple = ()) -> list[tuple]:
@@ -167,6 +170,45 @@ def _save(run_dir: Path, step: int, model: nn.Module, ema: EMA, opt: torch.optim
     return path
 
 
+def total_steps(cfg: RunConfig, ds: BatchSource) -> int:
+    """Optimiser steps of the run: from ``train.images`` or ``train.epochs`` when given (rounded
+    up to whole steps of ``batch_size`` images), else ``train.steps``."""
+    tr = cfg.train
+    if tr.images is not None:
+        return max(1, math.ceil(tr.images / tr.batch_size))
+    if tr.epochs is not None:
+        if not hasattr(ds, "__len__"):
+            raise ConfigError(f"train.epochs needs a dataset of finite size; {cfg.data.name!r} "
+                              "is drawn without end: give train.steps or train.images")
+        return max(1, math.ceil(tr.epochs * len(ds) / tr.batch_size))
+    return tr.steps
+
+
+def _model_options(cfg: RunConfig, shape: tuple[int, ...]) -> dict[str, Any]:
+    """The backbone's options, plus ``augment_dim`` when EDM augmentation is on."""
+    options = dict(cfg.model.options)
+    if cfg.data.augment > 0:
+        from meanflow.data.augment import EDMAugment
+        if len(shape) != 3:
+            raise ConfigError(f"data.augment is for images (C, H, W); {cfg.data.name!r} has "
+                              f"samples of shape {shape}: set data.augment=0")
+        if not cfg.model.name.startswith("unet"):
+            raise ConfigError(f"data.augment feeds the augmentation label to the network, and "
+                              f"only unet-* backbones take it (model {cfg.model.name!r}): set "
+                              "data.augment=0 or use a U-Net")
+        options["augment_dim"] = EDMAugment.label_dim
+    return options
+
+
+def _tensorboard_writer(run_dir: Path | None):  # noqa: ANN202 (SummaryWriter is optional)
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError("train.tensorboard needs the tensorboard package: pip install "
+                          "tensorboard, or set train.tensorboard=false") from None
+    return None if run_dir is None else SummaryWriter(str(run_dir / "tensorboard"))
+
+
 def check_config(cfg: RunConfig) -> None:
     """Everything ``train`` checks before it writes anything: values, data, model and loss.
 
@@ -179,9 +221,103 @@ def check_config(cfg: RunConfig) -> None:
     if cfg.data.class_conditional and num_classes is None:
         raise ConfigError(f"data.class_conditional is true but {cfg.data.name!r} has no "
                           "labels: give labelled data or set it to false")
+    total_steps(cfg, ds)
     with torch.device("meta"):
-        build_model_for_data(cfg.model.name, tuple(ds.shape), num_classes, cfg.model.options)
+        build_model_for_data(cfg.model.name, tuple(ds.shape), num_classes,
+                             _model_options(cfg, tuple(ds.shape)))
     build_loss(cfg, num_classes)
+    if cfg.train.tensorboard:
+        _tensorboard_writer(None)
+
+
+class WithAugmentLabels:
+    """``net(z, t, h, y)`` -> ``model(z, t, h, y, aug=labels)``: hands the EDM augmentation label
+    of each sample to the network inside the loss. Batches that the loss doubles (guidance)
+    get the labels repeated."""
+
+    def __init__(self, model: Callable[..., Tensor], labels: Tensor) -> None:
+        self.model, self.labels = model, labels
+
+    def __call__(self, z: Tensor, t: Tensor, h: Tensor, y: Tensor | None = None) -> Tensor:
+        labels = self.labels
+        if z.shape[0] != labels.shape[0]:
+            labels = labels.repeat(z.shape[0] // labels.shape[0], 1)
+        return self.model(z, t, h, y, aug=labels)
+
+
+def _compile(model: nn.Module) -> Callable[..., Tensor]:
+    return torch.compile(model)
+
+
+def check_compiled(eager: nn.Module, compiled: Callable[..., Tensor], loss_fn: Callable,
+                   x: Tensor, y: Tensor | None, rtol: float = 1e-3) -> float:
+    """Compares the compiled network's output and du/dt with eager ones on one batch.
+
+    JVP-NOTES: compiled code can drop tangents silently (a custom ``autograd.Function``'s jvp,
+    dual tensors passed into a compiled function). Returns the larger relative error, and raises
+    ConfigError when it exceeds ``rtol``.
+    """
+    from meanflow.objective.jvp import time_derivative
+    gen = torch.Generator(x.device).manual_seed(12345)
+    B = x.shape[0]
+    t = torch.rand(B, device=x.device, generator=gen) * 0.8 + 0.1
+    r = t * torch.rand(B, device=x.device, generator=gen)
+    e = torch.randn(x.shape, device=x.device, generator=gen)
+    tt = t.reshape(-1, *[1] * (x.ndim - 1))
+    z, v = (1 - tt) * x + tt * e, e - x
+    strategy = getattr(loss_fn, "jvp", "split")
+    was_training = eager.training
+    eager.eval()  # no dropout: the two runs must be comparable
+    try:
+        errors = {}
+        with torch.no_grad():
+            ref_u = eager(z, t, t - r, y)
+            errors["u"] = float((compiled(z, t, t - r, y) - ref_u).norm()
+                                / ref_u.norm().clamp_min(1e-12))
+        if isinstance(loss_fn, MeanFlowLoss):
+            ref = time_derivative(eager, z, r, t, v, y, strategy=strategy)
+            got = time_derivative(compiled, z, r, t, v, y, strategy=strategy)
+            errors["du/dt"] = float((got - ref).norm() / ref.norm().clamp_min(1e-12))
+    except Exception as exc:  # noqa: BLE001 (any compiler failure becomes one clear line)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ConfigError(f"train.compile: the compiled network failed its start-up check "
+                          f"({type(exc).__name__}: {first}); set train.compile=false or try "
+                          "another objective.jvp") from None
+    finally:
+        eager.train(was_training)
+    worst = max(errors, key=errors.get)
+    if not errors[worst] <= rtol:  # also catches NaN
+        raise ConfigError(f"train.compile changed {worst} by {errors[worst]:.2e} (relative) "
+                          f"against eager with objective.jvp={strategy}: the compiled JVP is "
+                          "wrong; set train.compile=false or try another objective.jvp")
+    return errors[worst]
+
+
+def _sample_pngs(run_dir: Path, step: int, sampler_net: nn.Module, ema: EMA, cfg: RunConfig,
+                 shape: tuple[int, ...], num_classes: int | None, device: torch.device,
+                 writer: Any) -> None:
+    """PNGs of samples from fixed seeds with the first EMA's weights, one per NFE."""
+    from meanflow.sampling import sample_seeded
+    from meanflow.viz import save_samples_png
+    if len(shape) != 3 and math.prod(shape) != 2:
+        return  # neither images nor 2-D points: nothing to draw
+    sampler_net.load_state_dict(ema.shadows[EMA.key(ema.decays[0])])
+    n = cfg.train.sample_count
+    y = None if num_classes is None else torch.arange(n) % num_classes
+    method = "euler" if cfg.objective.kind == "flow_matching" else "meanflow"
+    for k in cfg.train.sample_steps:
+        x = sample_seeded(sampler_net, range(n), shape, steps=k, y=y, method=method,
+                          batch_size=256, device=device)
+        path = run_dir / "samples" / f"step_{step:07d}-nfe{k}.png"
+        title = f"{method}, {k} step(s), EMA {ema.decays[0]:g}, step {step}"
+        # a class-conditional image grid gets one class per column
+        nrow = num_classes if (num_classes and len(shape) == 3 and num_classes <= 16) else None
+        save_samples_png(x, path, labels=y, title=title, nrow=nrow)
+        if writer is not None and len(shape) == 3:
+            from meanflow.viz import image_grid
+            grid = torch.from_numpy(image_grid(x, nrow))
+            grid = grid[None] if grid.ndim == 2 else grid.permute(2, 0, 1)
+            writer.add_image(f"samples/nfe{k}", grid, step)
 
 
 def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False,
@@ -198,17 +334,26 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False,
     if cfg.data.class_conditional and num_classes is None:
         raise ConfigError(f"data.class_conditional is true but {cfg.data.name!r} has no "
                           "labels: give labelled data or set it to false")
-    data_info = {"shape": list(ds.shape), "num_classes": num_classes}
+    shape = tuple(ds.shape)
+    data_info = {"shape": list(shape), "num_classes": num_classes}
+    steps = total_steps(cfg, ds)
+    tr = cfg.train
 
     # Everything that can reject the config is built before the run folder is written.
-    torch.manual_seed(cfg.train.seed)
-    model = build_model_for_data(cfg.model.name, tuple(ds.shape), num_classes,
-                                 cfg.model.options).to(device)
+    torch.manual_seed(tr.seed)
+    model = build_model_for_data(cfg.model.name, shape, num_classes,
+                                 _model_options(cfg, shape)).to(device)
     loss_fn = build_loss(cfg, num_classes)
+    augment = None
+    if cfg.data.augment > 0:
+        from meanflow.data.augment import EDMAugment
+        augment = EDMAugment(p=cfg.data.augment)
+    if tr.tensorboard:
+        _tensorboard_writer(None)
     prepare_run_dir(cfg, run_dir, resume)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                            weight_decay=cfg.optim.weight_decay, foreach=True)
-    ema = EMA(model, cfg.train.ema_decays)
+    ema = EMA(model, tr.ema_decays)
 
     start = 0
     metrics_path = run_dir / "metrics.jsonl"
@@ -225,13 +370,28 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False,
                                   "restore it or resume from an earlier checkpoint") from None
     if resume:
         _truncate_metrics(metrics_path, start)  # drop lines the resumed steps will redo
-    if start >= cfg.train.steps:
+    if start >= steps:
         return find_checkpoint(run_dir)
 
+    net: Callable[..., Tensor] = model
+    if tr.compile:
+        net = _compile(model)
+        x0, y0 = ds.batch(min(tr.batch_size, 16), torch.Generator().manual_seed(tr.seed))
+        y0 = y0.to(device) if (y0 is not None and num_classes is not None) else None
+        check_compiled(model, net, loss_fn, x0.to(device), y0)
+    sampler_net = None
+    if tr.sample_count > 0:
+        import copy
+        sampler_net = copy.deepcopy(model).eval()
+    writer = _tensorboard_writer(run_dir) if tr.tensorboard else None
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if tr.amp == "bf16"
+                else contextlib.nullcontext())
+    micro = tr.batch_size // tr.grad_accumulation
+
     bar = None
-    if cfg.train.progress:
+    if tr.progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=cfg.train.steps, initial=start, desc=f"{cfg.objective.kind}",
+        bar = tqdm(total=steps, initial=start, desc=f"{cfg.objective.kind}",
                    unit="step", dynamic_ncols=True, disable=None)  # None: off when not a tty
     sums: dict[str, Tensor] = {}  # summed on the device; read back only when logging
     count, nonfinite_run, skipped = 0, 0, 0
@@ -239,28 +399,44 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False,
     last_ckpt: Path | None = None
     model.train()
     try:
-        for step in range(start, cfg.train.steps):
-            seed = step_seed(cfg.train.seed, 0, step)
+        for step in range(start, steps):
+            seed = step_seed(tr.seed, 0, step)
             torch.manual_seed(seed)                      # dropout masks
             gen_cpu = torch.Generator().manual_seed(seed)
             gen = gen_cpu if device.type == "cpu" else torch.Generator(device).manual_seed(seed)
-            x, y = ds.batch(cfg.train.batch_size, gen_cpu)
+            x, y = ds.batch(tr.batch_size, gen_cpu)
             x = x.to(device, non_blocking=True)
             y = y.to(device) if (y is not None and num_classes is not None) else None
+            aug = None
+            if augment is not None:
+                x, aug = augment(x, gen_cpu)
 
             for group in opt.param_groups:
                 group["lr"] = _lr_at(cfg, step)
-            loss, stats = loss_fn(model, x, y, generator=gen)
-            loss = loss.mean()
-            if torch.isfinite(loss):
-                nonfinite_run = 0
+            finite, step_stats = True, {}
+            for i in range(tr.grad_accumulation):
+                part = slice(i * micro, (i + 1) * micro)
+                net_i = net if aug is None else WithAugmentLabels(net, aug[part])
+                with autocast:
+                    loss, stats = loss_fn(net_i, x[part], None if y is None else y[part],
+                                          generator=gen)
+                loss = loss.float().mean() / tr.grad_accumulation
+                if not torch.isfinite(loss):
+                    finite = False
+                    break
                 loss.backward()
+                for k, v in stats.items():
+                    v = v.detach().float() / tr.grad_accumulation
+                    step_stats[k] = step_stats[k] + v if k in step_stats else v
+            if finite:
+                nonfinite_run = 0
                 max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else math.inf
-                stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+                step_stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                                         max_norm)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 ema.update(model)
-                for k, v in stats.items():
+                for k, v in step_stats.items():
                     sums[k] = sums[k] + v.detach() if k in sums else v.detach()
                 count += 1
             else:
@@ -275,24 +451,38 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False,
             done = step + 1
             if bar is not None:
                 bar.update(1)
-                if done % max(1, min(cfg.train.log_every, 10)) == 0:
-                    bar.set_postfix(loss=f"{float(stats['loss']):.4g}",
-                                    mse=f"{float(stats['mse']):.4g}", refresh=False)
-            if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+                if done % max(1, min(tr.log_every, 10)) == 0 and "loss" in step_stats:
+                    rate = bar.format_dict.get("rate") or 0.0
+                    bar.set_postfix(loss=f"{float(step_stats['loss']):.4g}",
+                                    mse=f"{float(step_stats['mse']):.4g}",
+                                    img_s=f"{rate * tr.batch_size:.0f}", refresh=False)
+            if done % tr.log_every == 0 or done == steps:
                 now = time.perf_counter()
-                record: dict[str, Any] = {"step": done}
+                record: dict[str, Any] = {"step": done, "images": done * tr.batch_size}
                 record.update({k: float(v) / max(count, 1) for k, v in sums.items()})
                 record["lr"] = _lr_at(cfg, step)
-                record["samples_per_s"] = count * cfg.train.batch_size / max(now - t_log, 1e-9)
+                record["samples_per_s"] = count * tr.batch_size / max(now - t_log, 1e-9)
                 record["skipped_nonfinite"] = skipped
                 with open(metrics_path, "a") as fh:
                     fh.write(json.dumps(record) + "\n")
+                if writer is not None:
+                    for k, v in record.items():
+                        if k != "step":
+                            writer.add_scalar(f"train/{k}", v, done)
                 sums, count, t_log = {}, 0, now
-            if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps:
+            if done % tr.checkpoint_every == 0 or done == steps:
                 last_ckpt = _save(run_dir, done, model, ema, opt, cfg, data_info)
+            if sampler_net is not None and (done == steps or (
+                    tr.sample_every > 0 and done % tr.sample_every == 0)):
+                t_sample = time.perf_counter()
+                _sample_pngs(run_dir, done, sampler_net, ema, cfg, shape, num_classes, device,
+                             writer)
+                t_log += time.perf_counter() - t_sample  # not training time: off the rate
     finally:
         if bar is not None:
             bar.close()
+        if writer is not None:
+            writer.close()
     return last_ckpt if last_ckpt is not None else find_checkpoint(run_dir)
 
 

@@ -1,0 +1,112 @@
+"""Real-valued samples of any shape from a ``.npz`` file, such as VAE latents (N, 4, 32, 32).
+
+The ImageNet DiT presets train on such a file today; the latent pipeline (posterior mean and std
+resampled per step) builds on it. Files are read with ``allow_pickle=False`` only.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from meanflow.data.points import PointCloud, _as_real_array, _check_magic, _refuse_load
+from meanflow.data.toy import _check_batch_args
+from meanflow.errors import ConfigError, DataError
+
+__all__ = ["ArraySamples", "npz_sample_kind"]
+
+
+def npz_sample_kind(path: str | os.PathLike[str], key: str = "x") -> str:
+    """What the ``.npz`` holds under ``key``: "images" (uint8, 3-D or 4-D), "arrays" (real,
+    3-D or more) or "points" (anything else: left to :class:`PointCloud` to check)."""
+    file = Path(os.fspath(path))
+    if not file.is_file():
+        raise DataError(f"data file not found: {file}; give the path of a .npz file")
+    _check_magic(file, zipped=True)
+    try:
+        with np.load(file, allow_pickle=False) as archive:
+            if key not in archive.files:
+                return "points"
+            # the header alone gives dtype and shape; no array data is read here
+            with zipfile.ZipFile(file) as zf, zf.open(f"{key}.npy") as fh:
+                version = np.lib.format.read_magic(fh)
+                read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                        else np.lib.format.read_array_header_2_0)
+                shape, _, dtype = read(fh)
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as exc:
+        raise _refuse_load(file, exc) from None
+    if dtype == np.uint8 and len(shape) in (3, 4):
+        return "images"
+    if len(shape) >= 3:
+        return "arrays"
+    return "points"
+
+
+class ArraySamples:
+    """N real-valued samples of shape S (any rank), optionally labelled, drawn with replacement.
+
+    Args:
+        x: (N, *S) finite real values, stored as float32 on the CPU.
+        y: optional (N,) non-negative integer labels.
+        scale: multiplies every drawn sample (e.g. 0.18215 for SD-VAE latents stored unscaled).
+    """
+
+    def __init__(self, x: Tensor, y: Tensor | None = None, scale: float = 1.0) -> None:
+        if not isinstance(x, Tensor) or x.dim() < 2 or x.shape[0] < 2:
+            raise DataError(f"samples must be an (N, ...) tensor with N >= 2, got "
+                            f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+            raise ConfigError(f"scale={scale!r} must be a positive number, e.g. 0.18215")
+        data = x.detach().to("cpu", torch.float32).contiguous()
+        if not bool(torch.isfinite(data).all()):
+            raise DataError("samples contain NaN or infinite values; fix or drop them")
+        self.data = data
+        self.labels = None if y is None else PointCloud._check_labels(y, data.shape[0])
+        self.scale = float(scale)
+        self.shape: tuple[int, ...] = tuple(data.shape[1:])
+        self.num_classes: int | None = (None if self.labels is None
+                                        else int(self.labels.max()) + 1)
+
+    @classmethod
+    def from_npz(cls, path: str | os.PathLike[str], key: str = "x", labels_key: str = "y",
+                 scale: float = 1.0) -> ArraySamples:
+        """Reads samples under ``key`` and, when the file has it, labels under ``labels_key``."""
+        file = Path(os.fspath(path))
+        if not file.is_file():
+            raise DataError(f"data file not found: {file}; give the path of a .npz file")
+        _check_magic(file, zipped=True)
+        try:
+            with np.load(file, allow_pickle=False) as archive:
+                if key not in archive.files:
+                    raise DataError(f"{file} has no array {key!r} (found: "
+                                    f"{', '.join(archive.files) or 'none'}); save the samples "
+                                    f"under key {key!r}")
+                x = _as_real_array(archive[key], f"{file} key '{key}'")
+                y = archive[labels_key] if labels_key in archive.files else None
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+            raise _refuse_load(file, exc) from None
+        try:
+            return cls(torch.from_numpy(np.ascontiguousarray(x)),
+                       None if y is None else torch.from_numpy(np.asarray(y)), scale=scale)
+        except DataError as exc:
+            raise DataError(f"{file}: {exc}") from None
+
+    def __len__(self) -> int:
+        return self.data.shape[0]
+
+    def batch(self, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor | None]:
+        _check_batch_args(batch_size, generator)
+        index = torch.randint(0, self.data.shape[0], (batch_size,), generator=generator)
+        x = self.data[index]
+        if self.scale != 1.0:
+            x = x * self.scale
+        return x, None if self.labels is None else self.labels[index]
+
+    def __repr__(self) -> str:
+        return (f"ArraySamples(N={len(self)}, shape={self.shape}, "
+                f"num_classes={self.num_classes}, scale={self.scale:g})")
