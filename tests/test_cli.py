@@ -469,3 +469,56 @@ def test_demo_refuses_a_folder_with_other_files(tmp_path, capsys):
     assert (tmp_path / "figure.png").read_text() == "mine"
     assert_one_line_error(capsys, cli("demo", "--out", tmp_path / "new", "--steps", 0),
                           "train.steps")
+
+
+# ---------------------------------------------------------------------------- images, presets
+
+@pytest.fixture(scope="module")
+def image_run(tmp_path_factory) -> Path:
+    """A 2-step class-conditional U-Net run on a small uint8 image .npz (3 classes)."""
+    root = tmp_path_factory.mktemp("cli_img")
+    rng = np.random.default_rng(0)
+    data = root / "imgs.npz"
+    np.savez(data, x=rng.integers(0, 256, (30, 8, 8, 3), dtype=np.uint8), y=np.arange(30) % 3)
+    out = root / "run"
+    assert cli("train", "--out", out, "--steps", 2, "--data", data, "--model", "unet-small",
+               "--class-conditional", "--batch-size", 6,
+               "--set", "model.options={channels: 8, channel_mult: [1, 2], blocks_per_res: 1, "
+               "attn_resolutions: [], emb_dim: 16}",
+               "--set", "train.progress=false", "--set", "train.sample_count=0") == 0
+    return out
+
+
+def test_sample_images_to_png_grid_and_uint8_npz(image_run, tmp_path, capsys):
+    png, out = tmp_path / "grid.png", tmp_path / "s.npz"
+    assert cli("sample", image_run, "--n", 7, "--png", png, "--out", out) == 0
+    import matplotlib.image as mpimg
+    grid = mpimg.imread(png)
+    # 3 classes per row (one per column), 3 rows of 8x8 images, 2-pixel borders, all drawn 2x
+    assert grid.shape[:2] == (2 * (3 * (8 + 2) + 2), 2 * (3 * (8 + 2) + 2))
+    with np.load(out) as f:
+        images, samples = f["images"], f["samples"]
+    assert images.dtype == np.uint8 and images.shape == (7, 8, 8, 3)
+    expect = np.clip(np.round((samples + 1) * 127.5), 0, 255).astype(np.uint8)
+    assert np.array_equal(images, expect.transpose(0, 2, 3, 1))
+
+
+def test_sample_png_only_writes_no_npz(image_run, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli("sample", image_run, "--n", 4, "--png", "only.png", "--nrow", 2) == 0
+    assert (tmp_path / "only.png").is_file() and (tmp_path / "only.json").is_file()
+    assert not (tmp_path / "samples.npz").exists()
+
+
+def test_presets_command_and_preset_flag(tmp_path, capsys):
+    assert cli("presets") == 0
+    listed = capsys.readouterr().out
+    for name in ("fmnist-unet", "cifar10-unet", "imagenet-dit-xl2"):
+        assert name in listed
+    assert cli("train", "--preset", "fmnist-unet", "--dry-run", "--steps", 5) == 0
+    text = capsys.readouterr().out
+    assert "name: fashion-mnist" in text and "steps: 5" in text
+    code = cli("train", "--preset", "no-such", "--dry-run")
+    assert_one_line_error(capsys, code, "unknown preset", "fmnist-unet")
+    code = cli("train", "--preset", "fmnist-unet", "--config", tmp_path / "x.yaml")
+    assert_one_line_error(capsys, code, "not both")

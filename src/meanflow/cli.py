@@ -230,7 +230,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 def _cmd_presets(args: argparse.Namespace) -> int:
     from meanflow.presets import describe_presets
     for name, summary in describe_presets().items():
-        print(f"{name:20s} {summary}")
+        print(f"{name:22s} {summary}")
     return 0
 
 

@@ -27,7 +27,7 @@ def make_config(steps: int = 6, kind: str = "meanflow", model: dict | None = Non
                 data: dict | None = None, objective: dict | None = None,
                 **train_opts) -> RunConfig:
     tr = {"steps": steps, "batch_size": 16, "checkpoint_every": 4, "log_every": 1,
-          "progress": False, "keep_checkpoints": 0}
+          "progress": False, "keep_checkpoints": 0, "sample_count": 0}
     tr.update(train_opts)
     return RunConfig.from_dict({
         "model": {"options": {**TINY, **(model or {})}},

@@ -1,0 +1,251 @@
+"""The loop's image-scale features: gradient accumulation, bf16 autocast, the compiled-network
+check, sample PNGs, training length in epochs/images, augmentation labels, presets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from meanflow import MeanFlowLoss
+from meanflow.data import build_dataset
+from meanflow.errors import ConfigError
+from meanflow.models import build_model
+from meanflow.presets import preset_names, preset_path
+from meanflow.train.config import RunConfig, load_config
+from meanflow.train.loop import (WithAugmentLabels, check_compiled, check_config, total_steps,
+                                 train)
+
+TINY_UNET = {"channels": 8, "channel_mult": [1, 2], "blocks_per_res": 1,
+             "attn_resolutions": [], "emb_dim": 16, "dropout": 0.0}
+
+
+def images_npz(tmp_path: Path, n: int = 40, size: int = 8, channels: int = 1) -> Path:
+    rng = np.random.default_rng(0)
+    path = tmp_path / "imgs.npz"
+    np.savez(path, x=rng.integers(0, 256, (n, channels, size, size), dtype=np.uint8),
+             y=rng.integers(0, 3, n))
+    return path
+
+
+def image_config(data: Path, **train_opts) -> RunConfig:
+    tr = {"steps": 3, "batch_size": 8, "log_every": 1, "checkpoint_every": 100,
+          "progress": False, "sample_count": 0}
+    tr.update(train_opts)
+    return RunConfig.from_dict({
+        "model": {"name": "unet-small", "options": dict(TINY_UNET)},
+        "data": {"name": str(data)},
+        "objective": {"fraction_r_neq_t": 0.5, "p": 0.5},
+        "train": tr}).validate()
+
+
+def test_gradient_accumulation_equals_the_whole_batch():
+    """Two micro-batches of 8 give the gradient of one batch of 16 (same r, t, e per sample)."""
+    torch.manual_seed(0)
+    net = build_model("mlp", dim=2, width=16, depth=2, emb_dim=8)
+    x = torch.randn(16, 2)
+    t = torch.rand(16) * 0.9 + 0.1
+    r = t * torch.rand(16)
+    e = torch.randn(16, 2)
+    loss_fn = MeanFlowLoss(p=0.5)
+
+    def grads(parts: int) -> list[torch.Tensor]:
+        net.zero_grad()
+        size = 16 // parts
+        for i in range(parts):
+            s = slice(i * size, (i + 1) * size)
+            loss, _ = loss_fn(net, x[s], r=r[s], t=t[s], e=e[s])
+            (loss.mean() / parts).backward()
+        return [p.grad.clone() for p in net.parameters()]
+
+    for a, b in zip(grads(1), grads(2)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_accumulating_run_trains_and_logs_the_global_batch(tmp_path):
+    cfg = load_config(None, ["train.steps=3", "train.batch_size=16", "train.grad_accumulation=4",
+                             "train.progress=false", "train.log_every=1", "train.sample_count=0",
+                             "model.options={width: 16, depth: 1, emb_dim: 8}"])
+    train(cfg, tmp_path / "run")
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["images"] for r in lines] == [16, 32, 48]
+    assert all(np.isfinite(r["loss"]) for r in lines)
+
+
+def test_batch_must_split_evenly():
+    with pytest.raises(ConfigError, match="not divisible by train.grad_accumulation"):
+        load_config(None, ["train.batch_size=10", "train.grad_accumulation=4"])
+
+
+def test_bf16_run_keeps_fp32_weights_and_finite_loss(tmp_path):
+    cfg = load_config(None, ["train.steps=3", "train.batch_size=32", "train.amp=bf16",
+                             "train.progress=false", "train.log_every=1", "train.sample_count=0",
+                             "model.options={width: 16, depth: 1, emb_dim: 8}"])
+    train(cfg, tmp_path / "run")
+    from safetensors.torch import load_file
+    weights = load_file(str(tmp_path / "run" / "checkpoints" / "step_0000003" /
+                            "model.safetensors"))
+    assert all(w.dtype == torch.float32 for w in weights.values())
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert all(np.isfinite(json.loads(x)["loss"]) for x in lines)
+
+
+def test_jvp_runs_in_fp32_under_autocast_unless_asked():
+    """objective.jvp_precision: by default the split JVP pass leaves autocast (its du/dt equals
+    the fp32 one exactly); with "amp" it runs in bf16 and differs."""
+    from meanflow.objective.jvp import time_derivative, u_and_dudt
+    torch.manual_seed(0)
+    net = build_model("mlp", dim=2, width=32, depth=2, emb_dim=16)
+    z, v = torch.randn(64, 2), torch.randn(64, 2)
+    t = torch.rand(64) * 0.5 + 0.5
+    r = t * torch.rand(64)
+    ref = time_derivative(net, z, r, t, v)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        u, fp32 = u_and_dudt(net, z, r, t, v)
+        _, low = u_and_dudt(net, z, r, t, v, jvp_autocast=True)
+    assert u.dtype == torch.bfloat16          # the grad pass did run under autocast
+    assert fp32.dtype == torch.float32 and torch.equal(fp32, ref)
+    assert low.dtype == torch.bfloat16 and not torch.equal(low.float(), ref)
+
+
+class _DropsTangents(torch.nn.Module):
+    """Stands in for a compiler that loses forward-mode tangents (JVP-NOTES: #187284)."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, z, t, h, y=None):
+        from torch.autograd import forward_ad
+        strip = lambda a: forward_ad.unpack_dual(a).primal if a is not None else a  # noqa: E731
+        return self.net(strip(z), strip(t), strip(h), y)
+
+
+def test_compile_check_accepts_a_faithful_net_and_refuses_lost_tangents():
+    torch.manual_seed(0)
+    net = build_model("mlp", dim=2, width=16, depth=2, emb_dim=8)
+    x = torch.randn(16, 2)
+    loss_fn = MeanFlowLoss()
+    assert check_compiled(net, net, loss_fn, x, None) == 0.0
+    with pytest.raises(ConfigError, match="changed du/dt"):
+        check_compiled(net, _DropsTangents(net), loss_fn, x, None)
+
+
+def test_compile_failure_is_one_clear_error():
+    net = build_model("mlp", dim=2, width=16, depth=2, emb_dim=8)
+
+    def broken(*args):
+        raise RuntimeError("backend exploded\nmore lines")
+    with pytest.raises(ConfigError, match="backend exploded.*train.compile=false"):
+        check_compiled(net, broken, MeanFlowLoss(), torch.randn(4, 2), None)
+
+
+def test_image_run_writes_sample_grids_at_intervals(tmp_path):
+    data = images_npz(tmp_path)
+    cfg = image_config(data, steps=4, sample_every=2, sample_count=6, sample_steps=[1, 2])
+    train(cfg, tmp_path / "run")
+    names = sorted(p.name for p in (tmp_path / "run" / "samples").iterdir())
+    assert names == ["step_0000002-nfe1.png", "step_0000002-nfe2.png",
+                     "step_0000004-nfe1.png", "step_0000004-nfe2.png"]
+    import matplotlib.image as mpimg
+    grid = mpimg.imread(tmp_path / "run" / "samples" / "step_0000004-nfe1.png")
+    assert grid.shape[0] > 8 and grid.shape[1] > 8
+
+
+def test_length_in_epochs_and_images(tmp_path):
+    data = images_npz(tmp_path, n=40)
+    ds = build_dataset(str(data))
+    assert total_steps(image_config(data, epochs=1.0), ds) == 5          # 40 / 8
+    assert total_steps(image_config(data, epochs=0.5), ds) == 3          # ceil(2.5)
+    assert total_steps(image_config(data, images=20), ds) == 3
+    assert total_steps(image_config(data, steps=7), ds) == 7
+    with pytest.raises(ConfigError, match="not both"):
+        image_config(data, epochs=1.0, images=10)
+    toy = build_dataset("8gaussians")
+    cfg = load_config(None, ["train.epochs=2"])
+    with pytest.raises(ConfigError, match="finite size"):
+        total_steps(cfg, toy)
+    run = tmp_path / "run"
+    train(image_config(data, images=24), run)
+    assert (run / "checkpoints" / "step_0000003").is_dir()
+
+
+def test_augmentation_labels_reach_the_unet(tmp_path):
+    """With data.augment the U-Net is built with augment_dim 9 and trains; the wrapper hands
+    each sample its own label, repeated for doubled (guidance) batches."""
+    seen = []
+
+    def model(z, t, h, y=None, aug=None):
+        seen.append(aug)
+        return z
+
+    labels = torch.arange(6.).reshape(2, 3)
+    wrapped = WithAugmentLabels(model, labels)
+    wrapped(torch.zeros(2, 1), torch.zeros(2), torch.zeros(2))
+    wrapped(torch.zeros(4, 1), torch.zeros(4), torch.zeros(4))
+    assert torch.equal(seen[0], labels) and torch.equal(seen[1], torch.cat([labels, labels]))
+
+    data = images_npz(tmp_path)
+    cfg = RunConfig.from_dict({**image_config(data).to_dict(),
+                               "data": {"name": str(data), "augment": 0.5}}).validate()
+    train(cfg, tmp_path / "run")
+    from safetensors.torch import load_file
+    weights = load_file(str(tmp_path / "run" / "checkpoints" / "step_0000003" /
+                            "model.safetensors"))
+    assert weights["aug_embed.weight"].shape == (16, 9)
+
+
+def test_augmentation_needs_images_and_a_unet(tmp_path):
+    with pytest.raises(ConfigError, match="for images"):
+        check_config(load_config(None, ["data.augment=0.1"]))
+    data = images_npz(tmp_path)
+    with pytest.raises(ConfigError, match="only unet"):
+        check_config(load_config(None, [f"data.name={data}", "data.augment=0.1",
+                                        "model.name=dit-s/4"]))
+
+
+def test_missing_tensorboard_is_one_clear_error(tmp_path, monkeypatch):
+    import builtins
+    real = builtins.__import__
+
+    def no_tb(name, *args, **kwargs):
+        if name.startswith("torch.utils.tensorboard"):
+            raise ImportError("no tensorboard")
+        return real(name, *args, **kwargs)
+    monkeypatch.setattr(builtins, "__import__", no_tb)
+    cfg = load_config(None, ["train.tensorboard=true", "train.progress=false"])
+    with pytest.raises(ConfigError, match="pip install tensorboard"):
+        train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()   # refused before anything was written
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_every_preset_is_a_valid_config(name, tmp_path):
+    cfg = load_config(preset_path(name))
+    assert cfg.objective.kind == "meanflow"
+    if name.startswith("imagenet"):
+        # any .npz of latents with labels: the model is built (meta device) for its shape
+        path = tmp_path / "latents.npz"
+        np.savez(path, x=np.zeros((4, 4, 32, 32), np.float32), y=np.arange(4) % 2)
+        cfg = load_config(preset_path(name), [f"data.name={path}"])
+        check_config(cfg)
+        eff = cfg.objective.omega / (1 - cfg.objective.kappa)
+        assert eff == pytest.approx({"b4": 1.0, "b2": 2.0, "m2": 2.0, "l2": 2.5, "xl2": 2.5,
+                                     "xl2-plus": 2.0}[name.split("dit-")[1]])
+
+
+def test_paper_numbers_in_the_cifar10_preset():
+    cfg = load_config(preset_path("cifar10-unet"))
+    o = cfg.objective
+    assert (o.mu, o.sigma, o.fraction_r_neq_t, o.p, o.c) == (-2.0, 2.0, 0.75, 0.75, 1e-3)
+    assert (cfg.optim.lr, cfg.optim.betas, cfg.train.batch_size) == (6e-4, [0.9, 0.999], 1024)
+    assert cfg.data.augment == 0.12 and cfg.model.name == "unet-cifar10"
+    assert cfg.train.ema_decays == [0.9999, 0.99995, 0.9996]
+
+
+def test_unknown_preset_lists_the_names():
+    with pytest.raises(ConfigError, match="fmnist-unet"):
+        preset_path("nope")
