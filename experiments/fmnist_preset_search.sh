@@ -8,11 +8,13 @@ root=${1:-/usr/share/datasets/fashion-mnist}; out=${2:-runs/preset-search}
 mkdir -p "$out"
 base=(--preset fmnist-unet --set data.options.root="$root" --set train.progress=false
       --set train.sample_every=0 --set train.checkpoint_every=100000)
+for o in ${EXTRA_SETS:-}; do base+=(--set "$o"); done   # e.g. EXTRA_SETS=train.steps=2
 run() {  # name, then overrides
   local name=$1; shift
   local args=()
   for o in "$@"; do args+=(--set "$o"); done
-  timeout 300 python -m meanflow.cli train "${base[@]}" "${args[@]}" --out "$out/$name" \
+  for o in ${EXTRA_SETS:-}; do args+=(--set "$o"); done  # after the variant's own settings
+  timeout "${TRIAL_TIMEOUT:-300}" "${PYTHON:-python3}" -m meanflow.cli train "${base[@]}" "${args[@]}" --out "$out/$name" \
     >"$out/$name.log" 2>&1 && echo "done $name" || echo "FAILED $name (see $out/$name.log)"
 }
 run F-1400                                                                  &

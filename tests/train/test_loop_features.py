@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from meanflow import MeanFlowLoss
+from meanflow import FlowMatchingLoss, MeanFlowLoss
 from meanflow.data import build_dataset
 from meanflow.errors import ConfigError
 from meanflow.models import build_model
 from meanflow.presets import preset_names, preset_path
 from meanflow.train.config import RunConfig, load_config
-from meanflow.train.loop import (WithAugmentLabels, check_compiled, check_config, total_steps,
-                                 train)
+from meanflow.train.loop import (WithAugmentLabels, check_compiled, check_config,
+                                 draw_times_and_noise, make_loss_call, total_steps, train)
 
 TINY_UNET = {"channels": 8, "channel_mult": [1, 2], "blocks_per_res": 1,
              "attn_resolutions": [], "emb_dim": 16, "dropout": 0.0}
@@ -124,14 +124,23 @@ class _DropsTangents(torch.nn.Module):
         return self.net(strip(z), strip(t), strip(h), y)
 
 
-def test_compile_check_accepts_a_faithful_net_and_refuses_lost_tangents():
+@pytest.mark.parametrize("model", ["mlp", "unet"])
+def test_compile_check_accepts_eager_and_refuses_lost_tangents(model):
+    """The check runs on a perturbed copy: a fresh U-Net's zero output would make du/dt 0 and
+    hide a compiler that drops tangents."""
     torch.manual_seed(0)
-    net = build_model("mlp", dim=2, width=16, depth=2, emb_dim=8)
-    x = torch.randn(16, 2)
+    if model == "mlp":
+        net, x = build_model("mlp", dim=2, width=16, depth=2, emb_dim=8), torch.randn(16, 2)
+    else:
+        net = build_model("unet-small", in_channels=1, input_size=8, **TINY_UNET)
+        x = torch.randn(4, 1, 8, 8)
     loss_fn = MeanFlowLoss()
-    assert check_compiled(net, net, loss_fn, x, None) == 0.0
-    with pytest.raises(ConfigError, match="changed du/dt"):
-        check_compiled(net, _DropsTangents(net), loss_fn, x, None)
+    assert check_compiled(net, loss_fn, make_loss_call(loss_fn), x, None) == 0.0
+
+    def dropping(net, x, y, aug, generator, draws):
+        return loss_fn(_DropsTangents(net), x, y, generator=generator, **draws)
+    with pytest.raises(ConfigError, match="compiled JVP is wrong"):
+        check_compiled(net, loss_fn, dropping, x, None)
 
 
 def test_compile_failure_is_one_clear_error():
@@ -140,7 +149,30 @@ def test_compile_failure_is_one_clear_error():
     def broken(*args):
         raise RuntimeError("backend exploded\nmore lines")
     with pytest.raises(ConfigError, match="backend exploded.*train.compile=false"):
-        check_compiled(net, broken, MeanFlowLoss(), torch.randn(4, 2), None)
+        check_compiled(net, MeanFlowLoss(), broken, torch.randn(4, 2), None)
+
+
+def test_pre_drawn_times_and_noise_reproduce_the_loss_own_draws():
+    """The compiled path draws (r, t, e) before the loss; the values equal the loss's own."""
+    torch.manual_seed(0)
+    net = build_model("mlp", dim=2, width=16, depth=2, emb_dim=8)
+    x = torch.randn(32, 2)
+    for loss_fn in (MeanFlowLoss(fraction_r_neq_t=0.5), FlowMatchingLoss()):
+        own = loss_fn(net, x, generator=torch.Generator().manual_seed(3))[0]
+        gen = torch.Generator().manual_seed(3)
+        draws = draw_times_and_noise(loss_fn, x, gen)
+        given = make_loss_call(loss_fn)(net, x, None, None, gen, draws)[0]
+        assert torch.equal(own, given)
+
+
+@pytest.mark.slow
+def test_real_torch_compile_passes_the_check_on_cpu(tmp_path):
+    """A short compiled run on CPU (needs a C++ compiler; slow): the start-up check passes."""
+    cfg = load_config(None, ["train.steps=2", "train.batch_size=16", "train.compile=true",
+                             "train.progress=false", "train.sample_count=0",
+                             "model.options={width: 16, depth: 1, emb_dim: 8}"])
+    train(cfg, tmp_path / "run")
+    assert (tmp_path / "run" / "checkpoints" / "step_0000002").is_dir()
 
 
 def test_image_run_writes_sample_grids_at_intervals(tmp_path):

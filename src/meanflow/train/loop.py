@@ -35,7 +35,7 @@ from meanflow.train.ema import EMA
 
 __all__ = ["train", "check_config", "new_run_dir", "build_loss", "step_seed", "resolve_device",
            "load_model", "LoadedModel", "prepare_run_dir", "total_steps", "check_compiled",
-           "WithAugmentLabels"]
+           "WithAugmentLabels", "make_loss_call", "draw_times_and_noise"]
 
 # Settings that may change between a run and its resumption; anything else must match.
 RESUMABLE_KEYS = {("train", k) for k in (
@@ -245,49 +245,81 @@ class WithAugmentLabels:
         return self.model(z, t, h, y, aug=labels)
 
 
-def _compile(model: nn.Module) -> Callable[..., Tensor]:
-    return torch.compile(model)
+def make_loss_call(loss_fn: Callable, compile_: bool = False) -> Callable:
+    """``call(net, x, y, aug, generator, draws) -> (loss, stats)``: one loss evaluation, with
+    the augmentation labels handed to the net and the times/noise ``draws`` (r, t, e) given or,
+    when empty, drawn by the loss. With ``compile_`` the whole evaluation (both passes of the
+    JVP strategy and the target) is one ``torch.compile`` call: compiling only the network
+    loses forward-mode tangents (benchmarks/step_cost.py --compile-scope model)."""
+    def call(net: Callable, x: Tensor, y: Tensor | None, aug: Tensor | None,
+             generator: torch.Generator | None, draws: dict[str, Tensor]) -> tuple:
+        if aug is not None:
+            net = WithAugmentLabels(net, aug)
+        return loss_fn(net, x, y, generator=generator, **draws)
+    return torch.compile(call) if compile_ else call
 
 
-def check_compiled(eager: nn.Module, compiled: Callable[..., Tensor], loss_fn: Callable,
-                   x: Tensor, y: Tensor | None, rtol: float = 1e-3) -> float:
-    """Compares the compiled network's output and du/dt with eager ones on one batch.
-
-    JVP-NOTES: compiled code can drop tangents silently (a custom ``autograd.Function``'s jvp,
-    dual tensors passed into a compiled function). Returns the larger relative error, and raises
-    ConfigError when it exceeds ``rtol``.
-    """
-    from meanflow.objective.jvp import time_derivative
-    gen = torch.Generator(x.device).manual_seed(12345)
+def draw_times_and_noise(loss_fn: Callable, x: Tensor,
+                         generator: torch.Generator | None) -> dict[str, Tensor]:
+    """(r, t) and e drawn in the order the loss itself draws them, so that a compiled run
+    consumes the generator exactly as an eager one does."""
     B = x.shape[0]
-    t = torch.rand(B, device=x.device, generator=gen) * 0.8 + 0.1
-    r = t * torch.rand(B, device=x.device, generator=gen)
-    e = torch.randn(x.shape, device=x.device, generator=gen)
-    tt = t.reshape(-1, *[1] * (x.ndim - 1))
-    z, v = (1 - tt) * x + tt * e, e - x
-    strategy = getattr(loss_fn, "jvp", "split")
-    was_training = eager.training
-    eager.eval()  # no dropout: the two runs must be comparable
+    if isinstance(loss_fn, MeanFlowLoss):
+        r, t = loss_fn.sampler(B, x.device, generator)
+        draws = {"r": r, "t": t}
+    else:
+        draws = {"t": loss_fn.sampler.sample_t(B, x.device, generator)}
+    draws["e"] = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+    return draws
+
+
+def check_compiled(model: nn.Module, loss_fn: Callable, compiled_call: Callable, x: Tensor,
+                   y: Tensor | None, aug: Tensor | None = None, rtol: float = 1e-3,
+                   autocast: Any = None) -> float:
+    """Checks a compiled loss evaluation against eager before training starts.
+
+    JVP-NOTES: compiled code can drop forward-mode tangents silently. A fresh network's
+    zero-initialised output makes du/dt zero, which would hide that, so the check runs on a
+    copy of the network with perturbed weights, in eval mode, with r = 0 and t in [0.5, 1] so
+    that every target leans on du/dt. It compares the raw squared error and the gradient.
+    Returns the larger relative error; raises ConfigError above ``rtol`` or on any failure.
+    """
+    import copy
+    probe = copy.deepcopy(model).eval()
+    gen = torch.Generator().manual_seed(12345)
+    with torch.no_grad():
+        for p in probe.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen).to(p.device, p.dtype))
+    B = x.shape[0]
+    t = (0.5 + 0.5 * torch.rand(B, generator=gen)).to(x.device)
+    draws = {"r": torch.zeros_like(t), "t": t,
+             "e": torch.randn(x.shape, generator=gen).to(x.device, x.dtype)}
+    if not isinstance(loss_fn, MeanFlowLoss):
+        draws.pop("r")
+    strategy = getattr(loss_fn, "jvp", "-")
+
+    def run(call: Callable) -> tuple[Tensor, Tensor]:
+        probe.zero_grad(set_to_none=True)
+        with (autocast if autocast is not None else contextlib.nullcontext()):
+            loss, stats = call(probe, x, y, aug, torch.Generator(x.device).manual_seed(7),
+                               draws)
+        loss.float().mean().backward()
+        grad = torch.cat([p.grad.flatten() for p in probe.parameters() if p.grad is not None])
+        return stats["mse"].detach().float(), grad
+
     try:
-        errors = {}
-        with torch.no_grad():
-            ref_u = eager(z, t, t - r, y)
-            errors["u"] = float((compiled(z, t, t - r, y) - ref_u).norm()
-                                / ref_u.norm().clamp_min(1e-12))
-        if isinstance(loss_fn, MeanFlowLoss):
-            ref = time_derivative(eager, z, r, t, v, y, strategy=strategy)
-            got = time_derivative(compiled, z, r, t, v, y, strategy=strategy)
-            errors["du/dt"] = float((got - ref).norm() / ref.norm().clamp_min(1e-12))
+        ref_mse, ref_grad = run(make_loss_call(loss_fn))
+        got_mse, got_grad = run(compiled_call)
     except Exception as exc:  # noqa: BLE001 (any compiler failure becomes one clear line)
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise ConfigError(f"train.compile: the compiled network failed its start-up check "
+        raise ConfigError(f"train.compile: the compiled loss failed its start-up check "
                           f"({type(exc).__name__}: {first}); set train.compile=false or try "
                           "another objective.jvp") from None
-    finally:
-        eager.train(was_training)
+    errors = {"squared error": float((got_mse - ref_mse).abs() / ref_mse.abs().clamp_min(1e-12)),
+              "gradient": float((got_grad - ref_grad).norm() / ref_grad.norm().clamp_min(1e-12))}
     worst = max(errors, key=errors.get)
     if not errors[worst] <= rtol:  # also catches NaN
-        raise ConfigError(f"train.compile changed {worst} by {errors[worst]:.2e} (relative) "
+        raise ConfigError(f"train.compile changed the {worst} by {errors[worst]:.2e} (relative) "
                           f"against eager with objective.jvp={strategy}: the compiled JVP is "
                           "wrong; set train.compile=false or try another objective.jvp")
     return errors[worst]
@@ -373,19 +405,21 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False,
     if start >= steps:
         return find_checkpoint(run_dir)
 
-    net: Callable[..., Tensor] = model
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if tr.amp == "bf16"
+                else contextlib.nullcontext())
+    loss_call = make_loss_call(loss_fn, compile_=tr.compile)
     if tr.compile:
-        net = _compile(model)
         x0, y0 = ds.batch(min(tr.batch_size, 16), torch.Generator().manual_seed(tr.seed))
+        x0 = x0.to(device)
         y0 = y0.to(device) if (y0 is not None and num_classes is not None) else None
-        check_compiled(model, net, loss_fn, x0.to(device), y0)
+        aug0 = augment(x0, torch.Generator().manual_seed(tr.seed))[1] if augment else None
+        check_compiled(model, loss_fn, loss_call, x0, y0, aug0,
+                       rtol=3e-2 if tr.amp == "bf16" else 1e-3, autocast=autocast)
     sampler_net = None
     if tr.sample_count > 0:
         import copy
         sampler_net = copy.deepcopy(model).eval()
     writer = _tensorboard_writer(run_dir) if tr.tensorboard else None
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if tr.amp == "bf16"
-                else contextlib.nullcontext())
     micro = tr.batch_size // tr.grad_accumulation
 
     bar = None
@@ -416,10 +450,11 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False,
             finite, step_stats = True, {}
             for i in range(tr.grad_accumulation):
                 part = slice(i * micro, (i + 1) * micro)
-                net_i = net if aug is None else WithAugmentLabels(net, aug[part])
+                # compiled: times and noise drawn outside the compiled region, same order
+                draws = draw_times_and_noise(loss_fn, x[part], gen) if tr.compile else {}
                 with autocast:
-                    loss, stats = loss_fn(net_i, x[part], None if y is None else y[part],
-                                          generator=gen)
+                    loss, stats = loss_call(model, x[part], None if y is None else y[part],
+                                            None if aug is None else aug[part], gen, draws)
                 loss = loss.float().mean() / tr.grad_accumulation
                 if not torch.isfinite(loss):
                     finite = False

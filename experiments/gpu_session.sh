@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Everything one lent GPU session measures, in one call (from the repository root):
+#   1. the Fashion-MNIST preset search (experiments/fmnist_preset_search.sh), in parallel;
+#   2. the training loop on CUDA with train.compile and bf16 (its start-up du/dt check);
+#   3. the benchmark suite (benchmarks/gpu_suite.sh) with the time that is left.
+# Fashion-MNIST's train files must be in .fmnist/ (copied from /usr/share/datasets/fashion-mnist).
+#   OUT=DIR bash experiments/gpu_session.sh [TOTAL_S]
+set -u
+TOTAL=${1:-540}
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export PYTHONPATH=src PYTHONUNBUFFERED=1 PYTHON=${PYTHON:-python3}
+T0=$SECONDS
+nvidia-smi -L
+work=/tmp/session; mkdir -p $work
+TRIAL_TIMEOUT=170 timeout 190 bash experiments/fmnist_preset_search.sh .fmnist $work/search \
+    > "$OUT/search.log" 2>&1
+cat "$OUT/search.log"
+for f in $work/search/*/metrics.jsonl; do echo "$f: $(tail -n 1 "$f")"; done >> "$OUT/search.log"
+echo "search took $((SECONDS - T0)) s"
+t1=$SECONDS
+timeout 150 $PYTHON -m meanflow.cli train --preset fmnist-unet --set data.options.root=.fmnist \
+    --set train.steps=40 --set train.compile=true --set train.amp=bf16 --set train.log_every=10 \
+    --set train.progress=false --set train.sample_count=16 --out $work/compile-check \
+    > "$OUT/loop_checks.log" 2>&1
+echo "compile+bf16 loop check rc=$? in $((SECONDS - t1)) s" | tee -a "$OUT/loop_checks.log"
+cat $work/compile-check/metrics.jsonl >> "$OUT/loop_checks.log" 2>/dev/null
+tail -n 5 "$OUT/loop_checks.log"
+(cd $work && tar czf "$OUT/runs.tgz" --exclude='*.safetensors' search compile-check)
+left=$((TOTAL - (SECONDS - T0)))
+echo "benchmark suite budget ${left} s"
+bash benchmarks/gpu_suite.sh "$left"
