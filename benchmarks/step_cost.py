@@ -189,7 +189,9 @@ def time_steps(step: Callable[[], Any], repeats: int, warmup: int,
 
 
 def peak_mib(step: Callable[[], Any], device: torch.device) -> tuple[float | None, float | None]:
-    """(peak allocated MiB during one step, allocated MiB before it); None off CUDA."""
+    """(peak allocated MiB during one step *above* what was allocated before it, that base in
+    MiB); None off CUDA. Measuring above the base keeps anything left over by an earlier
+    measurement out of the ratio."""
     if device.type != "cuda":
         return None, None
     sync(device)
@@ -198,33 +200,47 @@ def peak_mib(step: Callable[[], Any], device: torch.device) -> tuple[float | Non
     base = torch.cuda.memory_allocated(device)
     step()
     sync(device)
-    return torch.cuda.max_memory_allocated(device) / 2**20, base / 2**20
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20, base / 2**20
+
+
+class _Saved:
+    """What the graph holds for one saved tensor: a box we can empty afterwards."""
+    __slots__ = ("tensor", "__weakref__")
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
 
 
 def saved_bytes(fn: Callable[[], Any]) -> int:
     """Bytes of distinct tensor storages that ``fn``'s autograd graph keeps for backward.
 
-    Tensors packed by a no-grad pass (the split strategies' JVP) are freed when it ends, so
-    only what is still alive while the graph exists is counted.
+    Each saved tensor goes into a box that the graph holds; boxes of graph parts freed during
+    ``fn`` (e.g. the split strategies' no-grad JVP) die and are not counted. An output saved by
+    its own node makes a reference cycle through the graph that Python's GC cannot see, so the
+    boxes are emptied before the graph is dropped: without that, every call leaked a whole
+    graph (seen on the GPU as memory growing by one training step per measurement).
     """
-    packed: list[weakref.ref] = []
+    boxes: list[weakref.ref] = []
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        packed.append(weakref.ref(t))
-        return t
+    def pack(t: torch.Tensor) -> _Saved:
+        box = _Saved(t)
+        boxes.append(weakref.ref(box))
+        return box
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda box: box.tensor):
         keep = fn()  # noqa: F841  (holds the graph while we count)
     storages = {}
-    for ref in packed:
-        t = ref()
-        if t is not None:
-            try:
-                storage = t.untyped_storage()
-                storages[storage.data_ptr()] = storage.nbytes()
-            except RuntimeError:  # a forward-AD dual's storage cannot be inspected: count it
-                storages[id(t)] = t.numel() * t.element_size()
-    del keep
+    alive = [box for box in (ref() for ref in boxes) if box is not None]
+    for box in alive:
+        t = box.tensor
+        try:
+            storage = t.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+        except RuntimeError:  # a forward-AD dual's storage cannot be inspected: count it
+            storages[id(t)] = t.numel() * t.element_size()
+    for box in alive:
+        box.tensor = None  # break graph -> box -> tensor -> graph cycles
+    del keep, alive
     return sum(storages.values())
 
 
