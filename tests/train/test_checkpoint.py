@@ -391,3 +391,15 @@ def test_loading_never_unpickles(trained_run, tmp_path, monkeypatch):
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
     assert train(tiny_config(steps=6), run, resume=True).name == "step_0000006"
+
+
+def test_atomic_text_files_get_ordinary_permissions(tmp_path):
+    """mkstemp creates 0600 files; written text files get what open() would give."""
+    import os
+    from meanflow.train.checkpoint import atomic_write_text
+    umask = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.json", "{}\n")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644

@@ -1,6 +1,8 @@
 """Backbones, each in its own file, behind one registry.
 
-Every backbone honours ``net(z, t, h, y=None) -> tensor shaped like z``.
+Every backbone honours ``net(z, t, h, y=None) -> tensor shaped like z``. A U-Net built with
+``augment_dim > 0`` also takes ``aug=`` (B, augment_dim), the EDM augmentation label; ``None``
+means not augmented.
 """
 
 from __future__ import annotations

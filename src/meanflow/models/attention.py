@@ -27,8 +27,8 @@ def has_tangent(x: Tensor) -> bool:
 class Attention(nn.Module):
     """Self-attention over tokens (B, N, D) with ``heads`` heads.
 
-    mode -- "auto": fused SDPA in an ordinary forward, explicit softmax when a tangent is
-            present or grad is off (the split strategies' JVP pass); "math": always explicit.
+    mode -- "auto": fused SDPA unless a forward-mode tangent is present (the JVP passes), so
+            the grad forward and sampling use the fused kernel; "math": always explicit.
     """
 
     def __init__(self, width: int, heads: int, mode: str) -> None:
@@ -41,7 +41,7 @@ class Attention(nn.Module):
         B, N, D = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.heads, D // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                 # 3 × (B, heads, N, d)
-        if self.mode == "math" or not torch.is_grad_enabled() or has_tangent(x):
+        if self.mode == "math" or has_tangent(x) or has_tangent(q):
             scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, heads, N, N)
             out = scores.softmax(dim=-1) @ v                             # (B, heads, N, d)
         else:
