@@ -281,3 +281,38 @@ def test_paper_numbers_in_the_cifar10_preset():
 def test_unknown_preset_lists_the_names():
     with pytest.raises(ConfigError, match="fmnist-unet"):
         preset_path("nope")
+
+
+def test_tensorboard_gets_the_logged_scalars_and_grids(tmp_path, monkeypatch):
+    """With train.tensorboard the loop writes each metrics.jsonl record and every sample grid
+    to a SummaryWriter in run_dir/tensorboard (a recording stand-in: tensorboard is optional)."""
+    import sys
+    import types
+    calls = {"scalar": [], "image": [], "dirs": [], "closed": 0}
+
+    class Writer:
+        def __init__(self, log_dir):
+            calls["dirs"].append(log_dir)
+
+        def add_scalar(self, tag, value, step):
+            calls["scalar"].append((tag, float(value), step))
+
+        def add_image(self, tag, image, step):
+            calls["image"].append((tag, tuple(image.shape), step))
+
+        def close(self):
+            calls["closed"] += 1
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard",
+                        types.SimpleNamespace(SummaryWriter=Writer))
+    data = images_npz(tmp_path)
+    cfg = image_config(data, steps=2, log_every=1, tensorboard=True, sample_count=4,
+                       sample_steps=[1])
+    train(cfg, tmp_path / "run")
+    assert calls["dirs"] == [str(tmp_path / "run" / "tensorboard")] and calls["closed"] == 1
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for record in records:
+        for key in ("loss", "mse", "images", "lr"):
+            assert (f"train/{key}", pytest.approx(record[key]), record["step"]) in [
+                (t, v, s) for t, v, s in calls["scalar"]]
+    assert calls["image"] == [("samples/nfe1", (1, 2 * (8 + 2) + 2, 2 * (8 + 2) + 2), 2)]
