@@ -3,5 +3,13 @@
 from __future__ import annotations
 
 from meanflow.metrics.distances import energy_distance, sliced_wasserstein
+from meanflow.metrics.frechet import FeatureStats, frechet_distance, kid, precision_recall
 
-__all__ = ["energy_distance", "sliced_wasserstein"]
+__all__ = [
+    "FeatureStats",
+    "energy_distance",
+    "frechet_distance",
+    "kid",
+    "precision_recall",
+    "sliced_wasserstein",
+]
