@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+from meanflow.metrics.classifier import (FMNISTClassifier, fmnist_features, fmnist_predict,
+                                         load_classifier, train_classifier)
 from meanflow.metrics.distances import energy_distance, sliced_wasserstein
 from meanflow.metrics.frechet import FeatureStats, frechet_distance, kid, precision_recall
 
 __all__ = [
+    "FMNISTClassifier",
     "FeatureStats",
+    "fmnist_features",
+    "fmnist_predict",
+    "load_classifier",
+    "train_classifier",
     "energy_distance",
     "frechet_distance",
     "kid",
