@@ -144,7 +144,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
     from meanflow.errors import ConfigError
     from meanflow.sampling import make_schedule, sample_seeded
-    from meanflow.train.checkpoint import atomic_write_text
+    from meanflow.fileio import atomic_path, atomic_write_text
     from meanflow.train.loop import load_model, resolve_device
 
     if args.n < 1:
@@ -209,11 +209,10 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         if is_image:
             from meanflow.viz import to_uint8
             extra["images"] = to_uint8(x).permute(0, 2, 3, 1).numpy()   # (N, H, W, C)
-        tmp = args.out.with_name(f".{args.out.name}.tmp.npz")
-        np.savez(tmp, samples=x.numpy(), seeds=np.asarray(seeds),
-                 labels=np.asarray([] if y is None else y.numpy()), meta=json.dumps(meta),
-                 **extra)
-        tmp.replace(args.out)
+        with atomic_path(args.out) as tmp:
+            np.savez(tmp, samples=x.numpy(), seeds=np.asarray(seeds),
+                     labels=np.asarray([] if y is None else y.numpy()), meta=json.dumps(meta),
+                     **extra)
     if args.png is not None:
         from meanflow.viz import save_samples_png
         title = f"{method}, {args.steps} step(s), {loaded.weights}, step {loaded.step}"

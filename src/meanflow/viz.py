@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from meanflow.errors import ConfigError
+from meanflow.fileio import atomic_path
 
 __all__ = ["to_uint8", "image_grid", "save_image_grid", "save_scatter", "save_samples_png"]
 
@@ -65,8 +66,7 @@ def save_image_grid(x: Tensor, path: str | os.PathLike[str], nrow: int | None = 
                     scale: int = 1) -> Path:
     """Writes :func:`image_grid` of ``x`` to ``path`` (PNG), each pixel ``scale`` × ``scale``.
 
-    The file is written to a temporary name first and then renamed, so an existing file is never
-    left half-written.
+    Written through :func:`meanflow.fileio.atomic_path`: never left half-written.
     """
     path = _check_png(path)
     grid = image_grid(x, nrow)
@@ -75,12 +75,11 @@ def save_image_grid(x: Tensor, path: str | os.PathLike[str], nrow: int | None = 
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.image as mpimg
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    if grid.ndim == 2:
-        mpimg.imsave(tmp, grid, cmap="gray", vmin=0, vmax=255)
-    else:
-        mpimg.imsave(tmp, grid)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        if grid.ndim == 2:
+            mpimg.imsave(tmp, grid, cmap="gray", vmin=0, vmax=255)
+        else:
+            mpimg.imsave(tmp, grid)
     return path
 
 
@@ -100,10 +99,9 @@ def save_scatter(x: Tensor, path: str | os.PathLike[str], labels: Tensor | None 
     ax.set_aspect("equal")
     if title:
         ax.set_title(title, fontsize=9)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110, format="png")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    tmp.replace(path)
     return path
 
 

@@ -17,11 +17,9 @@ JSON record (accuracy, seed, epochs, sha256, torch version). Retrain them with::
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from meanflow.errors import ConfigError, DataError
+from meanflow.fileio import atomic_path, file_sha256
 
 __all__ = [
     "DEFAULT_WEIGHTS",
@@ -87,14 +86,6 @@ class FMNISTClassifier(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _record_path(path: Path) -> Path:
     return path.with_suffix(".json")
 
@@ -128,7 +119,7 @@ def load_classifier(path: str | os.PathLike | None = None,
     if not path.is_file():
         raise DataError(f"classifier weights {path} not found; {fix}")
     record = read_record(path)
-    if _sha256(path) != record["sha256"]:
+    if file_sha256(path) != record["sha256"]:
         raise DataError(f"classifier weights {path} do not match the sha256 in "
                         f"{_record_path(path).name} (corrupt or replaced); {fix}")
     net = FMNISTClassifier()
@@ -224,19 +215,8 @@ def _augment(x: Tensor, gen: torch.Generator) -> Tensor:
 
 def _save_atomic(state: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
     from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata=metadata)
 
 
 def train_classifier(out_path: str | os.PathLike, seed: int = 0, epochs: int = 3,
@@ -330,7 +310,7 @@ def train_classifier(out_path: str | os.PathLike, seed: int = 0, epochs: int = 3
         "train_seconds": round(train_s, 1),
         "threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
-        "sha256": _sha256(out_path),
+        "sha256": file_sha256(out_path),
         "command": _RETRAIN.format(path=out_path) + f" --seed {seed} --epochs {epochs}"
                    + (" --augment" if augment else ""),
     }

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ import torch
 from torch import Tensor
 
 from meanflow.errors import ConfigError, DataError
+from meanflow.fileio import atomic_path
 
 __all__ = ["FeatureStats", "frechet_distance", "kid", "precision_recall"]
 
@@ -131,21 +131,9 @@ class FeatureStats:
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"stats.meta is not JSON-serialisable ({exc}); keep only "
                               "strings, numbers, lists and dicts in meta") from None
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, mu=self.mu, sigma=self.sigma, n=np.int64(self.n),
-                         meta=np.array(meta_json), format=np.array(_STATS_FORMAT))
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        with atomic_path(path) as tmp:
+            np.savez(tmp, mu=self.mu, sigma=self.sigma, n=np.int64(self.n),
+                     meta=np.array(meta_json), format=np.array(_STATS_FORMAT))
         return path
 
     @classmethod

@@ -14,7 +14,6 @@ either the old set of checkpoints or the new one, never half of one.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -28,38 +27,13 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from meanflow.errors import CheckpointError
+from meanflow.fileio import atomic_write_text, file_sha256
 
 __all__ = ["save_checkpoint", "load_checkpoint", "find_checkpoint", "list_checkpoints",
            "optimizer_tensors", "load_optimizer_tensors", "atomic_write_text"]
 
 TENSOR_FILES = ("model.safetensors", "ema.safetensors", "optimizer.safetensors")
 FORMAT_VERSION = 1
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Writes ``text`` to a temporary file beside ``path`` and renames it into place."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give what open() would
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict]:
@@ -98,7 +72,7 @@ def save_checkpoint(ckpt_dir: Path, *, model: dict[str, Tensor], ema: dict[str, 
         for fname, tensors in zip(TENSOR_FILES, (model, ema, optimizer)):
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
                       str(tmp / fname))
-            hashes[fname] = _sha256(tmp / fname)
+            hashes[fname] = file_sha256(tmp / fname)
         meta = dict(state, format_version=FORMAT_VERSION, sha256=hashes)
         (tmp / "state.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
         old = None
@@ -141,7 +115,7 @@ def load_checkpoint(ckpt_dir: Path, device: torch.device | str = "cpu",
         if not path.is_file():
             raise CheckpointError(f"checkpoint file missing: {path}; resume from an earlier "
                                   "checkpoint")
-        if _sha256(path) != hashes.get(fname):
+        if file_sha256(path) != hashes.get(fname):
             raise CheckpointError(f"checkpoint file {path} is truncated or was modified "
                                   "(SHA-256 mismatch); resume from an earlier checkpoint")
         try:
