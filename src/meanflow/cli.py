@@ -3,6 +3,7 @@
     meanflow train   [--preset NAME | --config FILE] [--out DIR] [flags] [--set key=value ...]
     meanflow sample  RUN_OR_CHECKPOINT [--n N] [--steps K] [--out FILE.npz] [--png FILE.png]
     meanflow presets
+    meanflow fid     ref DATA -o STATS.npz | calc SAMPLES_OR_RUN --ref STATS.npz
     meanflow demo    [--out DIR] [--steps N]
 
 Every user error prints one line ``meanflow: error: ...`` and exits with status 2.
@@ -88,6 +89,30 @@ def build_parser() -> argparse.ArgumentParser:
                     "(2-D points)")
     sa.add_argument("--nrow", type=int, help="images per row of the --png grid")
     sa.add_argument("--overwrite", action="store_true", help="replace existing output files")
+
+    fid = sub.add_parser("fid", help="reference statistics and FID",
+                         description="FID with the fmnist extractor (the repo's Fashion-MNIST "
+                         "classifier; its own scale, not comparable with Inception FIDs).")
+    fsub = fid.add_subparsers(dest="fid_command", parser_class=_Parser)
+    fr = fsub.add_parser("ref", help="feature statistics of a dataset",
+                         description="Feature statistics of the first N images of a dataset.")
+    fr.add_argument("data", help="image dataset name, folder or .npz (e.g. fashion-mnist)")
+    fr.add_argument("-o", "--out", type=Path, required=True, help="output stats .npz")
+    fr.add_argument("--split", help="dataset split option, e.g. test")
+    fr.add_argument("--n", type=int, help="first N images (default all)")
+    fr.add_argument("--extractor", default="fmnist", help="feature extractor (fmnist)")
+    fr.add_argument("--overwrite", action="store_true")
+    fc = fsub.add_parser("calc", help="FID of samples or a checkpoint",
+                         description="FID of a `meanflow sample` .npz, or of N new samples of a "
+                         "run folder / checkpoint (sample i from seed SEED+i).")
+    fc.add_argument("source", type=Path, help="samples .npz, run folder or checkpoint")
+    fc.add_argument("--ref", type=Path, required=True, help="stats from `meanflow fid ref`")
+    fc.add_argument("--n", type=int, default=10000, help="samples (default 10000)")
+    fc.add_argument("--steps", type=int, default=1, help="network calls (default 1)")
+    fc.add_argument("--seed", type=int, default=0)
+    fc.add_argument("--batch-size", type=int, default=500)
+    fc.add_argument("--device", default="auto")
+    fc.add_argument("--out", type=Path, help="also write the result as JSON")
 
     sub.add_parser("presets", help="list the shipped training presets",
                    description="List the presets `meanflow train --preset NAME` accepts.")
@@ -226,6 +251,33 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_fid(args: argparse.Namespace) -> int:
+    from meanflow.errors import ConfigError
+    from meanflow.metrics.fid import fid_of, reference_stats
+    if args.fid_command is None:
+        raise ConfigError("meanflow fid needs a command: ref or calc")
+    if args.n is not None and args.n < 2:
+        raise ConfigError(f"--n {args.n} must be >= 2")
+    if args.fid_command == "ref":
+        if args.out.suffix != ".npz":
+            raise ConfigError(f"--out {args.out} must end in .npz")
+        if args.out.exists() and not args.overwrite:
+            raise ConfigError(f"{args.out} exists: pass --overwrite or choose another file")
+        options = {} if args.split is None else {"split": args.split}
+        stats = reference_stats(args.data, args.out, options, args.n, args.extractor)
+        print(f"wrote statistics of {stats.n} images ({args.extractor} features) to {args.out}")
+        return 0
+    if args.out is not None and args.out.exists():
+        raise ConfigError(f"{args.out} exists: choose another file")
+    record = fid_of(args.source, args.ref, n=args.n, steps=args.steps, seed=args.seed,
+                    batch_size=args.batch_size, device=args.device)
+    if args.out is not None:
+        from meanflow.fileio import atomic_write_text
+        atomic_write_text(args.out, json.dumps(record, indent=2) + "\n")
+    print(f"FID ({record['extractor']} features, N={record['n']}): {record['fid']:.4f}")
+    return 0
+
+
 def _cmd_presets(args: argparse.Namespace) -> int:
     from meanflow.presets import describe_presets
     for name, summary in describe_presets().items():
@@ -258,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     handlers = {"train": _cmd_train, "sample": _cmd_sample, "demo": _cmd_demo,
-                "presets": _cmd_presets}
+                "presets": _cmd_presets, "fid": _cmd_fid}
     try:
         return handlers[args.command](args)
     except MeanFlowError as exc:

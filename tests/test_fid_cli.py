@@ -1,0 +1,87 @@
+"""`meanflow fid ref` and `meanflow fid calc` with the in-repo Fashion-MNIST extractor."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from meanflow.cli import main
+from meanflow.metrics import FeatureStats
+
+
+def cli(*args) -> int:
+    try:
+        return main([str(a) for a in args])
+    except SystemExit as exc:
+        return exc.code
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fid")
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (40, 28, 28), dtype=np.uint8)
+    np.savez(root / "imgs.npz", x=x, y=np.arange(40) % 4)
+    return root, x
+
+
+def test_ref_then_calc_of_the_same_images_is_zero(images, capsys):
+    root, x = images
+    assert cli("fid", "ref", root / "imgs.npz", "-o", root / "ref.npz") == 0
+    stats = FeatureStats.load(root / "ref.npz")
+    assert stats.n == 40 and stats.meta["extractor"] == "fmnist"
+    np.savez(root / "same.npz", samples=(x[:, None].astype(np.float32) / 127.5 - 1.0))
+    capsys.readouterr()
+    assert cli("fid", "calc", root / "same.npz", "--ref", root / "ref.npz", "--n", 40) == 0
+    fid = float(capsys.readouterr().out.strip().split()[-1])
+    assert abs(fid) < 1e-6
+    # a different set of images is measurably farther
+    other = np.random.default_rng(1).integers(0, 128, (40, 1, 28, 28)).astype(np.float32)
+    np.savez(root / "other.npz", samples=other / 127.5 - 1.0)
+    assert cli("fid", "calc", root / "other.npz", "--ref", root / "ref.npz") == 0
+    assert float(capsys.readouterr().out.strip().split()[-1]) > 1e-3
+
+
+def test_calc_from_a_run_records_what_it_measured(images, tmp_path):
+    root, _ = images
+    if not (root / "ref.npz").exists():
+        assert cli("fid", "ref", root / "imgs.npz", "-o", root / "ref.npz") == 0
+    run = tmp_path / "run"
+    assert cli("train", "--out", run, "--steps", 2, "--data", root / "imgs.npz",
+               "--model", "unet-small", "--batch-size", 8,
+               "--set", "model.options={channels: 8, channel_mult: [1, 2], blocks_per_res: 1, "
+               "attn_resolutions: [], emb_dim: 16}",
+               "--set", "train.progress=false", "--set", "train.sample_count=0") == 0
+    out = tmp_path / "fid.json"
+    assert cli("fid", "calc", run, "--ref", root / "ref.npz", "--n", 8, "--steps", 2,
+               "--seed", 5, "--out", out) == 0
+    record = json.loads(out.read_text())
+    assert record["n"] == 8 and record["steps"] == 2 and record["seed"] == 5
+    assert record["extractor"] == "fmnist" and record["fid"] >= 0
+    assert record["checkpoint"].endswith("step_0000002") and "guidance" in record
+
+
+@pytest.mark.parametrize("case", ["shape", "exists", "missing_ref", "extractor", "no_command"])
+def test_bad_input_is_one_line(images, tmp_path, capsys, case):
+    root, _ = images
+    if case == "shape":
+        np.savez(tmp_path / "small.npz", x=np.zeros((4, 8, 8), np.uint8))
+        args, needle = ("fid", "ref", tmp_path / "small.npz", "-o", tmp_path / "r.npz"), "1×28×28"
+    elif case == "exists":
+        (tmp_path / "r.npz").write_bytes(b"keep")
+        args, needle = ("fid", "ref", root / "imgs.npz", "-o", tmp_path / "r.npz"), "exists"
+    elif case == "missing_ref":
+        np.savez(tmp_path / "s.npz", samples=np.zeros((4, 1, 28, 28), np.float32))
+        args, needle = ("fid", "calc", tmp_path / "s.npz", "--ref", tmp_path / "nope.npz"), "nope"
+    elif case == "extractor":
+        args, needle = ("fid", "ref", root / "imgs.npz", "-o", tmp_path / "r2.npz",
+                        "--extractor", "inception"), "unknown extractor"
+    else:
+        args, needle = ("fid",), "ref or calc"
+    code = cli(*args)
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.splitlines()) == 1 and needle in err
+    if case == "exists":
+        assert (tmp_path / "r.npz").read_bytes() == b"keep"
