@@ -13,14 +13,19 @@ import torch
 from meanflow import JVP_STRATEGIES, MeanFlowLoss, average_velocity, time_derivative
 
 
-def _dudt_matches_fd(net: torch.nn.Module, strategy: str) -> None:
-    """du/dt equals a float64 central difference along (v, 0, 1); dropping v·∂u/∂z does not."""
+def _dudt_point() -> tuple[torch.Tensor, ...]:
+    """(z, v, r, t, y): the fixed float64 point at which du/dt is checked."""
     g = torch.Generator().manual_seed(1)
     z = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=g)
     v = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=g)
     t = torch.tensor([0.7, 0.4], dtype=torch.float64)
     r = torch.tensor([0.2, 0.35], dtype=torch.float64)
-    y = torch.tensor([1, 5])
+    return z, v, r, t, torch.tensor([1, 5])
+
+
+def _dudt_matches_fd(net: torch.nn.Module, strategy: str) -> None:
+    """du/dt equals a float64 central difference along (v, 0, 1); dropping v·∂u/∂z does not."""
+    z, v, r, t, y = _dudt_point()
     eps = 1e-6
     fd = (average_velocity(net, z + eps * v, r, t + eps, y)
           - average_velocity(net, z - eps * v, r, t - eps, y)) / (2 * eps)
@@ -60,6 +65,11 @@ def _attention_paths_agree(net: torch.nn.Module, math_net: torch.nn.Module) -> N
     with torch.no_grad():
         explicit = math_net(z, t, h, y)
     torch.testing.assert_close(fused, explicit, rtol=1e-10, atol=1e-12)
+
+
+@pytest.fixture
+def dudt_point():
+    return _dudt_point()
 
 
 @pytest.fixture

@@ -192,7 +192,8 @@ def test_augmentation_label_errors():
 
 
 @pytest.mark.parametrize("strategy", JVP_STRATEGIES)
-def test_dudt_with_augment_labels_equals_finite_differences(strategy, assert_dudt_matches_fd):
+def test_dudt_with_augment_labels_equals_finite_differences(strategy, assert_dudt_matches_fd,
+                                                           dudt_point):
     """With a fixed augmentation label (a constant, not differentiated) every strategy's du/dt
     still equals a float64 central difference; a different label gives another du/dt."""
     net = tiny_unet(augment_dim=9)
@@ -202,12 +203,7 @@ def test_dudt_with_augment_labels_equals_finite_differences(strategy, assert_dud
         return net(z, t, h, y, aug=aug)
 
     assert_dudt_matches_fd(with_label, strategy)
-    g = torch.Generator().manual_seed(1)
-    z = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=g)
-    v = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=g)
-    t = torch.tensor([0.7, 0.4], dtype=torch.float64)
-    r = torch.tensor([0.2, 0.35], dtype=torch.float64)
-    y = torch.tensor([1, 5])
+    z, v, r, t, y = dudt_point
     labelled = time_derivative(with_label, z, r, t, v, y, strategy=strategy)
     plain = time_derivative(net, z, r, t, v, y, strategy=strategy)
     assert (labelled - plain).abs().max() > 1e-4

@@ -21,13 +21,19 @@ from meanflow.errors import ConfigError, DataError
 __all__ = ["ArraySamples", "npz_sample_kind"]
 
 
-def npz_sample_kind(path: str | os.PathLike[str], key: str = "x") -> str:
-    """What the ``.npz`` holds under ``key``: "images" (uint8, 3-D or 4-D), "arrays" (real,
-    3-D or more) or "points" (anything else: left to :class:`PointCloud` to check)."""
+def _npz_file(path: str | os.PathLike[str]) -> Path:
+    """The path of an existing file that starts like a zip (.npz); DataError otherwise."""
     file = Path(os.fspath(path))
     if not file.is_file():
         raise DataError(f"data file not found: {file}; give the path of a .npz file")
     _check_magic(file, zipped=True)
+    return file
+
+
+def npz_sample_kind(path: str | os.PathLike[str], key: str = "x") -> str:
+    """What the ``.npz`` holds under ``key``: "images" (uint8, 3-D or 4-D), "arrays" (real,
+    3-D or more) or "points" (anything else: left to :class:`PointCloud` to check)."""
+    file = _npz_file(path)
     try:
         with np.load(file, allow_pickle=False) as archive:
             if key not in archive.files:
@@ -76,10 +82,7 @@ class ArraySamples:
     def from_npz(cls, path: str | os.PathLike[str], key: str = "x", labels_key: str = "y",
                  scale: float = 1.0) -> ArraySamples:
         """Reads samples under ``key`` and, when the file has it, labels under ``labels_key``."""
-        file = Path(os.fspath(path))
-        if not file.is_file():
-            raise DataError(f"data file not found: {file}; give the path of a .npz file")
-        _check_magic(file, zipped=True)
+        file = _npz_file(path)
         try:
             with np.load(file, allow_pickle=False) as archive:
                 if key not in archive.files:

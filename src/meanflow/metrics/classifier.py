@@ -153,6 +153,16 @@ def _check_images(images: Tensor) -> Tensor:
 
 
 @torch.no_grad()
+def _batched(images: Tensor, fn: Any, batch_size: int, model: FMNISTClassifier | None,
+             device: torch.device | str) -> list[Tensor]:
+    """``fn(net, x)`` on CPU, batch by batch, for images clamped to [-1, 1]."""
+    images = _check_images(images)
+    net = model if model is not None else _default_model(device)
+    dev = next(net.parameters()).device
+    return [fn(net, images[start:start + batch_size].to(dev, torch.float32).clamp(-1.0, 1.0))
+            .cpu() for start in range(0, images.shape[0], batch_size)]
+
+
 def fmnist_features(images: Tensor, batch_size: int = 1000,
                     model: FMNISTClassifier | None = None,
                     device: torch.device | str = "cpu") -> np.ndarray:
@@ -161,30 +171,17 @@ def fmnist_features(images: Tensor, batch_size: int = 1000,
     ``model`` defaults to the committed weights (loaded once per process). Images are clamped
     to [-1, 1] first, as a sampler's output would be when saved as an image.
     """
-    images = _check_images(images)
-    net = model if model is not None else _default_model(device)
-    dev = next(net.parameters()).device
-    out = []
-    for start in range(0, images.shape[0], batch_size):
-        x = images[start:start + batch_size].to(dev, torch.float32).clamp(-1.0, 1.0)
-        out.append(net.features(x).to("cpu", torch.float64))
+    out = _batched(images, lambda net, x: net.features(x).double(), batch_size, model, device)
     if not out:
         return np.zeros((0, FMNISTClassifier.feature_dim))
     return torch.cat(out).numpy()
 
 
-@torch.no_grad()
 def fmnist_predict(images: Tensor, batch_size: int = 1000,
                    model: FMNISTClassifier | None = None,
                    device: torch.device | str = "cpu") -> Tensor:
     """Predicted class ``(N,)`` int64 of images ``(N, 1, 28, 28)`` in [-1, 1]."""
-    images = _check_images(images)
-    net = model if model is not None else _default_model(device)
-    dev = next(net.parameters()).device
-    out = []
-    for start in range(0, images.shape[0], batch_size):
-        x = images[start:start + batch_size].to(dev, torch.float32).clamp(-1.0, 1.0)
-        out.append(net(x).argmax(1).cpu())
+    out = _batched(images, lambda net, x: net(x).argmax(1), batch_size, model, device)
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.int64)
 
 

@@ -281,6 +281,16 @@ def _poly_mmd2(x: Tensor, y: Tensor, unbiased: bool = True) -> float:
     return float(xx + yy - 2.0 * k_xy.mean())
 
 
+def _feature_pair(a: Any, b: Any, name_a: str, name_b: str) -> tuple[Tensor, Tensor]:
+    """Two (N, D) float64 feature sets of the same D, at least 2 points each."""
+    x = _features_tensor(a, name_a, min_points=2)
+    y = _features_tensor(b, name_b, min_points=2)
+    if x.shape[1] != y.shape[1]:
+        raise ConfigError(f"{name_a} and {name_b} have different dimensions ({x.shape[1]} vs "
+                          f"{y.shape[1]}); use features of the same extractor")
+    return x, y
+
+
 def kid(feats_a: ArrayLike, feats_b: ArrayLike, subsets: int = 100, subset_size: int = 1000,
         seed: int = 0, generator: torch.Generator | None = None) -> tuple[float, float]:
     """Kernel Inception Distance: ``(mean, standard error)`` of the unbiased MMD².
@@ -293,11 +303,7 @@ def kid(feats_a: ArrayLike, feats_b: ArrayLike, subsets: int = 100, subset_size:
     Note that when ``m`` equals both set sizes every round sees the same points and the
     standard error is 0; it measures subset-sampling noise only.
     """
-    x = _features_tensor(feats_a, "feats_a", min_points=2)
-    y = _features_tensor(feats_b, "feats_b", min_points=2)
-    if x.shape[1] != y.shape[1]:
-        raise ConfigError(f"feats_a and feats_b have different dimensions ({x.shape[1]} vs "
-                          f"{y.shape[1]}); use features of the same extractor")
+    x, y = _feature_pair(feats_a, feats_b, "feats_a", "feats_b")
     if isinstance(subsets, bool) or not isinstance(subsets, int) or subsets < 2:
         raise ConfigError(f"subsets must be an integer >= 2 (a standard error needs two), "
                           f"got {subsets!r}")
@@ -352,11 +358,7 @@ def precision_recall(real: ArrayLike, fake: ArrayLike, k: int = 3) -> tuple[floa
     real points inside the fake manifold (coverage / diversity). Distances are float64 and
     computed in blocks, so memory is ``O(chunk · N)`` and ~10k points per set are fine.
     """
-    x = _features_tensor(real, "real", min_points=2)
-    y = _features_tensor(fake, "fake", min_points=2)
-    if x.shape[1] != y.shape[1]:
-        raise ConfigError(f"real and fake have different dimensions ({x.shape[1]} vs "
-                          f"{y.shape[1]}); use features of the same extractor")
+    x, y = _feature_pair(real, fake, "real", "fake")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ConfigError(f"k must be a positive integer, got {k!r}")
     if k >= min(x.shape[0], y.shape[0]):
