@@ -250,3 +250,36 @@ def test_unknown_strategy_is_a_config_error(tiny_mlp):
         time_derivative(net, z, r, t, v, strategy="Split")
     with pytest.raises(ConfigError):
         meanflow.MeanFlowLoss(jvp="double_backward")
+
+
+@pytest.mark.parametrize("strategy", JVP_STRATEGIES)
+@pytest.mark.parametrize("tangent", ["v00", "v10", "v11"])
+def test_wrong_tangents_match_finite_differences(tiny_mlp, strategy, tangent):
+    """The ablation tangents (paper Tab. 1b) differentiate along (v, dr, dt) exactly."""
+    from meanflow.objective.jvp import TANGENTS
+    torch.manual_seed(0)
+    net = tiny_mlp()
+    z, v = torch.randn(6, 2, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
+    t = torch.rand(6, dtype=torch.float64) * 0.5 + 0.4
+    r = t * torch.rand(6, dtype=torch.float64) * 0.8
+    dr, dt = TANGENTS[tangent]
+    eps = 1e-6
+
+    def f(s):
+        rr, tt = r + s * dr, t + s * dt
+        return net(z + s * v, tt, tt - rr)
+
+    fd = (f(eps) - f(-eps)) / (2 * eps)
+    got = time_derivative(net, z, r, t, v, strategy=strategy, tangent=tangent)
+    torch.testing.assert_close(got, fd, rtol=1e-6, atol=1e-8)
+    _, got2 = u_and_dudt(net, z, r, t, v, strategy=strategy, tangent=tangent)
+    torch.testing.assert_close(got2, fd, rtol=1e-6, atol=1e-8)
+
+
+def test_unknown_tangent_is_refused(tiny_mlp):
+    from meanflow.errors import ConfigError
+    net = tiny_mlp()
+    z = torch.randn(2, 2, dtype=torch.float64)
+    t = torch.full((2,), 0.5, dtype=torch.float64)
+    with pytest.raises(ConfigError, match="tangent"):
+        u_and_dudt(net, z, t, t, z, tangent="v02")

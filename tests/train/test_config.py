@@ -123,6 +123,7 @@ INVALID = [
     (["objective.sigma=0"], "objective.sigma"),
     (["objective.label_drop=1.5"], "label_drop"),
     (["objective.p=nan"], "objective.p"),
+    (["objective.tangent=v02"], "objective.tangent"),
     (["objective.p=true"], "objective.p"),
     (["optim.lr=0"], "optim.lr"),
     (["optim.lr=-1e-3"], "optim.lr"),

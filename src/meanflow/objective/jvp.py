@@ -30,9 +30,14 @@ from torch.autograd import forward_ad
 
 from meanflow.errors import ConfigError
 
-__all__ = ["JVP_STRATEGIES", "u_and_dudt", "time_derivative", "check_strategy"]
+__all__ = ["JVP_STRATEGIES", "TANGENTS", "u_and_dudt", "time_derivative", "check_strategy",
+           "check_tangent"]
 
 JVP_STRATEGIES = ("split", "split_func", "func", "forward_ad")
+
+# The tangent (dz, dr, dt) of the JVP on primals (z, r, t); dz is always the velocity v.
+# "v01" is the correct one; the others are the wrong choices of paper Tab. 1b, kept for ablations.
+TANGENTS = {"v01": (0.0, 1.0), "v00": (0.0, 0.0), "v10": (1.0, 0.0), "v11": (1.0, 1.0)}
 
 Net = Callable[..., Tensor]
 
@@ -58,22 +63,37 @@ def _same_rng(device: torch.device) -> Iterator[Callable[[], None]]:
     yield rewind
 
 
+def check_tangent(tangent: str) -> tuple[float, float]:
+    """(dr, dt) of a tangent name; only "v01" gives the true du/dt (paper Tab. 1b)."""
+    if tangent not in TANGENTS:
+        raise ConfigError(f"unknown JVP tangent {tangent!r}: choose one of {', '.join(TANGENTS)} "
+                          "((dz, dr, dt) = (v, 0, 1) is the correct one, 'v01')")
+    return TANGENTS[tangent]
+
+
 def _fn(net: Net, y: Tensor | None) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
     def f(z: Tensor, r: Tensor, t: Tensor) -> Tensor:
         return net(z, t, t - r, y)
     return f
 
 
-def _jvp_func(f: Callable, z: Tensor, r: Tensor, t: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-    return torch.func.jvp(f, (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)))
+def _time_tangents(r: Tensor, t: Tensor, dr_dt: tuple[float, float]) -> tuple[Tensor, Tensor]:
+    dr, dt = dr_dt
+    return torch.full_like(r, dr), torch.full_like(t, dt)
 
 
-def _jvp_forward_ad(f: Callable, z: Tensor, r: Tensor, t: Tensor,
-                    v: Tensor) -> tuple[Tensor, Tensor]:
+def _jvp_func(f: Callable, z: Tensor, r: Tensor, t: Tensor, v: Tensor,
+              dr_dt: tuple[float, float] = (0.0, 1.0)) -> tuple[Tensor, Tensor]:
+    return torch.func.jvp(f, (z, r, t), (v, *_time_tangents(r, t, dr_dt)))
+
+
+def _jvp_forward_ad(f: Callable, z: Tensor, r: Tensor, t: Tensor, v: Tensor,
+                    dr_dt: tuple[float, float] = (0.0, 1.0)) -> tuple[Tensor, Tensor]:
+    r_dot, t_dot = _time_tangents(r, t, dr_dt)
     with forward_ad.dual_level():
         out = f(forward_ad.make_dual(z, v),
-                forward_ad.make_dual(r, torch.zeros_like(r)),
-                forward_ad.make_dual(t, torch.ones_like(t)))
+                forward_ad.make_dual(r, r_dot),
+                forward_ad.make_dual(t, t_dot))
         u, dudt = forward_ad.unpack_dual(out)
     if dudt is None:  # the output does not depend on (z, r, t) at all
         dudt = torch.zeros_like(u)
@@ -89,7 +109,8 @@ def _jvp_precision(device: torch.device, keep_autocast: bool) -> contextlib.Abst
 
 
 def u_and_dudt(net: Net, z: Tensor, r: Tensor, t: Tensor, v: Tensor, y: Tensor | None = None,
-               strategy: str = "split", jvp_autocast: bool = False) -> tuple[Tensor, Tensor]:
+               strategy: str = "split", jvp_autocast: bool = False,
+               tangent: str = "v01") -> tuple[Tensor, Tensor]:
     """Average velocity and its total time derivative.
 
     Args:
@@ -101,35 +122,40 @@ def u_and_dudt(net: Net, z: Tensor, r: Tensor, t: Tensor, v: Tensor, y: Tensor |
         jvp_autocast: under an enclosing ``torch.autocast``, run the JVP in autocast too. By
             default it runs in fp32 with autocast off; the split strategies still run the grad
             pass under autocast, the joint ones (one pass for both) then run entirely in fp32.
+        tangent: (dz, dr, dt) of the JVP, a ``TANGENTS`` name. Only the default "v01" = (v, 0, 1)
+            gives du/dt; the others exist to reproduce the paper's ablation (Tab. 1b).
 
     Returns:
         ``(u, dudt)``, both (B, *S): u = net(z, t, t - r, y) carries the autograd graph when grad
         mode is on; dudt is detached (it only enters the stop-gradient target).
     """
     check_strategy(strategy)
+    dr_dt = check_tangent(tangent)
     f = _fn(net, y)
     if strategy in ("func", "forward_ad"):
         jvp = _jvp_func if strategy == "func" else _jvp_forward_ad
         with _jvp_precision(z.device, jvp_autocast):
-            u, dudt = jvp(f, z, r, t, v)
+            u, dudt = jvp(f, z, r, t, v, dr_dt)
         return u, dudt.detach()
     jvp = _jvp_func if strategy == "split_func" else _jvp_forward_ad
     with _same_rng(z.device) as rewind:
         with torch.no_grad(), _jvp_precision(z.device, jvp_autocast):
-            _, dudt = jvp(f, z, r, t, v)
+            _, dudt = jvp(f, z, r, t, v, dr_dt)
         rewind()
         u = f(z, r, t)
     return u, dudt
 
 
 def time_derivative(net: Net, z: Tensor, r: Tensor, t: Tensor, v: Tensor,
-                    y: Tensor | None = None, strategy: str = "split") -> Tensor:
+                    y: Tensor | None = None, strategy: str = "split",
+                    tangent: str = "v01") -> Tensor:
     """du/dt = v · ∂_z u(z, r, t) + ∂_t u(z, r, t), shape (B, *S), detached.
 
     Runs only the JVP (no grad pass): ``torch.func.jvp`` for "split_func" and "func",
     forward-mode dual tensors for "split" and "forward_ad".
     """
     check_strategy(strategy)
+    dr_dt = check_tangent(tangent)
     jvp = _jvp_func if strategy in ("split_func", "func") else _jvp_forward_ad
     with torch.no_grad():
-        return jvp(_fn(net, y), z, r, t, v)[1]
+        return jvp(_fn(net, y), z, r, t, v, dr_dt)[1]

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from meanflow.errors import ConfigError
-from meanflow.objective.jvp import check_strategy, u_and_dudt
+from meanflow.objective.jvp import check_strategy, check_tangent, u_and_dudt
 from meanflow.objective.time_sampler import TimeSampler
 
 __all__ = ["MeanFlowLoss", "average_velocity", "guided_velocity", "adaptive_weight",
@@ -140,6 +140,8 @@ class MeanFlowLoss:
         num_classes      = None            # None: unconditional; null class index = num_classes
         jvp              = "split"         # see meanflow.objective.jvp
         jvp_precision    = "fp32"          # under autocast: JVP in fp32, or "amp" (bf16 too)
+        tangent          = "v01"           # JVP tangent (dz, dr, dt) = (v, 0, 1); others are
+                                           # the wrong ones of Tab. 1b, for ablations only
 
     ``stats`` holds detached scalars: ``loss`` (weighted), ``mse`` (mean raw ||Δ||²),
     ``u_minus_v`` (mean ||u_θ - v||² against the plain conditional velocity, comparable with a
@@ -153,7 +155,7 @@ class MeanFlowLoss:
                  omega: float = 1.0, kappa: float = 0.0,
                  t_interval: tuple[float, float] = (0.0, 1.0), label_drop: float = 0.1,
                  num_classes: int | None = None, jvp: str = "split",
-                 jvp_precision: str = "fp32") -> None:
+                 jvp_precision: str = "fp32", tangent: str = "v01") -> None:
         self.sampler = TimeSampler(kind=time_sampler, mu=mu, sigma=sigma, mu_r=mu_r,
                                    sigma_r=sigma_r, fraction_r_neq_t=fraction_r_neq_t)
         if not (math.isfinite(p) and p >= 0):
@@ -179,6 +181,8 @@ class MeanFlowLoss:
             raise ConfigError(f"t_interval={tuple(t_interval)!r} must satisfy "
                               "0 <= t_min <= t_max <= 1")
         check_strategy(jvp)
+        check_tangent(tangent)
+        self.tangent = tangent
         if jvp_precision not in ("fp32", "amp"):
             raise ConfigError(f"jvp_precision={jvp_precision!r}: choose fp32 (JVP outside "
                               "autocast) or amp (JVP inside it)")
@@ -236,7 +240,8 @@ class MeanFlowLoss:
             v_tilde = guided_velocity(net, z, t, v, y, self.num_classes, self.omega,
                                       self.kappa, apply)
 
-        u, dudt = u_and_dudt(net, z, r, t, v_tilde, y, self.jvp, self.jvp_autocast)
+        u, dudt = u_and_dudt(net, z, r, t, v_tilde, y, self.jvp, self.jvp_autocast,
+                             self.tangent)
         check_output(u, z)
         u_tgt = (v_tilde - expand_like(t - r, x) * dudt).detach()
         err = (u - u_tgt).pow(2).flatten(1).sum(1)                      # (B,)

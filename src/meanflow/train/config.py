@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from meanflow.errors import ConfigError
-from meanflow.objective.jvp import JVP_STRATEGIES
+from meanflow.objective.jvp import JVP_STRATEGIES, TANGENTS
 from meanflow.objective.time_sampler import TIME_SAMPLERS
 
 __all__ = ["ModelConfig", "DataConfig", "ObjectiveConfig", "OptimConfig", "TrainConfig",
@@ -61,6 +61,8 @@ class ObjectiveConfig:
     jvp: str = "split"            # du/dt strategy (meanflow.objective.jvp)
     jvp_precision: str = "fp32"   # under train.amp: "fp32" keeps the JVP pass out of autocast,
                                   # "amp" runs it in bf16 too (split strategies only)
+    tangent: str = "v01"          # JVP tangent (dz, dr, dt) = (v, 0, 1); "v00", "v10", "v11"
+                                  # are the wrong ones of paper Tab. 1b (ablations only)
 
 
 @dataclass
@@ -284,6 +286,7 @@ def _validate(cfg: RunConfig) -> None:
                           "is split into equal micro-batches")
     _choice("train.amp", tr.amp, AMP_MODES)
     _choice("objective.jvp_precision", o.jvp_precision, JVP_PRECISIONS)
+    _choice("objective.tangent", o.tangent, tuple(TANGENTS))
     if not isinstance(tr.compile, bool):
         raise ConfigError("train.compile must be true or false")
     if not isinstance(tr.tensorboard, bool):

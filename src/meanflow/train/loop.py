@@ -76,7 +76,7 @@ def build_loss(cfg: RunConfig, num_classes: int | None) -> Callable:
                         sigma_r=o.sigma_r, fraction_r_neq_t=o.fraction_r_neq_t, p=o.p, c=o.c,
                         omega=o.omega, kappa=o.kappa, t_interval=tuple(o.t_interval),
                         label_drop=o.label_drop, num_classes=num_classes, jvp=o.jvp,
-                        jvp_precision=o.jvp_precision)
+                        jvp_precision=o.jvp_precision, tangent=o.tangent)
 
 
 def _differences(a: dict, b: dict, prefix: tuple = ()) -> list[tuple]:
