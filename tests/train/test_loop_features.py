@@ -316,3 +316,65 @@ def test_tensorboard_gets_the_logged_scalars_and_grids(tmp_path, monkeypatch):
             assert (f"train/{key}", pytest.approx(record[key]), record["step"]) in [
                 (t, v, s) for t, v, s in calls["scalar"]]
     assert calls["image"] == [("samples/nfe1", (1, 2 * (8 + 2) + 2, 2 * (8 + 2) + 2), 2)]
+
+
+class _PoolFeatures(torch.nn.Module):
+    """A tiny TorchScript-able extractor for 8×8 images (5-d features)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.lin(torch.nn.functional.adaptive_avg_pool2d(x, 2).flatten(1)))
+
+
+def _tiny_extractor_ref(tmp_path: Path, data: Path) -> Path:
+    from meanflow.metrics.fid import reference_stats
+    torch.manual_seed(0)
+    ext = tmp_path / "feat.pt"
+    torch.jit.save(torch.jit.script(_PoolFeatures().eval()), str(ext))
+    ref = tmp_path / "ref.npz"
+    reference_stats(str(data), ref, extractor=str(ext), device="cpu", progress=False)
+    return ref
+
+
+def test_periodic_fid_is_logged_and_equals_fid_calc(tmp_path):
+    """train.fid_every writes FID/KID lines to metrics.jsonl; the last one equals what
+    `meanflow fid calc` gives for the final checkpoint (same seeds, EMA, extractor)."""
+    from meanflow.metrics.fid import fid_of
+    data = images_npz(tmp_path)
+    ref = _tiny_extractor_ref(tmp_path, data)
+    cfg = image_config(data, steps=4, fid_every=2, fid_ref=str(ref), fid_n=8,
+                       fid_steps=[1, 2], ema_decays=[0.5])
+    train(cfg, tmp_path / "run")
+    lines = [json.loads(s) for s in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [d for d in lines if d.get("eval") == "fid"]
+    assert [d["step"] for d in evals] == [2, 4]
+    for d in evals:
+        assert d["fid_n"] == 8 and d["fid_weights"] == "ema_0.5"
+        assert {"fid_nfe1", "fid_nfe2", "kid_nfe1", "kid_se_nfe2"} <= set(d)
+        assert all(np.isfinite(d[k]) for k in ("fid_nfe1", "fid_nfe2"))
+    for k in (1, 2):
+        record = fid_of(tmp_path / "run", ref, n=8, steps=k, seed=0, device="cpu",
+                        progress=False)
+        assert record["fid"] == pytest.approx(evals[-1][f"fid_nfe{k}"], rel=1e-9, abs=1e-12)
+        assert record["kid"] == pytest.approx(evals[-1][f"kid_nfe{k}"], rel=1e-9, abs=1e-12)
+
+
+def test_periodic_fid_bad_settings_stop_before_the_run(tmp_path):
+    data = images_npz(tmp_path)
+    with pytest.raises(ConfigError, match="fid_ref"):
+        image_config(data, fid_every=2)
+    with pytest.raises(Exception, match="does not exist"):
+        train(image_config(data, fid_every=2, fid_ref=str(tmp_path / "nope.npz")),
+              tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    # fmnist statistics cannot score 8×8 images
+    from meanflow.metrics import FeatureStats
+    FeatureStats.from_features(np.random.default_rng(0).normal(size=(10, 128)),
+                               meta={"extractor": "fmnist"}).save(tmp_path / "fm.npz")
+    with pytest.raises(ConfigError, match="cannot read this data"):
+        train(image_config(data, fid_every=2, fid_ref=str(tmp_path / "fm.npz")),
+              tmp_path / "run")
+    assert not (tmp_path / "run").exists()

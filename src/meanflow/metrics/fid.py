@@ -1,9 +1,10 @@
 """``meanflow fid``: reference statistics of a dataset, and the FID of samples or a checkpoint.
 
-Features come from an *extractor*. Today that is ``fmnist``, the repo's own Fashion-MNIST
-classifier (``meanflow.metrics.classifier``; 128-d, CPU speed, its own scale: not comparable
-with Inception FIDs). The standard Inception network is the next extractor (issue 4). Every
-result records the extractor, N, NFE, guidance, checkpoint and seed.
+Features come from an *extractor* (:mod:`meanflow.metrics.extractors`): ``inception``, the
+standard FID Inception-v3; ``fmnist``, the repo's own Fashion-MNIST classifier (128-d, CPU
+speed, its own scale: not comparable with Inception FIDs); or a TorchScript / state-dict file.
+Reference files keep the extractor's identity and 5 000 feature rows, so KID comes with every
+FID. Every result records the extractor, N, NFE, guidance, checkpoint and seed.
 """
 
 from __future__ import annotations
@@ -18,23 +19,48 @@ import torch
 from torch import Tensor
 
 from meanflow.errors import ConfigError, DataError
-from meanflow.metrics.frechet import FeatureStats, frechet_distance
+from meanflow.metrics.frechet import FeatureStats, frechet_distance, kid, precision_recall
 
-__all__ = ["EXTRACTORS", "extract_features", "reference_stats", "fid_of"]
+__all__ = ["EXTRACTORS", "extract_features", "reference_stats", "fid_of", "score_features",
+           "quantize"]
 
-EXTRACTORS = ("fmnist",)
+EXTRACTORS = ("inception", "fmnist")   # or the path of a TorchScript / state-dict file
+KID_FEATURES = 5000                   # feature rows kept in stats files for KID
 
 
-def extract_features(images: Tensor, extractor: str = "fmnist") -> np.ndarray:
-    """(N, D) float64 features of images (N, C, H, W) in [-1, 1]."""
-    if extractor not in EXTRACTORS:
-        raise ConfigError(f"unknown extractor {extractor!r}: choose one of "
-                          f"{', '.join(EXTRACTORS)} (Inception comes with issue 4)")
-    if images.ndim != 4 or tuple(images.shape[1:]) != (1, 28, 28):
-        raise ConfigError(f"the fmnist extractor takes 1×28×28 images; got samples of shape "
-                          f"{tuple(images.shape[1:])}")
-    from meanflow.metrics.classifier import fmnist_features
-    return fmnist_features(images)
+def extract_features(images: Tensor, extractor: str = "fmnist",
+                     device: torch.device | str = "cpu", progress: bool = False) -> np.ndarray:
+    """(N, D) float64 features of images (N, C, H, W) in [-1, 1] (see
+    :func:`meanflow.metrics.extractors.load_extractor` for ``extractor``)."""
+    from meanflow.metrics.extractors import load_extractor
+    return load_extractor(extractor, device).features(images, progress=progress)
+
+
+def quantize(images: Tensor) -> Tensor:
+    """Samples as they would be saved as 8-bit images: clamped to [-1, 1], rounded to 256
+    levels, back in [-1, 1]. Reference images are 8-bit, so generated ones are scored so too."""
+    u8 = ((images.float().clamp(-1.0, 1.0) + 1.0) * 127.5).round()
+    return u8 / 127.5 - 1.0
+
+
+def score_features(feats: np.ndarray, ref: FeatureStats, kid_subset: int = 1000,
+                   pr: bool = False) -> dict[str, Any]:
+    """FID of features against reference statistics; KID (and precision/recall with ``pr``)
+    too when the reference file kept feature rows."""
+    out: dict[str, Any] = {"fid": frechet_distance(FeatureStats.from_features(feats), ref)}
+    if ref.features is not None:
+        size = min(kid_subset, feats.shape[0], ref.features.shape[0])
+        if size >= 2:
+            k, k_se = kid(feats, ref.features, subsets=100, subset_size=size, seed=0)
+            out.update(kid=k, kid_se=k_se, kid_subset=size)
+        if pr:
+            m = min(feats.shape[0], ref.features.shape[0])
+            prec, rec = precision_recall(ref.features[:m], feats[:m], k=3)
+            out.update(precision=prec, recall=rec, pr_n=m)
+    elif pr:
+        raise ConfigError("precision/recall needs feature rows in the reference file: "
+                          "recompute it with meanflow fid ref (it keeps them by default)")
+    return out
 
 
 def _dataset_images(data: str, options: dict[str, Any], n: int | None) -> Tensor:
@@ -49,13 +75,19 @@ def _dataset_images(data: str, options: dict[str, Any], n: int | None) -> Tensor
 
 
 def reference_stats(data: str, out: str | os.PathLike[str], options: dict[str, Any] | None = None,
-                    n: int | None = None, extractor: str = "fmnist") -> FeatureStats:
-    """Feature statistics of the first ``n`` images (all by default) of a dataset, saved."""
+                    n: int | None = None, extractor: str = "fmnist",
+                    device: str = "auto", keep: int = KID_FEATURES,
+                    progress: bool = True) -> FeatureStats:
+    """Feature statistics of the first ``n`` images (all by default) of a dataset, saved with
+    the extractor's identity and ``keep`` feature rows (for KID)."""
+    from meanflow.metrics.extractors import load_extractor
+    from meanflow.train.loop import resolve_device
+    ext = load_extractor(extractor, resolve_device(device))   # before the slow data loading
     images = _dataset_images(data, options or {}, n)
     stats = FeatureStats.from_features(
-        extract_features(images, extractor),
-        meta={"extractor": extractor, "data": str(data), "options": options or {},
-              "n": int(images.shape[0])})
+        ext.features(images, progress=progress),
+        meta={**ext.identity, "data": str(data), "options": options or {},
+              "n": int(images.shape[0])}, keep=keep)
     stats.save(out)
     return stats
 
@@ -80,34 +112,51 @@ def _load_samples(path: Path, n: int | None) -> tuple[Tensor, dict[str, Any]]:
 
 def fid_of(source: str | os.PathLike[str], ref: str | os.PathLike[str], n: int | None = 10000,
            steps: int = 1, seed: int = 0, ema: float | str | None = "auto",
-           batch_size: int = 500, device: str = "auto") -> dict[str, Any]:
-    """FID of a samples .npz, or of N fresh samples of a run folder / checkpoint (sample i
-    from seed SEED+i, labels balanced over classes), against a reference stats file."""
+           batch_size: int = 500, device: str = "auto", extractor: str | None = None,
+           pr: bool = False, progress: bool = True) -> dict[str, Any]:
+    """FID (and KID) of a samples .npz, or of N fresh samples of a run folder / checkpoint
+    (sample i from seed SEED+i, labels balanced over classes), against a reference stats file.
+
+    The extractor is the one recorded in the reference file; ``extractor`` may name where its
+    file now is (its checksum must match). Samples are quantised to 8 bits first.
+    """
+    from meanflow.metrics.extractors import _check_identity, load_extractor
+    from meanflow.train.loop import resolve_device
     ref_stats = FeatureStats.load(ref)
-    extractor = ref_stats.meta.get("extractor", "fmnist")
+    dev = resolve_device(device)
+    spec = extractor or ref_stats.meta.get("extractor", "fmnist")
+    made_with = ref_stats.meta.get("extractor", "fmnist")
+    ext = load_extractor(spec, dev)
+    got = ext.identity["extractor"]
+    if got != made_with and (got in EXTRACTORS or made_with in EXTRACTORS):
+        raise ConfigError(f"{ref} holds {made_with!r} features, but the extractor given is "
+                          f"{got!r}: compare like with like (drop --extractor, or recompute "
+                          "the reference with meanflow fid ref --extractor)")
+    _check_identity(ext.identity, ref_stats.meta)
     source = Path(source)
-    record: dict[str, Any] = {"extractor": extractor, "ref": str(ref)}
+    record: dict[str, Any] = {"extractor": ext.identity, "ref": str(ref), "ref_n": ref_stats.n}
     if source.suffix == ".npz":
         x, meta = _load_samples(source, n)
         record.update(samples=str(source), checkpoint=meta.get("checkpoint"),
                       steps=meta.get("steps"), seed=meta.get("seed"))
     else:
         from meanflow.sampling import sample_seeded
-        from meanflow.train.loop import load_model, resolve_device
-        dev = resolve_device(device)
+        from meanflow.train.loop import load_model
         loaded = load_model(source, ema=ema, device=dev)
         count = 10000 if n is None else n
         y = (None if loaded.num_classes is None
              else torch.arange(count) % loaded.num_classes)
         method = "euler" if loaded.config.objective.kind == "flow_matching" else "meanflow"
         x = sample_seeded(loaded.net, range(seed, seed + count), loaded.shape, steps=steps,
-                          y=y, method=method, batch_size=batch_size, device=dev, progress=True)
+                          y=y, method=method, batch_size=batch_size, device=dev,
+                          progress=progress)
         o = loaded.config.objective
         record.update(checkpoint=str(loaded.checkpoint), step=loaded.step,
                       weights=loaded.weights, method=method, steps=steps, seed=seed,
                       guidance={"omega": o.omega, "kappa": o.kappa,
                                 "t_interval": list(o.t_interval)})
-    feats = extract_features(x, extractor)
-    stats = FeatureStats.from_features(feats)
-    record.update(n=int(x.shape[0]), fid=frechet_distance(stats, ref_stats))
+    if x.shape[0] < 2:
+        raise ConfigError(f"FID needs at least 2 samples, got {x.shape[0]}: raise --n")
+    feats = ext.features(quantize(x), progress=progress)
+    record.update(n=int(x.shape[0]), quantized=True, **score_features(feats, ref_stats, pr=pr))
     return record

@@ -74,13 +74,16 @@ class FeatureStats:
     """Mean ``mu`` (D,) and unbiased covariance ``sigma`` (D, D) of ``n`` feature vectors.
 
     ``meta`` is free-form JSON-serialisable information (extractor, data set, sample count,
-    preprocessing...) that travels with the statistics in the saved file.
+    preprocessing...) that travels with the statistics in the saved file. ``features``
+    optionally keeps (a subset of) the raw feature rows as float32, for KID and
+    precision/recall, which need more than the first two moments.
     """
 
     mu: np.ndarray
     sigma: np.ndarray
     n: int
     meta: dict[str, Any] = field(default_factory=dict)
+    features: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.mu, self.sigma = _check_mu_sigma(self.mu, self.sigma, "stats")
@@ -90,15 +93,22 @@ class FeatureStats:
         self.n = int(self.n)
         if not isinstance(self.meta, dict):
             raise ConfigError(f"stats.meta must be a dict, got {type(self.meta).__name__}")
+        if self.features is not None:
+            f = np.asarray(self.features)
+            if f.ndim != 2 or f.shape[1] != self.dim or f.shape[0] < 2:
+                raise ConfigError(f"stats.features must be (N >= 2, {self.dim}) rows, got "
+                                  f"shape {f.shape}")
+            self.features = f.astype(np.float32, copy=False)
 
     @property
     def dim(self) -> int:
         return int(self.mu.shape[0])
 
     @classmethod
-    def from_features(cls, feats: ArrayLike, meta: dict[str, Any] | None = None
-                      ) -> "FeatureStats":
+    def from_features(cls, feats: ArrayLike, meta: dict[str, Any] | None = None,
+                      keep: int = 0) -> "FeatureStats":
         """Statistics of ``feats`` (N, D), N >= 2: mean and covariance with divisor N - 1.
+        ``keep`` > 0 also keeps the first ``keep`` rows (float32) for KID.
 
         Rows are converted to float64 chunk by chunk, so a float32 input of tens of thousands
         of 2048-d rows is never copied to float64 as a whole. Two passes (mean, then centred
@@ -116,8 +126,10 @@ class FeatureStats:
             scatter += xc.T @ xc
         sigma = scatter / (n - 1)
         sigma = 0.5 * (sigma + sigma.T)  # exactly symmetric
+        kept = (x[:keep].to(torch.float32).cpu().numpy() if keep > 0 and min(n, keep) >= 2
+                else None)
         return cls(mu=mu.cpu().numpy(), sigma=sigma.cpu().numpy(), n=n,
-                   meta=dict(meta) if meta else {})
+                   meta=dict(meta) if meta else {}, features=kept)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``mu``, ``sigma``, ``n`` and ``meta`` (as JSON) to a ``.npz`` file, atomically.
@@ -132,8 +144,9 @@ class FeatureStats:
             raise ConfigError(f"stats.meta is not JSON-serialisable ({exc}); keep only "
                               "strings, numbers, lists and dicts in meta") from None
         with atomic_path(path) as tmp:
+            extra = {} if self.features is None else {"features": self.features}
             np.savez(tmp, mu=self.mu, sigma=self.sigma, n=np.int64(self.n),
-                     meta=np.array(meta_json), format=np.array(_STATS_FORMAT))
+                     meta=np.array(meta_json), format=np.array(_STATS_FORMAT), **extra)
         return path
 
     @classmethod
@@ -156,6 +169,8 @@ class FeatureStats:
                 sigma = np.array(data["sigma"], dtype=np.float64)
                 n_arr = np.array(data["n"])
                 meta_arr = np.array(data["meta"])
+                feats = (np.array(data["features"], dtype=np.float32)
+                         if "features" in data.files else None)
         except DataError:
             raise
         except (OSError, ValueError, EOFError, KeyError, TypeError, zipfile.BadZipFile) as exc:
@@ -170,7 +185,7 @@ class FeatureStats:
             meta = json.loads(str(meta_arr))
             if not isinstance(meta, dict):
                 raise ValueError("meta is not a JSON object")
-            return cls(mu=mu, sigma=sigma, n=int(n_arr), meta=meta)
+            return cls(mu=mu, sigma=sigma, n=int(n_arr), meta=meta, features=feats)
         except (ValueError, ConfigError) as exc:
             msg = str(exc).splitlines()[0]
             raise DataError(f"feature stats file {path} is malformed ({msg}); {fix}") from None

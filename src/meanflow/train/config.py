@@ -94,6 +94,10 @@ class TrainConfig:
     sample_count: int = 64        # samples in each PNG
     sample_steps: list[int] = field(default_factory=lambda: [1, 2])  # NFEs drawn each time
     tensorboard: bool = False     # also log to run_dir/tensorboard (needs `tensorboard`)
+    fid_every: int = 0            # FID/KID of EMA samples every N steps into metrics.jsonl (0 off)
+    fid_ref: str | None = None    # reference stats from `meanflow fid ref` (names the extractor)
+    fid_n: int = 1000             # samples per evaluation (seeds 0..N-1, the same every time)
+    fid_steps: list[int] = field(default_factory=lambda: [1])  # NFEs evaluated
 
 
 @dataclass
@@ -297,6 +301,15 @@ def _validate(cfg: RunConfig) -> None:
             isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in tr.sample_steps)):
         raise ConfigError(f"train.sample_steps={tr.sample_steps!r} must be a list of positive "
                           "step counts, e.g. [1, 2]")
+    _number("train.fid_every", tr.fid_every, lo=0, integer=True)
+    _number("train.fid_n", tr.fid_n, lo=2, integer=True)
+    if (not isinstance(tr.fid_steps, (list, tuple)) or not tr.fid_steps or not all(
+            isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in tr.fid_steps)):
+        raise ConfigError(f"train.fid_steps={tr.fid_steps!r} must be a list of positive step "
+                          "counts, e.g. [1, 2]")
+    if tr.fid_every > 0 and not (isinstance(tr.fid_ref, str) and tr.fid_ref):
+        raise ConfigError("train.fid_every > 0 needs train.fid_ref: make reference statistics "
+                          "with `meanflow fid ref DATA -o stats.npz` and set train.fid_ref")
     _number("data.augment", cfg.data.augment, lo=0, hi=1)
     _number("train.seed", tr.seed, lo=0, integer=True)
     _number("train.log_every", tr.log_every, lo=1, integer=True)

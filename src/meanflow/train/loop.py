@@ -40,7 +40,8 @@ __all__ = ["train", "check_config", "new_run_dir", "build_loss", "step_seed", "r
 # Settings that may change between a run and its resumption; anything else must match.
 RESUMABLE_KEYS = {("train", k) for k in (
     "steps", "epochs", "images", "log_every", "checkpoint_every", "keep_checkpoints", "device",
-    "progress", "compile", "sample_every", "sample_count", "sample_steps", "tensorboard")}
+    "progress", "compile", "sample_every", "sample_count", "sample_steps", "tensorboard",
+    "fid_every", "fid_ref", "fid_n", "fid_steps")}
 MAX_NONFINITE_IN_A_ROW = 10
 
 
@@ -228,6 +229,54 @@ def check_config(cfg: RunConfig) -> None:
     build_loss(cfg, num_classes)
     if cfg.train.tensorboard:
         _tensorboard_writer(None)
+    if cfg.train.fid_every > 0:
+        FIDMonitor(cfg, tuple(ds.shape), num_classes, resolve_device(cfg.train.device))
+
+
+class FIDMonitor:
+    """FID / KID of samples from the first EMA, on fixed seeds, at each ``train.fid_steps`` NFE,
+    against ``train.fid_ref``. Built before the run starts, so that a missing or mismatched
+    reference file or extractor stops the run before it writes anything."""
+
+    def __init__(self, cfg: RunConfig, shape: tuple[int, ...], num_classes: int | None,
+                 device: torch.device) -> None:
+        from meanflow.metrics.extractors import load_extractor
+        from meanflow.metrics.frechet import FeatureStats
+        tr = cfg.train
+        self.ref = FeatureStats.load(tr.fid_ref)
+        spec = self.ref.meta.get("extractor", "fmnist")
+        self.extractor = load_extractor(spec, device, expect=self.ref.meta)
+        if len(shape) != 3:
+            raise ConfigError(f"train.fid_every needs image data; this data has samples of shape "
+                              f"{shape}: set train.fid_every=0")
+        probe = torch.zeros(2, *shape)
+        try:
+            dim = self.extractor.features(probe).shape[1]
+        except ConfigError as exc:
+            raise ConfigError(f"train.fid_ref's extractor cannot read this data: {exc}") from None
+        if dim != self.ref.dim:
+            raise ConfigError(f"train.fid_ref holds {self.ref.dim}-d features but its extractor "
+                              f"gives {dim}-d ones: recompute it with meanflow fid ref")
+        self.cfg, self.shape, self.num_classes, self.device = cfg, shape, num_classes, device
+
+    def __call__(self, sampler_net: nn.Module, ema: EMA, step: int) -> dict[str, Any]:
+        from meanflow.metrics.fid import quantize, score_features
+        from meanflow.sampling import sample_seeded
+        tr = self.cfg.train
+        sampler_net.load_state_dict(ema.shadows[EMA.key(ema.decays[0])])
+        y = None if self.num_classes is None else torch.arange(tr.fid_n) % self.num_classes
+        method = "euler" if self.cfg.objective.kind == "flow_matching" else "meanflow"
+        record: dict[str, Any] = {"step": step, "eval": "fid", "fid_n": tr.fid_n,
+                                  "fid_extractor": self.extractor.name,
+                                  "fid_weights": EMA.key(ema.decays[0])}
+        for k in tr.fid_steps:
+            x = sample_seeded(sampler_net, range(tr.fid_n), self.shape, steps=k, y=y,
+                              method=method, batch_size=500, device=self.device)
+            scores = score_features(self.extractor.features(quantize(x)), self.ref)
+            for name, value in scores.items():
+                if name != "kid_subset":
+                    record[f"{name}_nfe{k}"] = value
+        return record
 
 
 class WithAugmentLabels:
@@ -382,6 +431,8 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False,
         augment = EDMAugment(p=cfg.data.augment)
     if tr.tensorboard:
         _tensorboard_writer(None)
+    fid_monitor = (FIDMonitor(cfg, shape, num_classes, device) if tr.fid_every > 0
+                   else None)
     prepare_run_dir(cfg, run_dir, resume)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                            weight_decay=cfg.optim.weight_decay, foreach=True)
@@ -416,7 +467,7 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False,
         check_compiled(model, loss_fn, loss_call, x0, y0, aug0,
                        rtol=3e-2 if tr.amp == "bf16" else 1e-3, autocast=autocast)
     sampler_net = None
-    if tr.sample_count > 0:
+    if tr.sample_count > 0 or fid_monitor is not None:
         import copy
         sampler_net = copy.deepcopy(model).eval()
     writer = _tensorboard_writer(run_dir) if tr.tensorboard else None
@@ -507,7 +558,23 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False,
                 sums, count, t_log = {}, 0, now
             if done % tr.checkpoint_every == 0 or done == steps:
                 last_ckpt = _save(run_dir, done, model, ema, opt, cfg, data_info)
-            if sampler_net is not None and (done == steps or (
+            if fid_monitor is not None and (done == steps or done % tr.fid_every == 0):
+                t_eval = time.perf_counter()
+                if bar is not None:
+                    bar.set_description(f"{cfg.objective.kind} (FID)")
+                record = fid_monitor(sampler_net, ema, done)
+                with open(metrics_path, "a") as fh:
+                    fh.write(json.dumps(record) + "\n")
+                if writer is not None:
+                    for k, v in record.items():
+                        if k.startswith(("fid_nfe", "kid_nfe")):
+                            writer.add_scalar(f"eval/{k}", v, done)
+                if bar is not None:
+                    bar.set_description(f"{cfg.objective.kind}")
+                    bar.write(f"step {done}: " + ", ".join(
+                        f"{k} {v:.4g}" for k, v in record.items() if k.startswith("fid_nfe")))
+                t_log += time.perf_counter() - t_eval  # not training time: off the rate
+            if tr.sample_count > 0 and (done == steps or (
                     tr.sample_every > 0 and done % tr.sample_every == 0)):
                 t_sample = time.perf_counter()
                 _sample_pngs(run_dir, done, sampler_net, ema, cfg, shape, num_classes, device,
