@@ -302,6 +302,20 @@ def test_resume_with_a_changed_objective_is_refused(tmp_path):
     assert snapshot(run) == before
 
 
+def test_resume_of_a_run_made_before_a_setting_existed(tmp_path):
+    """A config.json written before a setting was added (so it lacks the key) resumes when
+    the setting keeps its default, and is refused when it does not."""
+    run = tmp_path / "run"
+    train(make_config(4), run)
+    saved = json.loads((run / "config.json").read_text())
+    del saved["objective"]["tangent"]
+    (run / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(ConfigError, match="objective.tangent"):
+        train(make_config(8, objective={"tangent": "v11"}), run, resume=True)
+    train(make_config(8), run, resume=True)
+    assert (run / "checkpoints" / "step_0000008").is_dir()
+
+
 def test_resume_with_corrupt_config_json(tmp_path):
     """A run whose config.json is corrupt cannot be resumed: CheckpointError naming it."""
     run = tmp_path / "run"

@@ -108,6 +108,10 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> None:
         except json.JSONDecodeError:
             raise CheckpointError(f"{saved} is corrupt: restore it, or start a new run in "
                                   "another folder") from None
+        try:  # settings added to meanflow after the run was made take their defaults
+            old = RunConfig.from_dict(old).to_dict()
+        except ConfigError:
+            pass  # compare as saved; the differences are reported below
         diff = [d for d in _differences(old, cfg.to_dict()) if d not in RESUMABLE_KEYS]
         if diff:
             keys = ", ".join(".".join(d) for d in diff)
