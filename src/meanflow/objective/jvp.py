@@ -11,7 +11,8 @@ Strategies (all exact; they differ in cost, see JVP-NOTES and benchmarks/step_co
 - ``"split"`` (default): du/dt from forward-mode dual tensors (``torch.autograd.forward_ad``)
   under ``torch.no_grad()``, then u from an ordinary forward with grad. The target is
   stop-gradient anyway, so nothing is lost; memory stays that of flow matching and the grad pass
-  may use fused kernels or a DDP wrapper. The global RNG state is restored between the passes so
+  may use fused kernels or a DDP wrapper (``jvp_net``: the JVP on the unwrapped module, the
+  grad pass through the wrapper). The global RNG state is restored between the passes so
   dropout masks are identical. Dual tensors were the faster engine on CPU (README, Results) and
   are the one JVP-NOTES saw working under bf16 autocast.
 - ``"split_func"``: the same with ``torch.func.jvp`` for the no-grad JVP.
@@ -110,7 +111,7 @@ def _jvp_precision(device: torch.device, keep_autocast: bool) -> contextlib.Abst
 
 def u_and_dudt(net: Net, z: Tensor, r: Tensor, t: Tensor, v: Tensor, y: Tensor | None = None,
                strategy: str = "split", jvp_autocast: bool = False,
-               tangent: str = "v01") -> tuple[Tensor, Tensor]:
+               tangent: str = "v01", jvp_net: Net | None = None) -> tuple[Tensor, Tensor]:
     """Average velocity and its total time derivative.
 
     Args:
@@ -124,6 +125,11 @@ def u_and_dudt(net: Net, z: Tensor, r: Tensor, t: Tensor, v: Tensor, y: Tensor |
             pass under autocast, the joint ones (one pass for both) then run entirely in fp32.
         tangent: (dz, dr, dt) of the JVP, a ``TANGENTS`` name. Only the default "v01" = (v, 0, 1)
             gives du/dt; the others exist to reproduce the paper's ablation (Tab. 1b).
+        jvp_net: the same network for the no-grad JVP pass of the split strategies, when the
+            grad pass goes through a wrapper that forward-mode AD cannot run through (DDP:
+            ``net`` is the wrapper, ``jvp_net`` its ``.module``). The joint strategies have one
+            pass only and refuse a distinct ``jvp_net``: gradients through it would bypass the
+            wrapper.
 
     Returns:
         ``(u, dudt)``, both (B, *S): u = net(z, t, t - r, y) carries the autograd graph when grad
@@ -133,14 +139,19 @@ def u_and_dudt(net: Net, z: Tensor, r: Tensor, t: Tensor, v: Tensor, y: Tensor |
     dr_dt = check_tangent(tangent)
     f = _fn(net, y)
     if strategy in ("func", "forward_ad"):
+        if jvp_net is not None and jvp_net is not net:
+            raise ConfigError(f"JVP strategy {strategy!r} computes u and du/dt in one pass, so "
+                              "it cannot take a separate no-grad jvp_net: use 'split', or "
+                              "all-reduce the gradients by hand")
         jvp = _jvp_func if strategy == "func" else _jvp_forward_ad
         with _jvp_precision(z.device, jvp_autocast):
             u, dudt = jvp(f, z, r, t, v, dr_dt)
         return u, dudt.detach()
     jvp = _jvp_func if strategy == "split_func" else _jvp_forward_ad
+    f_jvp = f if jvp_net is None else _fn(jvp_net, y)
     with _same_rng(z.device) as rewind:
         with torch.no_grad(), _jvp_precision(z.device, jvp_autocast):
-            _, dudt = jvp(f, z, r, t, v, dr_dt)
+            _, dudt = jvp(f_jvp, z, r, t, v, dr_dt)
         rewind()
         u = f(z, r, t)
     return u, dudt

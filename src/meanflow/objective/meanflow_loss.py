@@ -202,12 +202,16 @@ class MeanFlowLoss:
     def __call__(self, net: Net, x: Tensor, y: Tensor | None = None, *,
                  generator: torch.Generator | None = None,
                  r: Tensor | None = None, t: Tensor | None = None,
-                 e: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                 e: Tensor | None = None,
+                 jvp_net: Net | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """Per-sample loss (B,) and a dict of detached scalar stats.
 
         ``generator`` drives every random draw of the loss (times, noise, label dropout), so a
         seeded generator makes the step reproducible. ``r``, ``t`` (B,) and ``e`` (B, *S) may
-        be given by hand (tests, ablations); they are validated.
+        be given by hand (tests, ablations); they are validated. ``jvp_net`` (the same
+        weights, unwrapped) takes every no-grad network call, the JVP and the guidance ones,
+        while ``net`` takes only the grad-carrying forward: that is how a DDP wrapper is used
+        (see :func:`meanflow.objective.jvp.u_and_dudt`; split strategies only).
         """
         check_batch(x, y, self.num_classes)
         B = x.shape[0]
@@ -237,11 +241,12 @@ class MeanFlowLoss:
             y, dropped = drop_labels(y, self.label_drop, self.num_classes, generator)
             t_min, t_max = self.t_interval
             apply = (~dropped) & (t >= t_min) & (t <= t_max)
-            v_tilde = guided_velocity(net, z, t, v, y, self.num_classes, self.omega,
+            no_grad_net = net if jvp_net is None else jvp_net
+            v_tilde = guided_velocity(no_grad_net, z, t, v, y, self.num_classes, self.omega,
                                       self.kappa, apply)
 
         u, dudt = u_and_dudt(net, z, r, t, v_tilde, y, self.jvp, self.jvp_autocast,
-                             self.tangent)
+                             self.tangent, jvp_net=jvp_net)
         check_output(u, z)
         u_tgt = (v_tilde - expand_like(t - r, x) * dudt).detach()
         err = (u - u_tgt).pow(2).flatten(1).sum(1)                      # (B,)

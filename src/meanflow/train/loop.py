@@ -3,6 +3,12 @@
 A run folder holds ``config.json``/``config.yaml`` (written before the first step),
 ``metrics.jsonl`` (one line per ``log_every`` steps) and ``checkpoints/step_*``.
 
+Under ``torchrun`` the same loop runs data-parallel (:mod:`meanflow.train.distributed`): each of
+the W ranks trains on ``batch_size / W`` images per step, the grad pass goes through DDP and the
+JVP through the unwrapped module; rank 0 alone writes the run folder, logs all-reduced means and
+writes checkpoints (the others wait for it); samples for PNGs and FID are shared out over
+the ranks by seed.
+
 Every random draw of step k comes from seeds derived from (seed, rank, k): the batch, the times,
 the noise and label dropout from an explicit generator, dropout from the global RNG re-seeded at
 each step. Resuming from a checkpoint therefore continues exactly where the run stopped.
@@ -27,10 +33,12 @@ from meanflow.data import BatchSource, build_dataset
 from meanflow.errors import CheckpointError, ConfigError
 from meanflow.models import build_model_for_data
 from meanflow.objective import FlowMatchingLoss, MeanFlowLoss
+from meanflow.train import distributed as dist_
 from meanflow.train.checkpoint import (atomic_write_text, find_checkpoint, list_checkpoints,
                                        load_checkpoint, load_optimizer_tensors,
                                        optimizer_tensors, save_checkpoint)
 from meanflow.train.config import RunConfig
+from meanflow.train.distributed import World
 from meanflow.train.ema import EMA
 
 __all__ = ["train", "check_config", "new_run_dir", "build_loss", "step_seed", "resolve_device",
@@ -159,11 +167,11 @@ def _lr_at(cfg: RunConfig, step: int) -> float:
 
 
 def _save(run_dir: Path, step: int, model: nn.Module, ema: EMA, opt: torch.optim.Optimizer,
-          cfg: RunConfig, data_info: dict[str, Any]) -> Path:
+          cfg: RunConfig, data_info: dict[str, Any], world_size: int = 1) -> Path:
     opt_tensors, opt_meta = optimizer_tensors(opt)
     state = {"step": step, "optimizer": opt_meta, "config": cfg.to_dict(), "data": data_info,
              "ema_decays": ema.decays, "meanflow_version": __version__,
-             "torch_version": torch.__version__}
+             "torch_version": torch.__version__, "world_size": world_size}
     path = save_checkpoint(run_dir / "checkpoints" / f"step_{step:07d}",
                            model=model.state_dict(), ema=ema.state_dict(),
                            optimizer=opt_tensors, state=state)
@@ -221,6 +229,7 @@ def check_config(cfg: RunConfig) -> None:
     """
     cfg.validate()
     resolve_device(cfg.train.device)
+    _check_world(cfg, dist_.env_world())
     ds = build_dataset(cfg.data.name, **cfg.data.options)
     num_classes = ds.num_classes if cfg.data.class_conditional else None
     if cfg.data.class_conditional and num_classes is None:
@@ -235,6 +244,14 @@ def check_config(cfg: RunConfig) -> None:
         _tensorboard_writer(None)
     if cfg.train.fid_every > 0:
         FIDMonitor(cfg, tuple(ds.shape), num_classes, resolve_device(cfg.train.device))
+
+
+def _check_world(cfg: RunConfig, world: World) -> int:
+    """Images per micro-batch on each rank; refuses what distributed training does not do."""
+    if world.enabled and cfg.train.compile:
+        raise ConfigError("train.compile is not supported with several processes (torchrun) "
+                          "yet: set train.compile=false")
+    return dist_.check_batch_split(cfg.train.batch_size, cfg.train.grad_accumulation, world)
 
 
 class FIDMonitor:
@@ -263,7 +280,12 @@ class FIDMonitor:
                               f"gives {dim}-d ones: recompute it with meanflow fid ref")
         self.cfg, self.shape, self.num_classes, self.device = cfg, shape, num_classes, device
 
-    def __call__(self, sampler_net: nn.Module, ema: EMA, step: int) -> dict[str, Any]:
+    def __call__(self, sampler_net: nn.Module, ema: EMA, step: int,
+                 world: World = World()) -> dict[str, Any] | None:
+        """The record for metrics.jsonl. Under torchrun every rank samples and extracts the
+        features of its share of the seeds; rank 0 gets them all and returns the record, the
+        others None. Sample i depends only on seed i, so the rank count does not matter."""
+        import numpy as np
         from meanflow.metrics.fid import quantize, score_features
         from meanflow.sampling import sample_seeded
         tr = self.cfg.train
@@ -273,14 +295,24 @@ class FIDMonitor:
         record: dict[str, Any] = {"step": step, "eval": "fid", "fid_n": tr.fid_n,
                                   "fid_extractor": self.extractor.name,
                                   "fid_weights": EMA.key(ema.decays[0])}
+        mine = dist_.shard(range(tr.fid_n), world)
         for k in tr.fid_steps:
-            x = sample_seeded(sampler_net, range(tr.fid_n), self.shape, steps=k, y=y,
-                              method=method, batch_size=500, device=self.device)
-            scores = score_features(self.extractor.features(quantize(x)), self.ref)
+            if mine:
+                x = sample_seeded(sampler_net, mine, self.shape, steps=k,
+                                  y=None if y is None else y[mine], method=method,
+                                  batch_size=500, device=self.device)
+                local = torch.from_numpy(np.asarray(self.extractor.features(quantize(x)),
+                                                    dtype=np.float64))
+            else:
+                local = torch.zeros((0, self.ref.dim), dtype=torch.float64)
+            feats = dist_.gather_sharded(local, tr.fid_n, world, self.device)
+            if not world.is_main:
+                continue
+            scores = score_features(feats.numpy(), self.ref)
             for name, value in scores.items():
                 if name != "kid_subset":
                     record[f"{name}_nfe{k}"] = value
-        return record
+        return record if world.is_main else None
 
 
 class WithAugmentLabels:
@@ -305,10 +337,15 @@ def make_loss_call(loss_fn: Callable, compile_: bool = False) -> Callable:
     JVP strategy and the target) is one ``torch.compile`` call: compiling only the network
     loses forward-mode tangents (benchmarks/step_cost.py --compile-scope model)."""
     def call(net: Callable, x: Tensor, y: Tensor | None, aug: Tensor | None,
-             generator: torch.Generator | None, draws: dict[str, Tensor]) -> tuple:
+             generator: torch.Generator | None, draws: dict[str, Tensor],
+             jvp_net: Callable | None = None) -> tuple:
+        # jvp_net: the unwrapped module for the no-grad passes when net is a DDP wrapper
         if aug is not None:
             net = WithAugmentLabels(net, aug)
-        return loss_fn(net, x, y, generator=generator, **draws)
+            if jvp_net is not None:
+                jvp_net = WithAugmentLabels(jvp_net, aug)
+        extra = {} if jvp_net is None else {"jvp_net": jvp_net}
+        return loss_fn(net, x, y, generator=generator, **draws, **extra)
     return torch.compile(call) if compile_ else call
 
 
@@ -380,9 +417,9 @@ def check_compiled(model: nn.Module, loss_fn: Callable, compiled_call: Callable,
 
 def _sample_pngs(run_dir: Path, step: int, sampler_net: nn.Module, ema: EMA, cfg: RunConfig,
                  shape: tuple[int, ...], num_classes: int | None, device: torch.device,
-                 writer: Any) -> None:
-    """PNGs of samples from fixed seeds with the first EMA's weights, one per NFE."""
-    from meanflow.sampling import sample_seeded
+                 writer: Any, world: World = World()) -> None:
+    """PNGs of samples from fixed seeds with the first EMA's weights, one per NFE (sampled by
+    all ranks, drawn by rank 0)."""
     from meanflow.viz import save_samples_png
     if len(shape) != 3 and math.prod(shape) != 2:
         return  # neither images nor 2-D points: nothing to draw
@@ -391,8 +428,10 @@ def _sample_pngs(run_dir: Path, step: int, sampler_net: nn.Module, ema: EMA, cfg
     y = None if num_classes is None else torch.arange(n) % num_classes
     method = "euler" if cfg.objective.kind == "flow_matching" else "meanflow"
     for k in cfg.train.sample_steps:
-        x = sample_seeded(sampler_net, range(n), shape, steps=k, y=y, method=method,
-                          batch_size=256, device=device)
+        x = dist_.sample_seeded_sharded(sampler_net, range(n), shape, world, device, y=y,
+                                        steps=k, method=method, batch_size=256)
+        if not world.is_main:
+            continue
         path = run_dir / "samples" / f"step_{step:07d}-nfe{k}.png"
         title = f"{method}, {k} step(s), EMA {ema.decays[0]:g}, step {step}"
         # a class-conditional image grid gets one class per column
@@ -410,10 +449,22 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False,
     """Trains the configured model and returns the path of the last checkpoint.
 
     ``dataset`` overrides ``cfg.data`` (for Python users with data in memory).
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) every rank calls this: it joins
+    the process group (NCCL on ``cuda:LOCAL_RANK``, gloo on the CPU) and leaves it on return or
+    error. A process group the caller made already is used as it is and left open.
     """
     cfg.validate()
-    run_dir = Path(run_dir)
-    device = resolve_device(cfg.train.device)
+    world, device, owned = dist_.setup(resolve_device(cfg.train.device))
+    try:
+        return _train(cfg, Path(run_dir), resume, dataset, world, device)
+    finally:
+        dist_.teardown(owned)
+
+
+def _train(cfg: RunConfig, run_dir: Path, resume: bool, dataset: BatchSource | None,
+           world: World, device: torch.device) -> Path:
+    micro = _check_world(cfg, world)          # images per micro-batch on this rank
     ds = dataset if dataset is not None else build_dataset(cfg.data.name, **cfg.data.options)
     num_classes = ds.num_classes if cfg.data.class_conditional else None
     if cfg.data.class_conditional and num_classes is None:
@@ -423,12 +474,17 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False,
     data_info = {"shape": list(shape), "num_classes": num_classes}
     steps = total_steps(cfg, ds)
     tr = cfg.train
+    # One run folder for every rank: rank 0's (a CLI without --out names one on each rank).
+    run_dir = Path(dist_.broadcast_object(str(run_dir), world))
 
     # Everything that can reject the config is built before the run folder is written.
     torch.manual_seed(tr.seed)
     model = build_model_for_data(cfg.model.name, shape, num_classes,
                                  _model_options(cfg, shape)).to(device)
     loss_fn = build_loss(cfg, num_classes)
+    # "func"/"forward_ad" give u and du/dt in one pass, which cannot go through DDP: under
+    # torchrun they run on the module and the gradients are averaged by hand.
+    joint = isinstance(loss_fn, MeanFlowLoss) and loss_fn.jvp in ("func", "forward_ad")
     augment = None
     if cfg.data.augment > 0:
         from meanflow.data.augment import EDMAugment
@@ -437,15 +493,25 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False,
         _tensorboard_writer(None)
     fid_monitor = (FIDMonitor(cfg, shape, num_classes, device) if tr.fid_every > 0
                    else None)
-    prepare_run_dir(cfg, run_dir, resume)
+    dist_.on_main(world, prepare_run_dir, cfg, run_dir, resume)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                            weight_decay=cfg.optim.weight_decay, foreach=True)
     ema = EMA(model, tr.ema_decays)
 
-    start = 0
+    start, main_name = 0, None
     metrics_path = run_dir / "metrics.jsonl"
-    if resume and list_checkpoints(run_dir):
-        ckpt = find_checkpoint(run_dir)
+    if resume:
+        # Every rank loads the checkpoint rank 0 found (the state is replicated, so the number
+        # of ranks may differ from the run's); the run folder must be shared by every node.
+        found = list_checkpoints(run_dir)
+        name = found[-1].name if found else None
+        main_name = dist_.broadcast_object(name, world)
+        if not dist_.all_true(name == main_name, world, device):
+            raise ConfigError(f"the ranks see different checkpoints in {run_dir} (rank 0: "
+                              f"{main_name}): put the run folder on a file system that every "
+                              "node shares")
+    if resume and main_name is not None:
+        ckpt = run_dir / "checkpoints" / main_name
         tensors, state = load_checkpoint(ckpt, device)
         model.load_state_dict(tensors["model"])
         ema.load_state_dict(tensors["ema"])
@@ -455,7 +521,7 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False,
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"{ckpt / 'state.json'} does not fit this run ({exc}); "
                                   "restore it or resume from an earlier checkpoint") from None
-    if resume:
+    if resume and world.is_main:
         _truncate_metrics(metrics_path, start)  # drop lines the resumed steps will redo
     if start >= steps:
         return find_checkpoint(run_dir)
@@ -474,11 +540,17 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False,
     if tr.sample_count > 0 or fid_monitor is not None:
         import copy
         sampler_net = copy.deepcopy(model).eval()
-    writer = _tensorboard_writer(run_dir) if tr.tensorboard else None
-    micro = tr.batch_size // tr.grad_accumulation
+    writer = _tensorboard_writer(run_dir) if (tr.tensorboard and world.is_main) else None
+
+    # The grad-carrying forward goes through DDP (its backward all-reduces the gradients);
+    # the no-grad passes (JVP, guidance) take the unwrapped module. One process: the module.
+    train_net: nn.Module = model if joint else dist_.wrap_ddp(model, world, device)
+    jvp_net = model if (train_net is not model and isinstance(loss_fn, MeanFlowLoss)) else None
+    sync_by_hand = world.enabled and joint
+    ddp_no_sync = getattr(train_net, "no_sync", None) if train_net is not model else None
 
     bar = None
-    if tr.progress:
+    if tr.progress and world.is_main:
         from tqdm.auto import tqdm
         bar = tqdm(total=steps, initial=start, desc=f"{cfg.objective.kind}",
                    unit="step", dynamic_ncols=True, disable=None)  # None: off when not a tty
@@ -489,11 +561,11 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False,
     model.train()
     try:
         for step in range(start, steps):
-            seed = step_seed(tr.seed, 0, step)
+            seed = step_seed(tr.seed, world.rank, step)
             torch.manual_seed(seed)                      # dropout masks
             gen_cpu = torch.Generator().manual_seed(seed)
             gen = gen_cpu if device.type == "cpu" else torch.Generator(device).manual_seed(seed)
-            x, y = ds.batch(tr.batch_size, gen_cpu)
+            x, y = ds.batch(micro * tr.grad_accumulation, gen_cpu)   # this rank's share
             x = x.to(device, non_blocking=True)
             y = y.to(device) if (y is not None and num_classes is not None) else None
             aug = None
@@ -503,21 +575,38 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False,
             for group in opt.param_groups:
                 group["lr"] = _lr_at(cfg, step)
             finite, step_stats = True, {}
+            all_finite = (torch.ones((), dtype=torch.bool, device=device) if world.enabled
+                          else None)
             for i in range(tr.grad_accumulation):
                 part = slice(i * micro, (i + 1) * micro)
-                # compiled: times and noise drawn outside the compiled region, same order
-                draws = draw_times_and_noise(loss_fn, x[part], gen) if tr.compile else {}
-                with autocast:
-                    loss, stats = loss_call(model, x[part], None if y is None else y[part],
-                                            None if aug is None else aug[part], gen, draws)
-                loss = loss.float().mean() / tr.grad_accumulation
-                if not torch.isfinite(loss):
-                    finite = False
-                    break
-                loss.backward()
+                # DDP all-reduces in the backward of the last micro-batch only
+                last = i == tr.grad_accumulation - 1
+                sync = (ddp_no_sync() if ddp_no_sync is not None and not last
+                        else contextlib.nullcontext())
+                with sync:
+                    # compiled: times and noise drawn outside the compiled region, same order
+                    draws = draw_times_and_noise(loss_fn, x[part], gen) if tr.compile else {}
+                    with autocast:
+                        loss, stats = loss_call(train_net, x[part],
+                                                None if y is None else y[part],
+                                                None if aug is None else aug[part], gen, draws,
+                                                jvp_net)
+                    loss = loss.float().mean() / tr.grad_accumulation
+                    if world.enabled:
+                        # every rank runs every backward (DDP's all-reduce waits for all);
+                        # a non-finite loss anywhere skips the step everywhere, below
+                        all_finite &= torch.isfinite(loss)
+                    elif not torch.isfinite(loss):
+                        finite = False
+                        break
+                    loss.backward()
                 for k, v in stats.items():
                     v = v.detach().float() / tr.grad_accumulation
                     step_stats[k] = step_stats[k] + v if k in step_stats else v
+            if world.enabled:
+                finite = dist_.all_true(all_finite, world, device)
+                if finite and sync_by_hand:
+                    dist_.all_reduce_grads_(list(model.parameters()), world)
             if finite:
                 nonfinite_run = 0
                 max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else math.inf
@@ -547,33 +636,40 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False,
                                     mse=f"{float(step_stats['mse']):.4g}",
                                     img_s=f"{rate * tr.batch_size:.0f}", refresh=False)
             if done % tr.log_every == 0 or done == steps:
+                sums = dist_.mean_across(sums, world, device)   # the mean over the ranks
                 now = time.perf_counter()
                 record: dict[str, Any] = {"step": done, "images": done * tr.batch_size}
                 record.update({k: float(v) / max(count, 1) for k, v in sums.items()})
                 record["lr"] = _lr_at(cfg, step)
                 record["samples_per_s"] = count * tr.batch_size / max(now - t_log, 1e-9)
                 record["skipped_nonfinite"] = skipped
-                with open(metrics_path, "a") as fh:
-                    fh.write(json.dumps(record) + "\n")
+                if world.is_main:
+                    with open(metrics_path, "a") as fh:
+                        fh.write(json.dumps(record) + "\n")
                 if writer is not None:
                     for k, v in record.items():
                         if k != "step":
                             writer.add_scalar(f"train/{k}", v, done)
                 sums, count, t_log = {}, 0, now
             if done % tr.checkpoint_every == 0 or done == steps:
-                last_ckpt = _save(run_dir, done, model, ema, opt, cfg, data_info)
+                # the replicas must be identical: this catches unsynchronised gradients
+                dist_.check_replicas_equal(model, world, device, done)
+                # rank 0 writes; the others wait for it (on_main's broadcast is the barrier)
+                last_ckpt = dist_.on_main(world, _save, run_dir, done, model, ema, opt, cfg,
+                                          data_info, world.size)
             if fid_monitor is not None and (done == steps or done % tr.fid_every == 0):
                 t_eval = time.perf_counter()
                 if bar is not None:
                     bar.set_description(f"{cfg.objective.kind} (FID)")
-                record = fid_monitor(sampler_net, ema, done)
-                with open(metrics_path, "a") as fh:
-                    fh.write(json.dumps(record) + "\n")
-                if writer is not None:
+                record = fid_monitor(sampler_net, ema, done, world)  # None off rank 0
+                if record is not None:
+                    with open(metrics_path, "a") as fh:
+                        fh.write(json.dumps(record) + "\n")
+                if writer is not None and record is not None:
                     for k, v in record.items():
                         if k.startswith(("fid_nfe", "kid_nfe")):
                             writer.add_scalar(f"eval/{k}", v, done)
-                if bar is not None:
+                if bar is not None and record is not None:
                     bar.set_description(f"{cfg.objective.kind}")
                     bar.write(f"step {done}: " + ", ".join(
                         f"{k} {v:.4g}" for k, v in record.items() if k.startswith("fid_nfe")))
@@ -582,7 +678,7 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False,
                     tr.sample_every > 0 and done % tr.sample_every == 0)):
                 t_sample = time.perf_counter()
                 _sample_pngs(run_dir, done, sampler_net, ema, cfg, shape, num_classes, device,
-                             writer)
+                             writer, world)
                 t_log += time.perf_counter() - t_sample  # not training time: off the rate
     finally:
         if bar is not None:
