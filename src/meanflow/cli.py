@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -169,7 +170,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             raise ConfigError("--resume needs --out: name the run folder to continue")
         args.out = new_run_dir(cfg)
     ckpt = train(cfg, args.out, resume=args.resume)
-    print(f"done: {ckpt}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, once
+        print(f"done: {ckpt}")
     return 0
 
 
