@@ -3,6 +3,7 @@
     meanflow train   [--preset NAME | --config FILE] [--out DIR] [flags] [--set key=value ...]
     meanflow sample  RUN_OR_CHECKPOINT [--n N] [--steps K] [--out FILE.npz] [--png FILE.png]
     meanflow presets
+    meanflow prepare-latents IMAGE_DIR OUT_DIR --vae PATH_OR_ID [--resolution 256]
     meanflow fid     ref DATA -o STATS.npz | calc SAMPLES_OR_RUN --ref STATS.npz
     meanflow demo    [--out DIR] [--steps N]
 
@@ -90,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "(2-D points)")
     sa.add_argument("--nrow", type=int, help="images per row of the --png grid")
     sa.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    sa.add_argument("--vae", default="auto", help="decode latents with this diffusers "
+                    "AutoencoderKL folder (x = vae.decode(z / 0.18215)); 'auto' (default): the "
+                    "VAE recorded with the run's latents, if any; 'none': keep latents. With a "
+                    "VAE the .npz holds 'images' (decoded, uint8) and 'latents', no 'samples'")
 
     fid = sub.add_parser("fid", help="reference statistics, FID and KID",
                          description="FID and KID with the standard Inception-v3 (--extractor "
@@ -114,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "run folder / checkpoint (sample i from seed SEED+i).")
     fc.add_argument("source", type=Path, help="samples .npz, run folder or checkpoint")
     fc.add_argument("--ref", type=Path, required=True, help="stats from `meanflow fid ref`")
-    fc.add_argument("--n", type=int, default=10000, help="samples (default 10000)")
+    fc.add_argument("--n", type=int, default=None, help="samples (default 10000; 50000 "
+                    "for a latent model decoded by a VAE)")
     fc.add_argument("--steps", type=int, default=1, help="network calls (default 1)")
     fc.add_argument("--seed", type=int, default=0)
     fc.add_argument("--batch-size", type=int, default=500)
@@ -124,6 +130,37 @@ def build_parser() -> argparse.ArgumentParser:
     fc.add_argument("--precision-recall", action="store_true", help="also k-NN precision "
                     "and recall (k = 3) against the reference's kept features")
     fc.add_argument("--out", type=Path, help="also write the result as JSON")
+    fc.add_argument("--vae", default="auto", help="for a run folder / checkpoint of a latent "
+                    "model: the VAE that decodes its samples ('auto': the one recorded with "
+                    "its latents; 'none': score the raw samples)")
+
+    pl = sub.add_parser("prepare-latents", help="encode an image folder into VAE latents",
+                        description="Encode an ImageNet-style folder (one sub-folder per class) "
+                        "into shards of VAE posterior mean and std with labels, ADM centre "
+                        "crop, plus the FID reference statistics of the same images. Rerun the "
+                        "same command to resume; under torchrun the shards are shared out over "
+                        "the ranks. Needs diffusers: pip install 'meanflow[latents]'.")
+    pl.add_argument("image_dir", type=Path, help="image folder, one sub-folder per class")
+    pl.add_argument("out_dir", type=Path, help="latent folder to write (or finish)")
+    pl.add_argument("--vae", required=True, help="local diffusers AutoencoderKL folder "
+                    "(config.json + diffusion_pytorch_model.safetensors), or a hub id such as "
+                    "stabilityai/sd-vae-ft-mse where a network exists")
+    pl.add_argument("--resolution", type=int, default=256, help="ADM centre crop side "
+                    "(default 256)")
+    pl.add_argument("--shard-size", type=int, default=1000, help="images per shard "
+                    "(default 1000)")
+    pl.add_argument("--batch-size", type=int, default=64, help="images per VAE call "
+                    "(default 64)")
+    pl.add_argument("--dtype", default="float32", help="storage of mean and std: float32 "
+                    "(default), float16 or bfloat16")
+    pl.add_argument("--scale", type=float, help="latent scale recorded for training (default: "
+                    "the VAE's scaling_factor, 0.18215 for SD-VAE)")
+    pl.add_argument("--fid-extractor", default="inception", help="features of the reference "
+                    "statistics: inception (default), fmnist, an extractor file, or none")
+    pl.add_argument("--fid-keep", type=int, default=5000, help="feature rows kept for KID "
+                    "(default 5000)")
+    pl.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    pl.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
     sub.add_parser("presets", help="list the shipped training presets",
                    description="List the presets `meanflow train --preset NAME` accepts.")
@@ -232,22 +269,42 @@ def _cmd_sample(args: argparse.Namespace) -> int:
                           f"{loaded.shape}: drop --png")
     method = "euler" if loaded.config.objective.kind == "flow_matching" else "meanflow"
     seeds = list(range(args.seed, args.seed + args.n))
-    x = sample_seeded(loaded.net, seeds, loaded.shape, steps=args.steps, y=y,
-                      schedule=schedule, method=method, batch_size=args.batch_size,
-                      device=device, progress=True)
+    from meanflow.latents.generate import resolve_vae
+    vae = resolve_vae(args.vae, loaded.config)
+    decoded = None
+    if vae is not None:
+        from meanflow.latents.generate import sample_images
+        from meanflow.viz import to_uint8
+        parts = list(sample_images(loaded, vae, seeds, y, steps=args.steps, schedule=schedule,
+                                   batch_size=args.batch_size, device=device, progress=True))
+        x = torch.cat([z for z, _ in parts])
+        decoded = torch.cat([to_uint8(images) for _, images in parts])    # (N, 3, H, W)
+        is_image = True
+    else:
+        x = sample_seeded(loaded.net, seeds, loaded.shape, steps=args.steps, y=y,
+                          schedule=schedule, method=method, batch_size=args.batch_size,
+                          device=device, progress=True)
     meta = {"checkpoint": str(loaded.checkpoint), "step": loaded.step,
             "weights": loaded.weights, "method": method, "steps": args.steps,
-            "schedule": schedule, "seed": args.seed, "n": args.n}
+            "schedule": schedule, "seed": args.seed, "n": args.n,
+            "vae": None if vae is None else vae["spec"],
+            "scale": None if vae is None else vae["scale"]}
     for path in (args.out, args.png):
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
     if args.out is not None:
         extra = {}
-        if is_image:
+        if decoded is not None:   # 'images' are what `fid calc` scores: no 'samples' key
+            extra["images"] = decoded.permute(0, 2, 3, 1).numpy()        # (N, H, W, 3)
+            extra["latents"] = x.numpy()
+        elif is_image:
             from meanflow.viz import to_uint8
             extra["images"] = to_uint8(x).permute(0, 2, 3, 1).numpy()   # (N, H, W, C)
+            extra["samples"] = x.numpy()
+        else:
+            extra["samples"] = x.numpy()
         with atomic_path(args.out) as tmp:
-            np.savez(tmp, samples=x.numpy(), seeds=np.asarray(seeds),
+            np.savez(tmp, seeds=np.asarray(seeds),
                      labels=np.asarray([] if y is None else y.numpy()), meta=json.dumps(meta),
                      **extra)
     if args.png is not None:
@@ -256,7 +313,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         nrow = args.nrow
         if nrow is None and is_image and y is not None and loaded.num_classes <= 16:
             nrow = loaded.num_classes  # one class per column
-        save_samples_png(x, args.png, labels=y, title=title, nrow=nrow)
+        shown = x if decoded is None else decoded.float() / 127.5 - 1.0
+        save_samples_png(shown, args.png, labels=y, title=title, nrow=nrow)
     atomic_write_text(sidecar, json.dumps(meta, indent=2) + "\n")
     print(f"wrote {args.n} samples to " + " and ".join(
         str(p) for p in (args.out, args.png) if p is not None))
@@ -284,9 +342,22 @@ def _cmd_fid(args: argparse.Namespace) -> int:
         return 0
     if args.out is not None and args.out.exists():
         raise ConfigError(f"{args.out} exists: choose another file")
-    record = fid_of(args.source, args.ref, n=args.n, steps=args.steps, seed=args.seed,
-                    batch_size=args.batch_size, device=args.device, extractor=args.extractor,
-                    pr=args.precision_recall)
+    latent_vae = None
+    if args.source.suffix != ".npz" and args.vae != "none":
+        from meanflow.latents.generate import resolve_vae, run_config
+        latent_vae = resolve_vae(args.vae, run_config(args.source))
+    if latent_vae is not None:
+        from meanflow.latents.generate import fid_of_latent_model
+        record = fid_of_latent_model(args.source, args.ref, vae=args.vae,
+                                     n=50000 if args.n is None else args.n, steps=args.steps,
+                                     seed=args.seed, batch_size=args.batch_size,
+                                     device=args.device, extractor=args.extractor,
+                                     pr=args.precision_recall)
+    else:
+        record = fid_of(args.source, args.ref, n=10000 if args.n is None else args.n,
+                        steps=args.steps, seed=args.seed, batch_size=args.batch_size,
+                        device=args.device, extractor=args.extractor,
+                        pr=args.precision_recall)
     if args.out is not None:
         from meanflow.fileio import atomic_write_text
         atomic_write_text(args.out, json.dumps(record, indent=2) + "\n")
@@ -297,6 +368,21 @@ def _cmd_fid(args: argparse.Namespace) -> int:
     if "precision" in record:
         line += f"  precision {record['precision']:.3f} recall {record['recall']:.3f}"
     print(line)
+    return 0
+
+
+def _cmd_prepare_latents(args: argparse.Namespace) -> int:
+    from meanflow.latents.prepare import prepare_latents
+    index = prepare_latents(args.image_dir, args.out_dir, args.vae, resolution=args.resolution,
+                            shard_size=args.shard_size, batch_size=args.batch_size,
+                            device=args.device, fid_extractor=args.fid_extractor,
+                            fid_keep=args.fid_keep, scale=args.scale, dtype=args.dtype,
+                            progress=not args.no_progress)
+    if os.environ.get("RANK", "0") == "0":
+        ref = (f"; FID reference: {args.out_dir / index['fid_ref']}" if index["fid_ref"]
+               else "")
+        print(f"wrote {index['num_images']} latents {tuple(index['latent_shape'])} in "
+              f"{index['num_shards']} shard(s) to {args.out_dir}{ref}")
     return 0
 
 
@@ -332,7 +418,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     handlers = {"train": _cmd_train, "sample": _cmd_sample, "demo": _cmd_demo,
-                "presets": _cmd_presets, "fid": _cmd_fid}
+                "presets": _cmd_presets, "fid": _cmd_fid,
+                "prepare-latents": _cmd_prepare_latents}
     try:
         return handlers[args.command](args)
     except MeanFlowError as exc:

@@ -20,13 +20,14 @@ from meanflow.data.augment import EDMAugment
 from meanflow.data.arrays import ArraySamples, npz_sample_kind
 from meanflow.data.folder import FolderImages, load_image_folder
 from meanflow.data.images import FASHION_MNIST_ROOT, ImageArray
+from meanflow.data.latents import LatentShards, is_latent_folder
 from meanflow.data.points import POINT_FILE_SUFFIXES, PointCloud
 from meanflow.data.toy import Checkerboard, EightGaussians, Spirals, TwoMoons
 from meanflow.errors import ConfigError
 
 __all__ = [
     "ImageArray", "FASHION_MNIST_ROOT",
-    "FolderImages", "load_image_folder", "ArraySamples",
+    "FolderImages", "load_image_folder", "ArraySamples", "LatentShards",
     "EDMAugment",
     "BatchSource",
     "TOY_DATASETS",
@@ -87,7 +88,9 @@ def build_dataset(name_or_path: str | os.PathLike[str], **kwargs: Any) -> BatchS
             ``x`` is uint8 (N, H, W[, C]) is read as images (:meth:`ImageArray.from_npz`), one
             whose ``x`` is real with 3 or more dimensions as samples of that shape, e.g.
             latents (:class:`ArraySamples`); anything else as points
-            (:meth:`PointCloud.from_file`). Names are matched before paths: write ``./moons``
+            (:meth:`PointCloud.from_file`). A folder written by ``meanflow prepare-latents``
+            (or its ``index.json``) gives VAE latents drawn from their posterior
+            (:class:`LatentShards`). Names are matched before paths: write ``./moons``
             for a folder called ``moons``.
         **kwargs: constructor options of the toy class (e.g. ``std=0.3`` for ``8gaussians``),
             ``labels=...`` for a point file, or ``resolution``, ``channels`` and ``hflip``
@@ -119,6 +122,9 @@ def build_dataset(name_or_path: str | os.PathLike[str], **kwargs: Any) -> BatchS
     if key == "fashion-mnist":
         _check_options(key, ImageArray.fashion_mnist, kwargs)
         return ImageArray.fashion_mnist(**kwargs)
+    if is_latent_folder(text):   # `meanflow prepare-latents` output (folder or index.json)
+        _check_options(text, LatentShards, kwargs)
+        return LatentShards(text, **kwargs)
     if os.path.isdir(text):
         _check_options(text, load_image_folder, kwargs)
         return load_image_folder(text, **kwargs)
