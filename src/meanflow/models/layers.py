@@ -16,8 +16,23 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd import forward_ad
 
-__all__ = ["Linear", "linear", "Conv2d", "conv2d"]
+__all__ = ["Linear", "linear", "Conv2d", "conv2d", "group_norm", "has_tangent", "use_lean"]
+
+
+def has_tangent(x: Tensor) -> bool:
+    """True inside torch.func.jvp (functorch-wrapped) or for a forward-AD dual tensor."""
+    return (torch._C._functorch.is_functorch_wrapped_tensor(x)
+            or forward_ad.unpack_dual(x).tangent is not None)
+
+
+def use_lean(x: Tensor) -> bool:
+    """Whether a layer takes its lean ``autograd.Function``: always without grad (the split
+    strategies' JVP pass, sampling), and with grad only when ``x`` carries a forward-mode
+    tangent (the joint strategies' one pass, whose native rules would pay for the parameters'
+    zero tangents). A plain training forward keeps the native kernels and backward."""
+    return not torch.is_grad_enabled() or has_tangent(x)
 
 
 class _LinearFn(torch.autograd.Function):
@@ -79,13 +94,14 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 class Linear(nn.Linear):
     """Drop-in ``nn.Linear`` whose forward-mode AD skips the weights' zero tangent.
 
-    The lean rule is used when grad mode is off: the no-grad JVP pass of the ``split``
-    strategies, and sampling. With grad on (the training forward) this is plain ``F.linear``,
-    whose native backward is faster than a Python ``autograd.Function``'s.
+    The lean rule is used when grad mode is off (the no-grad JVP pass of the ``split``
+    strategies, and sampling) and when the input carries a forward-mode tangent (the joint
+    ``func`` / ``forward_ad`` pass). A plain training forward is ``F.linear``, whose native
+    backward is faster than a Python ``autograd.Function``'s.
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        if torch.is_grad_enabled():
+        if not use_lean(x):
             return F.linear(x, self.weight, self.bias)
         return linear(x, self.weight, self.bias)
 
@@ -163,8 +179,8 @@ def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: Any = 
 
 class Conv2d(nn.Conv2d):
     """Drop-in ``nn.Conv2d`` (zero padding) whose forward-mode AD skips the weights' zero
-    tangent when grad mode is off (the split strategies' JVP pass, sampling); with grad on it is
-    the native convolution."""
+    tangent when grad mode is off (the split strategies' JVP pass, sampling) or the input carries
+    a tangent (the joint strategies); a plain training forward is the native convolution."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -172,7 +188,93 @@ class Conv2d(nn.Conv2d):
             raise ValueError("meanflow Conv2d supports numeric zero padding only")
 
     def forward(self, x: Tensor) -> Tensor:
-        if torch.is_grad_enabled():
+        if not use_lean(x):
             return super().forward(x)
         return conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
                       self.groups)
+
+
+class _GroupNormFn(torch.autograd.Function):
+    """GroupNorm with a per-channel affine, ``y·w + b`` with y the group-normalised input,
+    and a forward-AD rule of a few fused passes.
+
+    For one group with n elements, y = (x − μ)·ρ (ρ = 1/σ) has the tangent
+    ẏ = ρ·ẋ − ρ·mean(ẋ) − y·ρ·mean(y·ẋ): exact, no approximation. PyTorch's own rule for
+    ``native_group_norm`` decomposes into about twenty kernels (JVP-NOTES); this one makes a
+    sum, a batched dot product, y, and two ``addcmul`` per call. The output tangent is
+    A·ẋ + C·y + B with per-(sample, channel) coefficients that fold the weight in.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float) -> tuple:
+        B, C = x.shape[:2]
+        y, mean, rstd = torch.native_group_norm(x, None, None, B, C, x.numel() // max(B * C, 1),
+                                                groups, eps)
+        shape = (1, C) + (1,) * (x.dim() - 2)
+        return torch.addcmul(bias.view(shape), y, weight.view(shape)), mean, rstd
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        x, weight, bias, groups, eps = inputs
+        _, mean, rstd = output
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(mean, rstd)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.save_for_forward(x, weight, mean, rstd)
+        ctx.groups = groups
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor | None, *_: Any) -> tuple:
+        if grad is None:
+            return (None,) * 5
+        x, weight, mean, rstd = ctx.saved_tensors
+        B, C = x.shape[:2]
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        gx, gw, gb = torch.ops.aten.native_group_norm_backward(
+            grad.contiguous(), x, mean, rstd, weight, B, C, x.numel() // max(B * C, 1),
+            ctx.groups, [need_x, need_w, need_b])
+        return gx, gw, gb, None, None
+
+    @staticmethod
+    def jvp(ctx: Any, x_t: Tensor | None, weight_t: Tensor | None, bias_t: Tensor | None,
+            *_: Any) -> tuple:
+        x, weight, mean, rstd = ctx.saved_tensors
+        B, C, G = x.shape[0], x.shape[1], ctx.groups
+        xg = x.reshape(B, G, -1)
+        rho = rstd.reshape(B, G, 1)
+        y = torch.addcmul(-mean.reshape(B, G, 1) * rho, xg, rho)       # (B, G, n) normalised
+        out = None
+        if x_t is not None:
+            tg = x_t.reshape(B, G, -1)
+            n = tg.shape[-1]
+            s1 = tg.sum(-1, keepdim=True)                                # (B, G, 1)
+            s2 = y.unsqueeze(-2) @ tg.unsqueeze(-1)                      # (B, G, 1, 1)
+            a = rho                                                      # coefficient of ẋ
+            b = -rho * s1 / n                                            # constant
+            c = -rho * s2.squeeze(-1) / n                                # coefficient of y
+            per = C // G
+
+            def channels(coef: Tensor) -> Tensor:                        # (B, G, 1) -> (B, C, 1)
+                return coef.expand(B, G, per).reshape(B, C, 1) * weight.reshape(1, C, 1)
+
+            tc = x_t.reshape(B, C, -1)
+            out = torch.addcmul(channels(b), tc, channels(a))
+            out = out.addcmul_(y.reshape(B, C, -1), channels(c))
+            out = out.reshape(x.shape)
+        if weight_t is not None:
+            shape = (1, C) + (1,) * (x.dim() - 2)
+            term = y.reshape(x.shape) * weight_t.view(shape)
+            out = term if out is None else out + term
+        if bias_t is not None:
+            shape = (1, C) + (1,) * (x.dim() - 2)
+            term = bias_t.view(shape).expand(x.shape)
+            out = term if out is None else out + term
+        return out, None, None
+
+
+def group_norm(x: Tensor, groups: int, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    """``F.group_norm(x, groups, weight, bias, eps)`` with the lean forward-AD rule of
+    :class:`_GroupNormFn` (affine included; weight and bias are required)."""
+    return _GroupNormFn.apply(x, weight, bias, groups, eps)[0]

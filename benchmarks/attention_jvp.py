@@ -1,0 +1,147 @@
+"""Attention under a JVP: the explicit-softmax math path against the chunked JVP function.
+
+For each token count it times one no-grad JVP (``torch.func.jvp``, tangents on Q, K and V) of
+``models.attention.math_attention`` (PyTorch's own forward-AD rules; the (N×N) matrices of all
+queries at once) and of ``models.attention.attention_jvp`` (fused SDPA primal, chunked
+online-softmax JVP rule), the plain fused forward for reference, peak memory (CUDA: allocated
+above the start; CPU: not measured), and the tangents' relative error against a float64 math
+reference. A start-up check (``check_attention_jvp``) fails loudly if the jvp rule was dropped.
+
+    python benchmarks/attention_jvp.py [--device cpu|cuda] [--tokens 256 1024 4096]
+                                       [--heads 2] [--head-dim 32] [--batch 1] [--dtype fp32]
+                                       [--repeats 5] [--chunk N] [--json PATH]
+
+Defaults: CPU with 2 heads of 32 and batch 1 (so that 4096 tokens fits a small machine);
+on CUDA use e.g. ``--heads 12 --head-dim 64 --dtype bf16`` and batches as in JVP-NOTES.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from meanflow.models.attention import attention_jvp, check_attention_jvp, math_attention
+
+
+def timed(fn, repeats: int, device: torch.device) -> float:
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def peak(fn, device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[256, 1024, 4096])
+    parser.add_argument("--heads", type=int, default=2)
+    parser.add_argument("--head-dim", type=int, default=32)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1],
+                        help="one batch, or one per token count")
+    parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--chunk", type=int, default=None, help="query rows per block")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--skip-math-above", type=int, default=1 << 62,
+                        help="do not run the math path above this many score elements")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    start_err = check_attention_jvp(device=device, dtype=dtype)
+    print(f"# attention JVP, {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
+          f"torch {torch.__version__}, {args.dtype}, {args.heads} heads of {args.head_dim}; "
+          f"start-up check: tangent error vs math {start_err:.1e}", flush=True)
+    print(f"{'tokens':>6s} {'batch':>5s} {'fwd ms':>8s} {'math ms':>8s} {'chunk ms':>8s} "
+          f"{'speed-up':>8s} {'/fwd':>5s} {'math MiB':>8s} {'chunk MiB':>9s} "
+          f"{'err math':>8s} {'err chunk':>9s}", flush=True)
+    batches = args.batch * len(args.tokens) if len(args.batch) == 1 else args.batch
+    for n, b in zip(args.tokens, batches):
+        g = torch.Generator().manual_seed(n)
+        shape = (b, args.heads, n, args.head_dim)
+        P64 = [torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(3)]
+        T64 = [torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(3)]
+        P = tuple(p.to(device, dtype) for p in P64)
+        T = tuple(t.to(device, dtype) for t in T64)
+        rec = {"bench": "attention_jvp", "device": str(device), "dtype": args.dtype,
+               "tokens": n, "batch": b, "heads": args.heads, "head_dim": args.head_dim,
+               "torch": torch.__version__}
+        with torch.no_grad():
+            ref = None
+            if n <= 1024 or device.type == "cuda":
+                ref = torch.func.jvp(math_attention, tuple(p.to(device) for p in P64),
+                                     tuple(t.to(device) for t in T64))[1]
+
+            def fwd():
+                return F.scaled_dot_product_attention(*P)
+
+            def math_jvp():
+                return torch.func.jvp(math_attention, P, T)[1]
+
+            def chunk_jvp():
+                return torch.func.jvp(lambda q, k, v: attention_jvp(q, k, v, args.chunk),
+                                      P, T)[1]
+
+            rec["fwd_ms"] = timed(fwd, args.repeats, device)
+            rec["chunk_ms"] = timed(chunk_jvp, args.repeats, device)
+            rec["chunk_mib"] = peak(chunk_jvp, device)
+            if ref is not None:
+                got = chunk_jvp()
+                rec["chunk_err"] = float((got.double() - ref).norm() / ref.norm())
+            if b * args.heads * n * n <= args.skip_math_above:
+                try:
+                    rec["math_ms"] = timed(math_jvp, args.repeats, device)
+                    rec["math_mib"] = peak(math_jvp, device)
+                    if ref is not None:
+                        got = math_jvp()
+                        rec["math_err"] = float((got.double() - ref).norm() / ref.norm())
+                except torch.OutOfMemoryError as exc:
+                    rec["math_error"] = str(exc).splitlines()[0][:200]
+                    torch.cuda.empty_cache()
+
+        def f(key, fmt=".2f", width=8):
+            value = rec.get(key)
+            return f"{value:{width}{fmt}}" if isinstance(value, (int, float)) else f"{'-':>{width}}"
+        speed = (rec["math_ms"] / rec["chunk_ms"]) if rec.get("math_ms") else None
+        rec["speedup"] = speed
+        per_fwd = rec["chunk_ms"] / rec["fwd_ms"]
+        print(f"{n:6d} {b:5d} {f('fwd_ms')} {f('math_ms')} {f('chunk_ms')} "
+              f"{(f'{speed:8.2f}' if speed else '       -')} {per_fwd:5.1f} "
+              f"{f('math_mib', '.0f')} {f('chunk_mib', '.0f', 9)} {f('math_err', '.1e')} "
+              f"{f('chunk_err', '.1e', 9)}", flush=True)
+        if args.json:
+            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+            with open(args.json, "a") as fh:
+                fh.write(json.dumps(rec) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
