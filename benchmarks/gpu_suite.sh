@@ -4,24 +4,27 @@
 #
 #   OUT=/some/dir bash benchmarks/gpu_suite.sh [BUDGET_S]     # from the repository root
 #
-# BUDGET_S (default 400) bounds the whole run: every item runs in its own process under
+# BUDGET_S (default 500, so that one 9-minute device call also covers start-up and the final
+# table) bounds the whole run: every item runs in its own process under
 # `timeout`, an item is skipped when too little budget is left for it, and the skipped items
 # are listed at the end. Results: $OUT/bench.jsonl (one JSON object per measurement, written as
 # it finishes), $OUT/bench.log (everything printed), $OUT/table.txt (the final table).
 # OUT defaults to /tmp/out. REPEATS (10) and WARMUP (3) set the timed and untimed steps.
 #
-# Order: (a) eager fp32 unet-cifar10 b128, all strategies; (b) the same in bf16;
-# (c) eager fp32 and bf16 dit-b/2 b64; (d) compiled bf16 unet-cifar10 and dit-b/2: flow
-# matching, then one strategy per process, torch.compile(model) and the whole loss compiled
-# (order and reasons below); (e) sampling speed, eager then compiled; (f) dit-b/2 at batch
-# 256, eager, if time is left.
+# Order: (a) eager fp32 unet-cifar10 b128, all strategies; (a2) the attention-JVP
+# microbenchmark (math path vs the chunked JVP function, 256/1024/4096 tokens, bf16 and fp32);
+# (b) unet eager bf16; (c) eager fp32 and bf16 dit-b/2 b64, then split/forward_ad with the
+# chunked JVP attention (--jvp-attention chunked); (d) compiled bf16 unet-cifar10 and dit-b/2:
+# flow matching, then one strategy per process, torch.compile(model) and the whole loss
+# compiled (order and reasons below); (e) 1-NFE sampling speed, eager then bf16 compiled;
+# (f) dit-b/2 at batch 256, eager, if time is left.
 #
 # Without CUDA it stops with a message; SUITE_CPU_SMOKE=1 instead runs the same items on toy
 # CPU sizes (to test this script; SMOKE_UNET=mlp SMOKE_DIT=mlp makes that quicker).
 
 set -u -o pipefail
 
-BUDGET=${1:-${BUDGET:-400}}
+BUDGET=${1:-${BUDGET:-500}}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 JSON=$OUT/bench.jsonl
@@ -111,9 +114,16 @@ R=40  # seconds kept free during (d) for the eager sampling items of (e)
 
 # (a)-(c): eager, all strategies in one process per configuration
 run_item a-unet-fp32 20 100 0 $PY "${STEP[@]}" "${EAGER[@]}" --model $UNET --batch $UNET_B
+ATT=(benchmarks/attention_jvp.py --json "$JSON")
+if ((${#DEV[@]})); then ATT+=(--device cpu --threads 1 --tokens 64 128 --repeats 1)
+else ATT+=(--device cuda --heads 12 --head-dim 64 --tokens 256 1024 4096 --batch 64 16 4); fi
+run_item a2-attention-jvp-bf16 10 60 0 $PY "${ATT[@]}" --dtype bf16
+run_item a2-attention-jvp-fp32 10 60 0 $PY "${ATT[@]}" --dtype fp32
 run_item b-unet-bf16 15 80 0 $PY "${STEP[@]}" "${EAGER[@]}" --model $UNET --batch $UNET_B --amp bf16
 run_item c-dit-fp32 20 90 0 $PY "${STEP[@]}" "${EAGER[@]}" --model $DIT --batch $DIT_B
 run_item c-dit-bf16 15 80 0 $PY "${STEP[@]}" "${EAGER[@]}" --model $DIT --batch $DIT_B --amp bf16
+run_item c-dit-fp32-chunked 15 60 0 $PY "${STEP[@]}" "${EAGER[@]}" --model $DIT --batch $DIT_B --jvp-attention chunked --strategies split,forward_ad
+run_item c-unet-fp32-chunked 15 60 0 $PY "${STEP[@]}" "${EAGER[@]}" --model $UNET --batch $UNET_B --jvp-attention chunked --strategies split,forward_ad
 
 # (d): compiled bf16, one process per strategy (a compile crash or hang loses only that
 # strategy); flow matching first, then the strategies reuse its record (--fm-ref; a
@@ -142,8 +152,8 @@ run_item d-dit-losscompiled-func 40 180 $R "${C_DIT[@]}" "${LOSS[@]}" --strategi
 # (e): sampling throughput, eager (fp32 and bf16) then compiled
 run_item e-sample-unet-eager 10 45 0 $PY "${SAMPLE[@]}" --warmup "$WARMUP" --model $UNET --batch $SUNET_B
 run_item e-sample-dit-eager 10 45 0 $PY "${SAMPLE[@]}" --warmup "$WARMUP" --model $DIT --batch $SDIT_B
-run_item e-sample-unet-compiled 40 120 0 $PY "${SAMPLE[@]}" --compile on --amp bf16 fp32 --model $CUNET --batch $SUNET_B
-run_item e-sample-dit-compiled 40 120 0 $PY "${SAMPLE[@]}" --compile on --amp bf16 fp32 --model $CDIT --batch $SDIT_B
+run_item e-sample-unet-compiled 40 120 0 $PY "${SAMPLE[@]}" --compile on --amp bf16 --model $CUNET --batch $SUNET_B
+run_item e-sample-dit-compiled 40 120 0 $PY "${SAMPLE[@]}" --compile on --amp bf16 --model $CDIT --batch $SDIT_B
 
 # (f): the DiT at the paper's batch, if time is left
 run_item f-dit-bf16-b256 30 120 0 $PY "${STEP[@]}" "${EAGER[@]}" --model $DIT --batch $DIT_B_BIG --amp bf16

@@ -15,6 +15,7 @@ layer, the zero-tangent path two or more.
                                    [--strategies split,func | none] [--amp bf16]
                                    [--compile [--compile-scope model|loss]]
                                    [--guided] [--json PATH] [--fm-ref PATH]
+                                   [--jvp-attention math|chunked]
     python benchmarks/step_cost.py --summarize PATH.jsonl
 
 Presets: ``mlp``, ``dit-s/2``, ``unet-small`` (CPU sizes, as before) and the paper's
@@ -486,6 +487,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--native-linear", action="store_true",
                         help="build the backbone with torch.nn.Linear instead of meanflow's "
                         "JVP-lean Linear, to measure what the lean rule saves")
+    parser.add_argument("--jvp-attention", choices=("math", "chunked"), default="math",
+                        help="attention in the JVP pass: the explicit softmax (default) or the "
+                        "chunked online-softmax JVP function (models/attention.py)")
     parser.add_argument("--strategies", nargs="*", default=None,
                         help="subset of JVP strategies (space or comma separated; default all); "
                         "'none' measures flow matching only")
@@ -538,6 +542,10 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("CUDA is not available: pass --device cpu")
     torch.manual_seed(0)
     net = build(args.model, device, args.guided)
+    if args.jvp_attention != "math":
+        from meanflow.models.attention import check_attention_jvp, set_jvp_attention
+        set_jvp_attention(net, args.jvp_attention)
+        check_attention_jvp(device=device)   # fails loudly if the jvp rule is not used
     params_m = sum(p.numel() for p in net.parameters()) / 1e6
     model: Callable = net
     if args.compile:
@@ -604,6 +612,7 @@ def main(argv: list[str] | None = None) -> None:
             "params_M": round(params_m, 2), "batch": args.batch, "amp": args.amp,
             "compile": bool(args.compile), "compile_scope": scope, "guided": bool(args.guided),
             "native_linear": bool(args.native_linear), "repeats": args.repeats,
+            "jvp_attention": args.jvp_attention,
             "warmup": warmup, "objective": {**objective, **guidance}}
     key = {k: base[k] for k in ("model", "batch", "amp", "compile", "compile_scope", "guided",
                                 "native_linear", "device", "torch")}
@@ -612,7 +621,8 @@ def main(argv: list[str] | None = None) -> None:
           f"device {device_name(device)}, torch {torch.__version__}, amp {args.amp}, "
           f"{f'compiled ({scope})' if args.compile else 'eager'}"
           f"{', guided' if args.guided else ''}, "
-          f"{'torch.nn.Linear' if args.native_linear else 'meanflow Linear'}", flush=True)
+          f"{'torch.nn.Linear' if args.native_linear else 'meanflow Linear'}, "
+          f"JVP attention {args.jvp_attention}", flush=True)
 
     # ---- flow matching
     fm_rec = find_fm_record(args.fm_ref, key)
@@ -661,7 +671,8 @@ def main(argv: list[str] | None = None) -> None:
     # ---- MeanFlow, per strategy
     if strategies:
         print(f"{'strategy':12s} {'ms/step':>9s} {'time/FM':>8s} {'/(4/3)':>6s} "
-              f"{'saved/FM':>9s} {'peak/FM':>8s} {'err':>8s}  attention / notes", flush=True)
+              f"{'saved/FM':>9s} {'peak/FM':>8s} {'img/s':>7s} {'err':>8s}  attention / notes",
+              flush=True)
     for strategy in strategies:
         rec = {**base, "strategy": strategy, "status": "ok", "error": None,
                "fm_ms": fm_ms, "fm_img_s": fm_rec.get("fm_img_s"), "fm_peak_mib": fm_peak,
@@ -757,7 +768,7 @@ def print_row(rec: dict, flush: bool = False) -> None:
     print(f"{rec['strategy']:12s} {num(rec.get('mf_ms'), '.2f', 9)} "
           f"{num(rec.get('ratio'), '.2f', 8)} {num(rec.get('ratio_to_floor'), '.2f', 6)} "
           f"{num(rec.get('saved_ratio'), '.2f', 9)} {num(rec.get('peak_ratio'), '.2f', 8)} "
-          f"{num(err, '.1e', 8)}  {notes}", flush=flush)
+          f"{num(rec.get('mf_img_s'), '.0f', 7)} {num(err, '.1e', 8)}  {notes}", flush=flush)
 
 
 def print_products(net, model, fm, objective, cond, guidance, strategies, x, y, ctx) -> None:
@@ -841,6 +852,17 @@ def summarize(paths: list[str]) -> None:
                   f"{_mode(r):5s} {r.get('steps', 1):3d} "
                   f"{r.get('status', ''):6s} {f(r.get('ms')):>8s} {f(r.get('img_s'), '.0f'):>8s} "
                   f"{f(r.get('peak_mib'), '.0f'):>7s}  {note[:90]}")
+    attn = [r for r in records if r.get("bench") == "attention_jvp"]
+    if attn:
+        print(f"{'attention JVP':14s} {'dtype':5s} {'tokens':>6s} {'batch':>5s} {'fwd ms':>7s} "
+              f"{'math ms':>8s} {'chunk ms':>8s} {'MiB math':>8s} {'MiB chunk':>9s} "
+              f"{'err chunk':>9s}")
+        for r in attn:
+            print(f"{r.get('device', ''):14s} {r.get('dtype', ''):5s} {r.get('tokens', 0):6d} "
+                  f"{r.get('batch', 0):5d} {f(r.get('fwd_ms'), '.3f'):>7s} "
+                  f"{f(r.get('math_ms'), '.3f'):>8s} {f(r.get('chunk_ms'), '.3f'):>8s} "
+                  f"{f(r.get('math_mib'), '.0f'):>8s} {f(r.get('chunk_mib'), '.0f'):>9s} "
+                  f"{f(r.get('chunk_err'), '.1e'):>9s}")
     other = [r for r in records if r.get("bench") == "suite"]
     for r in other:
         print(f"suite: {r.get('item')} {r.get('status')} {r.get('note', '')}")

@@ -48,3 +48,38 @@ def test_saved_bytes_split_keeps_less_than_joint():
     x = torch.randn(32, 2)
     counts = {s: saved_bytes(lambda s=s: MeanFlowLoss(jvp=s)(net, x)) for s in ("split", "func")}
     assert 0 < counts["split"] < counts["func"]
+
+
+def _load(name: str):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_attention_jvp_benchmark_runs_and_records(tmp_path, capsys):
+    """The microbenchmark runs both paths on CPU, and its chunked tangent matches the math
+    reference (error recorded per token count)."""
+    import json
+    out = tmp_path / "a.jsonl"
+    _load("attention_jvp").main(["--tokens", "8", "20", "--repeats", "1", "--chunk", "6",
+                                 "--head-dim", "4", "--json", str(out)])
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["tokens"] for r in records] == [8, 20]
+    for r in records:
+        assert r["chunk_err"] < 1e-5 and r["math_err"] < 1e-5 and r["math_ms"] > 0
+    _step_cost().summarize([str(out)])
+    assert "attention JVP" in capsys.readouterr().out
+
+
+def test_step_cost_with_chunked_jvp_attention(tmp_path):
+    import json
+    out = tmp_path / "s.jsonl"
+    _step_cost().main(["--model", "dit-s/2", "--batch", "2", "--repeats", "1", "--warmup", "0",
+                       "--strategies", "split", "--jvp-attention", "chunked", "--no-profile",
+                       "--count-products", "off", "--threads", "1", "--json", str(out)])
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["strategy"] for r in records] == ["fm", "split"]
+    assert all(r["status"] == "ok" and r["jvp_attention"] == "chunked" for r in records)
