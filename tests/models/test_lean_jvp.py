@@ -168,3 +168,28 @@ def test_joint_pass_with_grad_skips_the_zero_weight_tangent():
     ref.load_state_dict(lin.state_dict())
     ref(x).square().sum().backward()
     torch.testing.assert_close(lin.weight.grad, ref.weight.grad)
+
+
+# ----------------------------------------------------------------------------- dropout
+@pytest.mark.parametrize("engine", ["func", "forward_ad"])
+@pytest.mark.parametrize("grad", [False, True])
+def test_lean_dropout_draws_f_dropouts_mask_and_tangent(engine, grad):
+    """Same RNG draws as CPU F.dropout (so the split passes' masks still match), same output,
+    tangent and gradient."""
+    from meanflow.models.layers import dropout
+    x, xt = _rand(4, 5, 6), _rand(4, 5, 6, seed=1)
+    results = []
+    for fn in (lambda a: F.dropout(a, 0.3, True), lambda a: dropout(a, 0.3, True)):
+        torch.manual_seed(3)
+        with torch.set_grad_enabled(grad):
+            primal = x.clone().requires_grad_(grad)
+            out, tan = _jvp(engine, fn, (primal,), (xt,))
+            g = torch.autograd.grad(out.sum(), primal)[0] if grad and engine == "forward_ad" \
+                else None
+        results.append((out.detach(), tan, g))
+    (o1, t1, g1), (o2, t2, g2) = results
+    assert torch.equal(o1, o2) and torch.equal(t1, t2)
+    if g1 is not None:
+        assert torch.equal(g1, g2)
+    torch.manual_seed(3)
+    assert torch.equal(dropout(x, 0.3, True), results[0][0])       # grad mode, no tangent

@@ -278,3 +278,40 @@ def group_norm(x: Tensor, groups: int, weight: Tensor, bias: Tensor, eps: float)
     """``F.group_norm(x, groups, weight, bias, eps)`` with the lean forward-AD rule of
     :class:`_GroupNormFn` (affine included; weight and bias are required)."""
     return _GroupNormFn.apply(x, weight, bias, groups, eps)[0]
+
+
+class _DropoutFn(torch.autograd.Function):
+    """Inverted dropout that draws its mask exactly as CPU ``F.dropout`` does (``bernoulli_``
+    on an empty tensor of the input's shape, divided by 1 − p), so that the split strategies'
+    two passes still see the same mask, with a one-multiply forward-AD rule (the native
+    composite rule adds several full-size temporaries)."""
+
+    @staticmethod
+    def forward(x: Tensor, p: float) -> tuple[Tensor, Tensor]:
+        noise = torch.empty_like(x).bernoulli_(1 - p)
+        noise.div_(1 - p)
+        return x * noise, noise
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(output[1])
+        ctx.save_for_forward(output[1])
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor | None, *_: Any) -> tuple:
+        return (None if grad is None else grad * ctx.saved_tensors[0]), None
+
+    @staticmethod
+    def jvp(ctx: Any, x_t: Tensor | None, *_: Any) -> tuple:
+        return (None if x_t is None else x_t * ctx.saved_tensors[0]), None
+
+
+def dropout(x: Tensor, p: float, training: bool) -> Tensor:
+    """``F.dropout(x, p, training)``; on CPU in the lean mode (no grad, or a tangent on ``x``)
+    it runs :class:`_DropoutFn`, which consumes the RNG exactly as CPU ``F.dropout`` does.
+    Elsewhere (CUDA's fused kernel draws differently) it is ``F.dropout`` itself."""
+    if training and 0.0 < p < 1.0 and x.device.type == "cpu" and use_lean(x):
+        return _DropoutFn.apply(x, p)[0]
+    return F.dropout(x, p, training)

@@ -34,7 +34,7 @@ from meanflow.errors import ConfigError
 from meanflow.models.attention import Attention
 from meanflow.models.checks import check_common
 from meanflow.models.embeddings import LabelEmbedder, TimeEmbedder, init_embedders
-from meanflow.models.layers import Conv2d, Linear, group_norm, use_lean
+from meanflow.models.layers import Conv2d, Linear, dropout, group_norm, use_lean
 
 __all__ = ["UNetConfig", "UNet", "UNET_PRESETS"]
 
@@ -164,7 +164,7 @@ class ResBlock(nn.Module):
         h = self._resample(F.silu(self.norm0(x)))                      # (B, cin, H', W')
         h = self.conv0(h)                                              # (B, cout, H', W')
         h = h + self.emb(emb)[:, :, None, None]
-        h = F.dropout(F.silu(self.norm1(h)), self.dropout, self.training)
+        h = dropout(F.silu(self.norm1(h)), self.dropout, self.training)
         h = self.conv1(h)
         x = self._resample(x)
         if self.skip is not None:
