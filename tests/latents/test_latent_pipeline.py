@@ -187,10 +187,17 @@ model: {{name: dit-b/2, options: {{depth: 1, width: 32, heads: 2}}}}
 data: {{name: {out}, class_conditional: true}}
 objective: {{omega: 1.0, kappa: 0.5, fraction_r_neq_t: 0.25, p: 1.0, c: 0.01}}
 train: {{steps: 3, batch_size: 6, device: cpu, ema_decays: [0.9], log_every: 1,
-         checkpoint_every: 3, sample_count: 3, sample_steps: [1]}}
+         checkpoint_every: 3, sample_count: 3, sample_steps: [1],
+         fid_every: 3, fid_ref: {out / "fid_ref.npz"}, fid_n: 6}}
 """)
     run = tmp_path / "run"
     assert cli("train", "--config", cfg, "--out", run) == 0
+    # training-time sample PNGs and FID see decoded RGB images, not 4-channel latents
+    from PIL import Image
+    with Image.open(run / "samples" / "step_0000003-nfe1.png") as im:
+        assert im.width >= 3 * RES * 2          # 3 decoded 16 x 16 images, not 8 x 8 latents
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    logged = [d for d in lines if d.get("eval") == "fid"][-1]["fid_nfe1"]
     # the VAE is found from the latent folder the run trained on
     assert cli("sample", run, "--n", 6, "--out", tmp_path / "s.npz", "--png",
                tmp_path / "s.png", "--batch-size", 4) == 0
@@ -219,6 +226,7 @@ train: {{steps: 3, batch_size: 6, device: cpu, ema_decays: [0.9], log_every: 1,
                "--out", tmp_path / "fid.json") == 0
     from_run = float(re.search(r"N=6\): (\S+)", capsys.readouterr().out).group(1))
     assert from_run == pytest.approx(from_file, rel=1e-6) and np.isfinite(from_run)
+    assert logged == pytest.approx(from_run, rel=1e-4)
     record = json.loads((tmp_path / "fid.json").read_text())
     assert record["vae"] == meta["vae"] and record["guidance"]["kappa"] == 0.5
 

@@ -20,6 +20,7 @@ import contextlib
 import json
 import math
 import re
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ from torch import Tensor, nn
 
 from meanflow import __version__
 from meanflow.data import BatchSource, build_dataset
-from meanflow.errors import CheckpointError, ConfigError
+from meanflow.errors import CheckpointError, ConfigError, DataError
 from meanflow.models import build_model_for_data
 from meanflow.objective import FlowMatchingLoss, MeanFlowLoss
 from meanflow.train import distributed as dist_
@@ -243,7 +244,12 @@ def check_config(cfg: RunConfig) -> None:
     if cfg.train.tensorboard:
         _tensorboard_writer(None)
     if cfg.train.fid_every > 0:
-        FIDMonitor(cfg, tuple(ds.shape), num_classes, resolve_device(cfg.train.device))
+        device = resolve_device(cfg.train.device)
+        try:
+            decode = latent_decoder(ds, device)
+        except (DataError, ConfigError) as exc:
+            raise ConfigError(f"train.fid_every on latents needs their VAE: {exc}") from None
+        FIDMonitor(cfg, tuple(ds.shape), num_classes, device, decode)
 
 
 def _check_world(cfg: RunConfig, world: World) -> int:
@@ -260,7 +266,8 @@ class FIDMonitor:
     reference file or extractor stops the run before it writes anything."""
 
     def __init__(self, cfg: RunConfig, shape: tuple[int, ...], num_classes: int | None,
-                 device: torch.device) -> None:
+                 device: torch.device,
+                 decode: Callable[[Tensor], Tensor] | None = None) -> None:
         from meanflow.metrics.extractors import load_extractor
         from meanflow.metrics.frechet import FeatureStats
         tr = cfg.train
@@ -270,7 +277,8 @@ class FIDMonitor:
         if len(shape) != 3:
             raise ConfigError(f"train.fid_every needs image data; this data has samples of shape "
                               f"{shape}: set train.fid_every=0")
-        probe = torch.zeros(2, *shape)
+        self.decode = decode if decode is not None else (lambda x: x)
+        probe = self.decode(torch.zeros(2, *shape))
         try:
             dim = self.extractor.features(probe).shape[1]
         except ConfigError as exc:
@@ -301,7 +309,8 @@ class FIDMonitor:
                 x = sample_seeded(sampler_net, mine, self.shape, steps=k,
                                   y=None if y is None else y[mine], method=method,
                                   batch_size=500, device=self.device)
-                local = torch.from_numpy(np.asarray(self.extractor.features(quantize(x)),
+                images = quantize(self.decode(x))
+                local = torch.from_numpy(np.asarray(self.extractor.features(images),
                                                     dtype=np.float64))
             else:
                 local = torch.zeros((0, self.ref.dim), dtype=torch.float64)
@@ -415,9 +424,24 @@ def check_compiled(model: nn.Module, loss_fn: Callable, compiled_call: Callable,
     return errors[worst]
 
 
+def latent_decoder(ds: Any, device: torch.device) -> Callable[[Tensor], Tensor] | None:
+    """For latent data that records its VAE (``meanflow prepare-latents``): a function from
+    model-space latents to images in [-1, 1] (CPU), so that sample PNGs and FID during
+    training see pictures, not latents. None for other data. Raises DataError (with the fix)
+    when the VAE cannot be loaded."""
+    vae = getattr(ds, "vae", None)
+    if not (isinstance(vae, dict) and vae.get("spec")):
+        return None
+    from meanflow.latents.vae import decode_latents, load_vae
+    model = load_vae(vae["spec"], device)
+    scale = float(getattr(ds, "scale"))
+    return lambda z: decode_latents(model, z, scale)
+
+
 def _sample_pngs(run_dir: Path, step: int, sampler_net: nn.Module, ema: EMA, cfg: RunConfig,
                  shape: tuple[int, ...], num_classes: int | None, device: torch.device,
-                 writer: Any, world: World = World()) -> None:
+                 writer: Any, world: World = World(),
+                 decode: Callable[[Tensor], Tensor] | None = None) -> None:
     """PNGs of samples from fixed seeds with the first EMA's weights, one per NFE (sampled by
     all ranks, drawn by rank 0)."""
     from meanflow.viz import save_samples_png
@@ -432,6 +456,8 @@ def _sample_pngs(run_dir: Path, step: int, sampler_net: nn.Module, ema: EMA, cfg
                                         steps=k, method=method, batch_size=256)
         if not world.is_main:
             continue
+        if decode is not None:
+            x = decode(x)
         path = run_dir / "samples" / f"step_{step:07d}-nfe{k}.png"
         title = f"{method}, {k} step(s), EMA {ema.decays[0]:g}, step {step}"
         # a class-conditional image grid gets one class per column
@@ -491,7 +517,18 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, dataset: BatchSource | N
         augment = EDMAugment(p=cfg.data.augment)
     if tr.tensorboard:
         _tensorboard_writer(None)
-    fid_monitor = (FIDMonitor(cfg, shape, num_classes, device) if tr.fid_every > 0
+    decode, pngs = None, tr.sample_count > 0
+    if getattr(ds, "vae", None) and (tr.fid_every > 0 or pngs):
+        try:
+            decode = latent_decoder(ds, device)
+        except (DataError, ConfigError) as exc:
+            if tr.fid_every > 0:
+                raise ConfigError(f"train.fid_every on latents needs their VAE: {exc}") from None
+            if world.is_main:
+                print(f"warning: sample PNGs are off, the latents' VAE does not load ({exc})",
+                      file=sys.stderr)
+            pngs = False
+    fid_monitor = (FIDMonitor(cfg, shape, num_classes, device, decode) if tr.fid_every > 0
                    else None)
     dist_.on_main(world, prepare_run_dir, cfg, run_dir, resume)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
@@ -537,7 +574,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, dataset: BatchSource | N
         check_compiled(model, loss_fn, loss_call, x0, y0, aug0,
                        rtol=3e-2 if tr.amp == "bf16" else 1e-3, autocast=autocast)
     sampler_net = None
-    if tr.sample_count > 0 or fid_monitor is not None:
+    if pngs or fid_monitor is not None:
         import copy
         sampler_net = copy.deepcopy(model).eval()
     writer = _tensorboard_writer(run_dir) if (tr.tensorboard and world.is_main) else None
@@ -674,11 +711,11 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, dataset: BatchSource | N
                     bar.write(f"step {done}: " + ", ".join(
                         f"{k} {v:.4g}" for k, v in record.items() if k.startswith("fid_nfe")))
                 t_log += time.perf_counter() - t_eval  # not training time: off the rate
-            if tr.sample_count > 0 and (done == steps or (
+            if pngs and (done == steps or (
                     tr.sample_every > 0 and done % tr.sample_every == 0)):
                 t_sample = time.perf_counter()
                 _sample_pngs(run_dir, done, sampler_net, ema, cfg, shape, num_classes, device,
-                             writer, world)
+                             writer, world, decode)
                 t_log += time.perf_counter() - t_sample  # not training time: off the rate
     finally:
         if bar is not None:
