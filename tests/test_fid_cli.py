@@ -120,3 +120,14 @@ def test_inception_ref_and_calc_end_to_end(tmp_path, capsys):
     assert cli("fid", "calc", tmp_path / "same.npz", "--ref", tmp_path / "ref.npz",
                "--extractor", "fmnist") == 2
     assert "compare like with like" in capsys.readouterr().err
+
+
+def test_kid_subsets_differ_at_small_n():
+    """With N <= 1000 the KID subsets take half of each set, so its standard error is a real
+    spread (subsets of the whole set would all be identical: SE exactly 0)."""
+    from meanflow.metrics.fid import score_features
+    rng = np.random.default_rng(0)
+    ref = FeatureStats.from_features(rng.normal(size=(400, 8)), keep=400)
+    out = score_features(rng.normal(size=(400, 8)) + 0.5, ref)
+    assert out["kid_subset"] == 200 and out["kid_se"] > 0
+    assert out["kid"] > 3 * out["kid_se"]          # a shifted set is told apart

@@ -46,10 +46,13 @@ def quantize(images: Tensor) -> Tensor:
 def score_features(feats: np.ndarray, ref: FeatureStats, kid_subset: int = 1000,
                    pr: bool = False) -> dict[str, Any]:
     """FID of features against reference statistics; KID (and precision/recall with ``pr``)
-    too when the reference file kept feature rows."""
+    too when the reference file kept feature rows. KID averages 100 random subsets of
+    ``min(kid_subset, N / 2)`` rows of each set; its ``kid_se`` is the spread between them."""
     out: dict[str, Any] = {"fid": frechet_distance(FeatureStats.from_features(feats), ref)}
     if ref.features is not None:
-        size = min(kid_subset, feats.shape[0], ref.features.shape[0])
+        # at most half of the smaller set, so that the 100 subsets differ and the standard
+        # error means something (subsets of the whole set would all be the same: SE 0)
+        size = min(kid_subset, feats.shape[0] // 2, ref.features.shape[0] // 2)
         if size >= 2:
             k, k_se = kid(feats, ref.features, subsets=100, subset_size=size, seed=0)
             out.update(kid=k, kid_se=k_se, kid_subset=size)
