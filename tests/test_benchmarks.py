@@ -83,3 +83,10 @@ def test_step_cost_with_chunked_jvp_attention(tmp_path):
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["strategy"] for r in records] == ["fm", "split"]
     assert all(r["status"] == "ok" and r["jvp_attention"] == "chunked" for r in records)
+
+
+def test_step_interleaved_runs(capsys):
+    _load("step_interleaved").main(["--model", "mlp", "--batch", "4", "--rounds", "2",
+                                    "--threads", "1", "--jvp-attention", "math", "chunked"])
+    out = capsys.readouterr().out
+    assert "split/chunked" in out and "forward_ad/math" in out
