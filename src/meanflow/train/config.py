@@ -223,6 +223,13 @@ def _number(name: str, value: Any, *, lo: float | None = None, hi: float | None 
         raise ConfigError(f"{name}={value!r} must be <= {hi}")
 
 
+def _step_counts(name: str, value: Any) -> None:
+    if (not isinstance(value, (list, tuple)) or not value or not all(
+            isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in value)):
+        raise ConfigError(f"{name}={value!r} must be a list of positive step counts, "
+                          "e.g. [1, 2]")
+
+
 def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"unknown {name} {value!r}: choose one of {', '.join(choices)}")
@@ -297,16 +304,10 @@ def _validate(cfg: RunConfig) -> None:
         raise ConfigError("train.tensorboard must be true or false")
     _number("train.sample_every", tr.sample_every, lo=0, integer=True)
     _number("train.sample_count", tr.sample_count, lo=0, integer=True)
-    if (not isinstance(tr.sample_steps, (list, tuple)) or not tr.sample_steps or not all(
-            isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in tr.sample_steps)):
-        raise ConfigError(f"train.sample_steps={tr.sample_steps!r} must be a list of positive "
-                          "step counts, e.g. [1, 2]")
+    _step_counts("train.sample_steps", tr.sample_steps)
     _number("train.fid_every", tr.fid_every, lo=0, integer=True)
     _number("train.fid_n", tr.fid_n, lo=2, integer=True)
-    if (not isinstance(tr.fid_steps, (list, tuple)) or not tr.fid_steps or not all(
-            isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in tr.fid_steps)):
-        raise ConfigError(f"train.fid_steps={tr.fid_steps!r} must be a list of positive step "
-                          "counts, e.g. [1, 2]")
+    _step_counts("train.fid_steps", tr.fid_steps)
     if tr.fid_every > 0 and not (isinstance(tr.fid_ref, str) and tr.fid_ref):
         raise ConfigError("train.fid_every > 0 needs train.fid_ref: make reference statistics "
                           "with `meanflow fid ref DATA -o stats.npz` and set train.fid_ref")
