@@ -82,3 +82,26 @@ def tiny_mlp():
             torch.manual_seed(seed)
             return build_model("mlp", **options).to(dtype)
     return make
+
+
+class PoolFeatures(nn.Module):
+    """A tiny TorchScript-able FID extractor for small images: 2×2 average pool, a linear map
+    and tanh (5-d features)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.tanh(self.lin(torch.nn.functional.adaptive_avg_pool2d(x, 2).flatten(1)))
+
+
+@pytest.fixture(scope="session")
+def pool_extractor(tmp_path_factory) -> Path:
+    """The path of a scripted :class:`PoolFeatures` (weights from seed 0)."""
+    path = tmp_path_factory.mktemp("extractor") / "feat.pt"
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        net = PoolFeatures().float().eval()
+    torch.jit.save(torch.jit.script(net), str(path))
+    return path

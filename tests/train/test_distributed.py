@@ -101,17 +101,6 @@ def image_config(data: Path, ref: Path) -> RunConfig:
                   "sample_steps": [1]}}).validate()
 
 
-class _PoolFeatures(torch.nn.Module):
-    """A tiny TorchScript-able extractor for 8×8 images (5-d features)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = torch.nn.Linear(4, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.lin(torch.nn.functional.adaptive_avg_pool2d(x, 2).flatten(1)))
-
-
 def sampling_net() -> torch.nn.Module:
     """A class-conditional MLP with every weight random (zero-init outputs would make any two
     samplers agree trivially)."""
@@ -232,7 +221,7 @@ def float64():
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory, float64):
+def ranks(tmp_path_factory, float64, pool_extractor):
     """Runs the two ranks once: (root, rank 0's results, rank 1's results)."""
     import torch.multiprocessing as mp
     root = tmp_path_factory.mktemp("dist")
@@ -240,9 +229,7 @@ def ranks(tmp_path_factory, float64):
     data = images_npz(root)
     torch.set_default_dtype(torch.float32)
     from meanflow.metrics.fid import reference_stats
-    torch.manual_seed(0)
-    torch.jit.save(torch.jit.script(_PoolFeatures().eval()), str(root / "feat.pt"))
-    reference_stats(str(data), root / "ref.npz", extractor=str(root / "feat.pt"),
+    reference_stats(str(data), root / "ref.npz", extractor=str(pool_extractor),
                     device="cpu", progress=False)
     torch.set_default_dtype(torch.float64)
     mp.spawn(_worker, args=(_free_port(), str(root)), nprocs=WORLD, join=True)

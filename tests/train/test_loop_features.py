@@ -318,33 +318,19 @@ def test_tensorboard_gets_the_logged_scalars_and_grids(tmp_path, monkeypatch):
     assert calls["image"] == [("samples/nfe1", (1, 2 * (8 + 2) + 2, 2 * (8 + 2) + 2), 2)]
 
 
-class _PoolFeatures(torch.nn.Module):
-    """A tiny TorchScript-able extractor for 8×8 images (5-d features)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = torch.nn.Linear(4, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.lin(torch.nn.functional.adaptive_avg_pool2d(x, 2).flatten(1)))
-
-
-def _tiny_extractor_ref(tmp_path: Path, data: Path) -> Path:
+def _tiny_extractor_ref(tmp_path: Path, data: Path, extractor: Path) -> Path:
     from meanflow.metrics.fid import reference_stats
-    torch.manual_seed(0)
-    ext = tmp_path / "feat.pt"
-    torch.jit.save(torch.jit.script(_PoolFeatures().eval()), str(ext))
     ref = tmp_path / "ref.npz"
-    reference_stats(str(data), ref, extractor=str(ext), device="cpu", progress=False)
+    reference_stats(str(data), ref, extractor=str(extractor), device="cpu", progress=False)
     return ref
 
 
-def test_periodic_fid_is_logged_and_equals_fid_calc(tmp_path):
+def test_periodic_fid_is_logged_and_equals_fid_calc(tmp_path, pool_extractor):
     """train.fid_every writes FID/KID lines to metrics.jsonl; the last one equals what
     `meanflow fid calc` gives for the final checkpoint (same seeds, EMA, extractor)."""
     from meanflow.metrics.fid import fid_of
     data = images_npz(tmp_path)
-    ref = _tiny_extractor_ref(tmp_path, data)
+    ref = _tiny_extractor_ref(tmp_path, data, pool_extractor)
     cfg = image_config(data, steps=4, fid_every=2, fid_ref=str(ref), fid_n=8,
                        fid_steps=[1, 2], ema_decays=[0.5])
     train(cfg, tmp_path / "run")

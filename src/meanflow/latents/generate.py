@@ -104,21 +104,12 @@ def fid_of_latent_model(source: str | os.PathLike[str], ref: str | os.PathLike[s
     """FID (and KID) of ``n`` decoded samples of a latent run folder / checkpoint against
     reference statistics (e.g. the ``fid_ref.npz`` of ``meanflow prepare-latents``). Images are
     featurised batch by batch (never all held at once), quantised to 8 bits first."""
-    from meanflow.metrics.extractors import _check_identity, load_extractor
-    from meanflow.metrics.fid import EXTRACTORS, quantize, score_features
-    from meanflow.metrics.frechet import FeatureStats
+    from meanflow.metrics.fid import load_reference, quantize, score_features
     from meanflow.train.loop import load_model, resolve_device
     if n < 2:
         raise ConfigError(f"FID needs at least 2 samples, got n={n}")
-    ref_stats = FeatureStats.load(ref)
     dev = resolve_device(device)
-    made_with = ref_stats.meta.get("extractor", "fmnist")
-    ext = load_extractor(extractor or made_with, dev)
-    got = ext.identity["extractor"]
-    if got != made_with and (got in EXTRACTORS or made_with in EXTRACTORS):
-        raise ConfigError(f"{ref} holds {made_with!r} features, but the extractor given is "
-                          f"{got!r}: drop --extractor, or recompute the reference")
-    _check_identity(ext.identity, ref_stats.meta)
+    ref_stats, ext = load_reference(ref, dev, extractor)
     loaded = load_model(Path(source), ema=ema, device=dev)
     chosen = resolve_vae(vae, loaded.config)
     if chosen is None:

@@ -21,19 +21,29 @@ from torch import Tensor
 from meanflow.errors import ConfigError, DataError
 from meanflow.metrics.frechet import FeatureStats, frechet_distance, kid, precision_recall
 
-__all__ = ["EXTRACTORS", "extract_features", "reference_stats", "fid_of", "score_features",
+__all__ = ["EXTRACTORS", "load_reference", "reference_stats", "fid_of", "score_features",
            "quantize"]
 
 EXTRACTORS = ("inception", "fmnist")   # or the path of a TorchScript / state-dict file
 KID_FEATURES = 5000                   # feature rows kept in stats files for KID
 
 
-def extract_features(images: Tensor, extractor: str = "fmnist",
-                     device: torch.device | str = "cpu", progress: bool = False) -> np.ndarray:
-    """(N, D) float64 features of images (N, C, H, W) in [-1, 1] (see
-    :func:`meanflow.metrics.extractors.load_extractor` for ``extractor``)."""
-    from meanflow.metrics.extractors import load_extractor
-    return load_extractor(extractor, device).features(images, progress=progress)
+def load_reference(ref: str | os.PathLike[str], device: torch.device | str = "cpu",
+                   extractor: str | None = None) -> tuple[FeatureStats, Any]:
+    """Reference statistics and the extractor they were made with: the one recorded in the
+    file, or ``extractor`` (where its file is now), whose name and checksum must match, so that
+    features of two different networks are never compared."""
+    from meanflow.metrics.extractors import _check_identity, load_extractor
+    ref_stats = FeatureStats.load(ref)
+    made_with = ref_stats.meta.get("extractor", "fmnist")
+    ext = load_extractor(extractor or made_with, device)
+    got = ext.identity["extractor"]
+    if got != made_with and (got in EXTRACTORS or made_with in EXTRACTORS):
+        raise ConfigError(f"{ref} holds {made_with!r} features, but the extractor given is "
+                          f"{got!r}: compare like with like (drop --extractor, or recompute "
+                          "the reference with meanflow fid ref --extractor)")
+    _check_identity(ext.identity, ref_stats.meta)
+    return ref_stats, ext
 
 
 def quantize(images: Tensor) -> Tensor:
@@ -123,19 +133,9 @@ def fid_of(source: str | os.PathLike[str], ref: str | os.PathLike[str], n: int |
     The extractor is the one recorded in the reference file; ``extractor`` may name where its
     file now is (its checksum must match). Samples are quantised to 8 bits first.
     """
-    from meanflow.metrics.extractors import _check_identity, load_extractor
     from meanflow.train.loop import resolve_device
-    ref_stats = FeatureStats.load(ref)
     dev = resolve_device(device)
-    spec = extractor or ref_stats.meta.get("extractor", "fmnist")
-    made_with = ref_stats.meta.get("extractor", "fmnist")
-    ext = load_extractor(spec, dev)
-    got = ext.identity["extractor"]
-    if got != made_with and (got in EXTRACTORS or made_with in EXTRACTORS):
-        raise ConfigError(f"{ref} holds {made_with!r} features, but the extractor given is "
-                          f"{got!r}: compare like with like (drop --extractor, or recompute "
-                          "the reference with meanflow fid ref --extractor)")
-    _check_identity(ext.identity, ref_stats.meta)
+    ref_stats, ext = load_reference(ref, dev, extractor)
     source = Path(source)
     record: dict[str, Any] = {"extractor": ext.identity, "ref": str(ref), "ref_n": ref_stats.n}
     if source.suffix == ".npz":

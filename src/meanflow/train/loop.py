@@ -245,11 +245,7 @@ def check_config(cfg: RunConfig) -> None:
         _tensorboard_writer(None)
     if cfg.train.fid_every > 0:
         device = resolve_device(cfg.train.device)
-        try:
-            decode = latent_decoder(ds, device)
-        except (DataError, ConfigError) as exc:
-            raise ConfigError(f"train.fid_every on latents needs their VAE: {exc}") from None
-        FIDMonitor(cfg, tuple(ds.shape), num_classes, device, decode)
+        FIDMonitor(cfg, tuple(ds.shape), num_classes, device, _fid_decoder(ds, device))
 
 
 def _check_world(cfg: RunConfig, world: World) -> int:
@@ -268,12 +264,9 @@ class FIDMonitor:
     def __init__(self, cfg: RunConfig, shape: tuple[int, ...], num_classes: int | None,
                  device: torch.device,
                  decode: Callable[[Tensor], Tensor] | None = None) -> None:
-        from meanflow.metrics.extractors import load_extractor
-        from meanflow.metrics.frechet import FeatureStats
+        from meanflow.metrics.fid import load_reference
         tr = cfg.train
-        self.ref = FeatureStats.load(tr.fid_ref)
-        spec = self.ref.meta.get("extractor", "fmnist")
-        self.extractor = load_extractor(spec, device, expect=self.ref.meta)
+        self.ref, self.extractor = load_reference(tr.fid_ref, device)
         if len(shape) != 3:
             raise ConfigError(f"train.fid_every needs image data; this data has samples of shape "
                               f"{shape}: set train.fid_every=0")
@@ -438,6 +431,14 @@ def latent_decoder(ds: Any, device: torch.device) -> Callable[[Tensor], Tensor] 
     return lambda z: decode_latents(model, z, scale)
 
 
+def _fid_decoder(ds: Any, device: torch.device) -> Callable[[Tensor], Tensor] | None:
+    """:func:`latent_decoder` for ``train.fid_every``, which cannot do without it."""
+    try:
+        return latent_decoder(ds, device)
+    except (DataError, ConfigError) as exc:
+        raise ConfigError(f"train.fid_every on latents needs their VAE: {exc}") from None
+
+
 def _sample_pngs(run_dir: Path, step: int, sampler_net: nn.Module, ema: EMA, cfg: RunConfig,
                  shape: tuple[int, ...], num_classes: int | None, device: torch.device,
                  writer: Any, world: World = World(),
@@ -518,12 +519,12 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, dataset: BatchSource | N
     if tr.tensorboard:
         _tensorboard_writer(None)
     decode, pngs = None, tr.sample_count > 0
-    if getattr(ds, "vae", None) and (tr.fid_every > 0 or pngs):
+    if tr.fid_every > 0:
+        decode = _fid_decoder(ds, device)
+    elif pngs:
         try:
             decode = latent_decoder(ds, device)
         except (DataError, ConfigError) as exc:
-            if tr.fid_every > 0:
-                raise ConfigError(f"train.fid_every on latents needs their VAE: {exc}") from None
             if world.is_main:
                 print(f"warning: sample PNGs are off, the latents' VAE does not load ({exc})",
                       file=sys.stderr)
