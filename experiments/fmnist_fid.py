@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from meanflow.data import ImageArray
-from meanflow.metrics import FeatureStats, frechet_distance, kid
+from meanflow.metrics import FeatureStats
+from meanflow.metrics.fid import score_features
 from meanflow.metrics.classifier import (
     DEFAULT_WEIGHTS,
     fmnist_features,
@@ -38,10 +39,9 @@ CLASSES = ["T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
            "Bag", "Boot"]
 
 
-def score(real: np.ndarray, real_stats: FeatureStats, feats: np.ndarray) -> dict[str, float]:
-    fid = frechet_distance(FeatureStats.from_features(feats), real_stats)
-    k, k_se = kid(feats, real, subsets=100, subset_size=1000, seed=0)
-    return {"fid": fid, "kid": k, "kid_se": k_se}
+def score(real_stats: FeatureStats, feats: np.ndarray) -> dict[str, float]:
+    out = score_features(feats, real_stats)
+    return {"fid": out["fid"], "kid": out["kid"], "kid_se": out["kid_se"]}
 
 
 def main() -> None:
@@ -61,14 +61,14 @@ def main() -> None:
     n = min(args.n, len(test))
     real_x = test.images[:n].to(torch.float32) / 127.5 - 1.0
     real = fmnist_features(real_x, model=clf)
-    real_stats = FeatureStats.from_features(real)
+    real_stats = FeatureStats.from_features(real, keep=n)
 
     rows: list[dict] = []
     gen = torch.Generator().manual_seed(0)
     idx = torch.randperm(len(train), generator=gen)[:n]
     floor_x = train.images[idx].to(torch.float32) / 127.5 - 1.0
     rows.append({"name": f"floor: {n} train vs {n} test", "steps": None,
-                 **score(real, real_stats, fmnist_features(floor_x, model=clf)), "seconds": 0.0})
+                 **score(real_stats, fmnist_features(floor_x, model=clf)), "seconds": 0.0})
 
     loaded = load_model(args.run)
     hist = None
@@ -80,7 +80,7 @@ def main() -> None:
         secs = time.perf_counter() - t0
         feats = fmnist_features(x, model=clf)
         rows.append({"name": f"{steps}-step samples", "steps": steps,
-                     **score(real, real_stats, feats), "seconds": round(secs, 1)})
+                     **score(real_stats, feats), "seconds": round(secs, 1)})
         if hist is None:
             hist = torch.bincount(fmnist_predict(x, model=clf), minlength=10).tolist()
     test_hist = torch.bincount(fmnist_predict(real_x, model=clf), minlength=10).tolist()
