@@ -148,6 +148,8 @@ INVALID = [
     (["train.device=tpu"], "train.device"),
     (["data.name="], "data.name"),
     (["model.options=3"], "model.options"),
+    (["model.jvp_attention=flash"], "model.jvp_attention"),
+    (["model.jvp_attention=3"], "model.jvp_attention"),
     (["objective=3"], "objective"),
 ]
 
@@ -252,3 +254,107 @@ def test_to_dict_is_a_copy():
     d["optim"]["betas"].append(0.5)
     d["objective"]["p"] = 7
     assert cfg.optim.betas == [0.9, 0.999] and cfg.objective.p == 1.0
+
+
+# ------------------------------------------------------------------- model.jvp_attention
+
+def _dit_run_config(data, impl, steps: int = 3, **train_opts):
+    tr = {"steps": steps, "batch_size": 8, "log_every": 1, "checkpoint_every": 2,
+          "progress": False, "sample_count": 0, "device": "cpu", "keep_checkpoints": 0}
+    tr.update(train_opts)
+    return RunConfig.from_dict({
+        "model": {"name": "dit-s/2", "options": {"depth": 1, "width": 32, "heads": 2},
+                  "jvp_attention": impl},
+        "data": {"name": str(data)},
+        "objective": {"fraction_r_neq_t": 0.5, "p": 0.5},
+        "optim": {"lr": 1e-2},
+        "train": tr}).validate()
+
+
+def test_jvp_attention_names_the_choices_from_the_attention_module(monkeypatch):
+    """The choices are read from meanflow.models.attention.JVP_ATTENTION_IMPLS when
+    validating (not a copy); null is the module default."""
+    from meanflow.models import attention
+    assert load_config(None, ["model.jvp_attention=null"]).model.jvp_attention is None
+    assert load_config(None, ["model.jvp_attention=chunked"]).model.jvp_attention == "chunked"
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["model.jvp_attention=flash"])
+    msg = str(info.value)
+    assert "\n" not in msg and all(impl in msg for impl in attention.JVP_ATTENTION_IMPLS)
+    monkeypatch.setattr(attention, "JVP_ATTENTION_IMPLS", (*attention.JVP_ATTENTION_IMPLS,
+                                                           "flash"))
+    assert load_config(None, ["model.jvp_attention=flash"]).model.jvp_attention == "flash"
+
+
+def test_jvp_attention_chunked_trains_like_math(tmp_path, monkeypatch):
+    """A tiny DiT run with model.jvp_attention=chunked runs the chunked attention JVP (and
+    math does not) and logs the same losses as math to float32 precision; the key may change
+    on resume."""
+    import numpy as np
+
+    from meanflow.models import attention
+    from meanflow.train.loop import train
+    rng = np.random.default_rng(0)
+    data = tmp_path / "imgs.npz"
+    np.savez(data, x=rng.integers(0, 256, (32, 1, 8, 8), dtype=np.uint8))
+    calls = {"n": 0}
+    real = attention.attention_jvp
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return real(*args, **kwargs)
+    monkeypatch.setattr(attention, "attention_jvp", counting)
+    losses = {}
+    for impl in ("math", "chunked"):
+        calls["n"] = 0
+        train(_dit_run_config(data, impl), tmp_path / impl)
+        lines = [json.loads(s) for s in (tmp_path / impl / "metrics.jsonl").read_text()
+                 .splitlines()]
+        losses[impl] = [d["loss"] for d in lines]
+        assert (calls["n"] > 0) == (impl == "chunked")
+    # step 1: the adaLN-zero DiT outputs 0 whatever the attention; steps 2 and 3 depend on it
+    assert losses["math"][1] != losses["math"][0]
+    for a, b in zip(losses["math"], losses["chunked"]):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-7)
+    calls["n"] = 0
+    train(_dit_run_config(data, "chunked", steps=4), tmp_path / "math", resume=True)
+    assert calls["n"] > 0
+    bad = _dit_run_config(data, "math")
+    bad.model.jvp_attention = "flash"
+    with pytest.raises(ConfigError, match="model.jvp_attention 'flash'"):
+        train(bad, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+
+
+def test_jvp_attention_chunked_loss_equals_math_on_a_trained_like_dit(monkeypatch):
+    """The loss of a DiT with random (not adaLN-zero) weights, whose du/dt leans on the
+    attention: chunked equals math to float32 precision, and an attention JVP that drops its
+    tangent is far off, so the equality means something."""
+    import torch
+    import torch.nn.functional as F
+    from torch.autograd import forward_ad
+
+    from meanflow.models import attention, build_model
+    from meanflow.objective import MeanFlowLoss
+    torch.manual_seed(0)
+    net = build_model("dit-s/2", in_channels=1, input_size=8, depth=1, width=32, heads=2)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 1, 8, 8, generator=g)
+    t = 0.5 + 0.5 * torch.rand(8, generator=g)
+    draws = {"r": torch.zeros(8), "t": t, "e": torch.randn(8, 1, 8, 8, generator=g)}
+    loss_fn = MeanFlowLoss(p=0.0)
+
+    def loss_with(impl):
+        attention.set_jvp_attention(net, impl)
+        return float(loss_fn(net, x, None, generator=g, **draws)[0].detach().mean())
+
+    math_loss, chunked = loss_with("math"), loss_with("chunked")
+    assert chunked == pytest.approx(math_loss, rel=1e-5)
+    strip = lambda a: forward_ad.unpack_dual(a).primal  # noqa: E731
+    monkeypatch.setattr(attention, "attention_jvp", lambda q, k, v, chunk=None:
+                        F.scaled_dot_product_attention(strip(q), strip(k), strip(v)))
+    dropped = loss_with("chunked")
+    assert abs(dropped - math_loss) > 1e-3 * abs(math_loss)

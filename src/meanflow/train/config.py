@@ -32,6 +32,8 @@ JVP_PRECISIONS = ("fp32", "amp")
 class ModelConfig:
     name: str = "mlp"                                      # registry name (meanflow.models)
     options: dict[str, Any] = field(default_factory=dict)  # the backbone's own config fields
+    jvp_attention: str | None = None  # attention in the JVP pass (meanflow.models.attention
+                                      # JVP_ATTENTION_IMPLS, e.g. "chunked"); None: "math"
 
 
 @dataclass
@@ -235,6 +237,14 @@ def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
         raise ConfigError(f"unknown {name} {value!r}: choose one of {', '.join(choices)}")
 
 
+def _jvp_attention(value: Any) -> None:
+    # read at call time: the tuple of implementations may grow (e.g. a GPU kernel)
+    from meanflow.models.attention import JVP_ATTENTION_IMPLS
+    if value is not None and value not in JVP_ATTENTION_IMPLS:
+        raise ConfigError(f"unknown model.jvp_attention {value!r}: choose one of "
+                          f"{', '.join(JVP_ATTENTION_IMPLS)}, or null for the default (math)")
+
+
 def _validate(cfg: RunConfig) -> None:
     o, opt, tr = cfg.objective, cfg.optim, cfg.train
     _choice("objective.kind", o.kind, OBJECTIVES)
@@ -268,6 +278,7 @@ def _validate(cfg: RunConfig) -> None:
         raise ConfigError("data.name must be a toy dataset name or a file path")
     if not isinstance(cfg.data.class_conditional, bool):
         raise ConfigError("data.class_conditional must be true or false")
+    _jvp_attention(cfg.model.jvp_attention)
     for section, value in (("model.options", cfg.model.options),
                            ("data.options", cfg.data.options)):
         if not isinstance(value, dict):

@@ -33,6 +33,7 @@ from meanflow import __version__
 from meanflow.data import BatchSource, build_dataset
 from meanflow.errors import CheckpointError, ConfigError, DataError
 from meanflow.models import build_model_for_data
+from meanflow.models.attention import set_jvp_attention
 from meanflow.objective import FlowMatchingLoss, MeanFlowLoss
 from meanflow.train import distributed as dist_
 from meanflow.train.checkpoint import (atomic_write_text, find_checkpoint, list_checkpoints,
@@ -50,7 +51,7 @@ __all__ = ["train", "check_config", "new_run_dir", "build_loss", "step_seed", "r
 RESUMABLE_KEYS = {("train", k) for k in (
     "steps", "epochs", "images", "log_every", "checkpoint_every", "keep_checkpoints", "device",
     "progress", "compile", "sample_every", "sample_count", "sample_steps", "tensorboard",
-    "fid_every", "fid_ref", "fid_n", "fid_steps")}
+    "fid_every", "fid_ref", "fid_n", "fid_steps")} | {("model", "jvp_attention")}
 MAX_NONFINITE_IN_A_ROW = 10
 
 
@@ -508,6 +509,8 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, dataset: BatchSource | N
     torch.manual_seed(tr.seed)
     model = build_model_for_data(cfg.model.name, shape, num_classes,
                                  _model_options(cfg, shape)).to(device)
+    # the JVP pass's attention: not a weight, so a resumed run may choose another one
+    set_jvp_attention(model, cfg.model.jvp_attention)
     loss_fn = build_loss(cfg, num_classes)
     # "func"/"forward_ad" give u and du/dt in one pass, which cannot go through DDP: under
     # torchrun they run on the module and the gradients are averaged by hand.
