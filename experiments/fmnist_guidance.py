@@ -33,7 +33,8 @@ CLASSES = ("T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--omegas", type=float, nargs="+", default=[1.0, 2.0, 3.0])
-    p.add_argument("--steps", type=int, default=350, help="training steps of each run")
+    p.add_argument("--steps", type=int, default=1400,
+                   help="training steps of each run (a shorter earlier run is resumed)")
     p.add_argument("--n", type=int, default=1000, help="samples scored per run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--runs", default="runs/fmnist-guidance", help="folder of the run folders")
@@ -66,17 +67,20 @@ def main(argv: list[str] | None = None) -> dict:
         overrides = [f"train.steps={args.steps}", "data.class_conditional=true",
                      f"objective.omega={omega}", "objective.kappa=0.0",
                      "objective.label_drop=0.1", f"train.seed={args.seed}",
-                     "train.device=cpu", f"train.checkpoint_every={args.steps}",
+                     "train.device=cpu", f"train.checkpoint_every={min(args.steps, 350)}",
                      f"train.sample_every={args.steps}", "train.log_every=50"]
         if args.quick:
             overrides += ["train.batch_size=16", "optim.warmup_steps=0"]
         cfg = load_config(preset_path("fmnist-unet"), overrides)
         run = Path(args.runs) / f"omega{omega:g}"
         t0 = time.perf_counter()
-        if (run / "config.json").is_file():   # finished before: score it again, do not retrain
-            print(f"omega {omega:g}: reusing {run}")
-        else:
+        if not (run / "config.json").is_file():
             train(cfg, run)
+        elif load_model(run).step < args.steps:  # a shorter run made before: continue it
+            print(f"omega {omega:g}: resuming {run} to step {args.steps}")
+            train(cfg, run, resume=True)
+        else:                                    # finished before: score it again
+            print(f"omega {omega:g}: reusing {run}")
         train_s = time.perf_counter() - t0
         loaded = load_model(run)
         y = torch.arange(args.n) % 10

@@ -67,6 +67,34 @@ def test_calc_from_a_run_records_what_it_measured(images, tmp_path):
     assert record["extractor"]["extractor"] == "fmnist" and record["fid"] >= 0
     assert record["quantized"] and {"kid", "kid_se"} <= set(record)
     assert record["checkpoint"].endswith("step_0000002") and "guidance" in record
+    # under torchrun (2 CPU processes, gloo): samples shared out by index, the same FID; and
+    # a samples file is featurised in shares too
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    torchrun = Path(sys.executable).with_name("torchrun")
+    for source, name in ((run, "fid2.json"), (root / "same.npz", "fid3.json")):
+        if not source.exists():
+            continue
+        cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "meanflow.cli",
+               "fid", "calc", str(source), "--ref", str(root / "ref.npz"), "--num-samples",
+               "8", "--steps", "2", "--seed", "5", "--device", "cpu",
+               "--out", str(tmp_path / name)]
+        res = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                             capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert res.stdout.count("FID (") == 1                      # rank 0 reports alone
+        shared = json.loads((tmp_path / name).read_text())
+        assert shared["processes"] == 2 and shared["n"] == 8
+        if source == run:
+            alone = record
+        else:
+            assert cli("fid", "calc", source, "--ref", root / "ref.npz", "--n", 8,
+                       "--out", tmp_path / "alone.json") == 0
+            alone = json.loads((tmp_path / "alone.json").read_text())
+        assert shared["fid"] == pytest.approx(alone["fid"], rel=1e-6)
+        assert shared["kid"] == pytest.approx(alone["kid"], rel=1e-6, abs=1e-12)
 
 
 @pytest.mark.parametrize("case", ["shape", "exists", "missing_ref", "extractor", "no_command"])

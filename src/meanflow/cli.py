@@ -13,11 +13,13 @@ Every user error prints one line ``meanflow: error: ...`` and exits with status 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import sys
 from pathlib import Path
+from typing import Any, Iterator
 
 from meanflow.errors import MeanFlowError
 
@@ -73,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Draw samples from a run folder or checkpoint. Sample i "
                         "uses seed SEED+i, so results do not depend on the batch size.")
     sa.add_argument("checkpoint", type=Path, help="run folder or checkpoints/step_* folder")
-    sa.add_argument("--n", type=int, default=1000, help="number of samples (default 1000)")
+    sa.add_argument("--n", "--num-samples", dest="n", type=int, default=1000,
+                    help="number of samples (default 1000; under torchrun write --num-samples: "
+                    "torchrun reads --n as one of its own options)")
     sa.add_argument("--steps", type=int, default=1, help="network calls (default 1)")
     sa.add_argument("--schedule", help="comma-separated decreasing times from 1 to 0, e.g. "
                     "1,0.6,0 (default: uniform)")
@@ -119,8 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "run folder / checkpoint (sample i from seed SEED+i).")
     fc.add_argument("source", type=Path, help="samples .npz, run folder or checkpoint")
     fc.add_argument("--ref", type=Path, required=True, help="stats from `meanflow fid ref`")
-    fc.add_argument("--n", type=int, default=None, help="samples (default 10000; 50000 "
-                    "for a latent model decoded by a VAE)")
+    fc.add_argument("--n", "--num-samples", dest="n", type=int, default=None,
+                    help="samples (default 10000; 50000 for a latent model decoded by a VAE; "
+                    "under torchrun write --num-samples)")
     fc.add_argument("--steps", type=int, default=1, help="network calls (default 1)")
     fc.add_argument("--seed", type=int, default=0)
     fc.add_argument("--batch-size", type=int, default=500)
@@ -178,6 +183,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _joined(device_name: str) -> Iterator[tuple[Any, Any]]:
+    """(world, device) of this process: under torchrun it joins the job (NCCL on CUDA, gloo
+    on the CPU; rank r gets cuda:LOCAL_RANK) and leaves it afterwards; alone, one process."""
+    from meanflow.train.distributed import setup, teardown
+    from meanflow.train.loop import resolve_device
+    world, device, owned = setup(resolve_device(device_name))
+    try:
+        yield world, device
+    finally:
+        teardown(owned)
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from meanflow.errors import ConfigError
     from meanflow.train.config import load_config
@@ -213,13 +231,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-    import numpy as np
-    import torch
-
     from meanflow.errors import ConfigError
-    from meanflow.sampling import make_schedule, sample_seeded
-    from meanflow.fileio import atomic_path, atomic_write_text
-    from meanflow.train.loop import load_model, resolve_device
+    from meanflow.sampling import make_schedule
 
     if args.n < 1:
         raise ConfigError(f"--n {args.n} must be >= 1")
@@ -251,7 +264,20 @@ def _cmd_sample(args: argparse.Namespace) -> int:
             ema = float(ema)
         except ValueError:
             raise ConfigError(f"--ema {args.ema!r} must be auto, none or a decay") from None
-    device = resolve_device(args.device)
+    with _joined(args.device) as (world, device):
+        return _sample(args, ema, schedule, sidecar, world, device)
+
+
+def _sample(args: argparse.Namespace, ema: Any, schedule: list[float] | None, sidecar: Path,
+            world: Any, device: Any) -> int:
+    import numpy as np
+    import torch
+
+    from meanflow.errors import ConfigError
+    from meanflow.fileio import atomic_path, atomic_write_text
+    from meanflow.sampling import gather_rows, sample_seeded, sharded_indices
+    from meanflow.train.loop import load_model
+
     loaded = load_model(args.checkpoint, ema=ema, device=device)
     y = None
     if loaded.num_classes is not None:
@@ -269,21 +295,29 @@ def _cmd_sample(args: argparse.Namespace) -> int:
                           f"{loaded.shape}: drop --png")
     method = "euler" if loaded.config.objective.kind == "flow_matching" else "meanflow"
     seeds = list(range(args.seed, args.seed + args.n))
+    # under torchrun rank r draws samples r, r + W, ...; sample i depends on seed i alone
+    mine = sharded_indices(args.n, world)
+    my_seeds, my_y = [seeds[i] for i in mine], None if y is None else y[mine]
     from meanflow.latents.generate import resolve_vae
     vae = resolve_vae(args.vae, loaded.config)
     decoded = None
     if vae is not None:
         from meanflow.latents.generate import sample_images
         from meanflow.viz import to_uint8
-        parts = list(sample_images(loaded, vae, seeds, y, steps=args.steps, schedule=schedule,
-                                   batch_size=args.batch_size, device=device, progress=True))
+        parts = list(sample_images(loaded, vae, my_seeds, my_y, steps=args.steps,
+                                   schedule=schedule, batch_size=args.batch_size,
+                                   device=device, progress=world.is_main))
         x = torch.cat([z for z, _ in parts])
         decoded = torch.cat([to_uint8(images) for _, images in parts])    # (N, 3, H, W)
+        decoded = gather_rows(decoded, args.n, world, device)
         is_image = True
     else:
-        x = sample_seeded(loaded.net, seeds, loaded.shape, steps=args.steps, y=y,
+        x = sample_seeded(loaded.net, my_seeds, loaded.shape, steps=args.steps, y=my_y,
                           schedule=schedule, method=method, batch_size=args.batch_size,
-                          device=device, progress=True)
+                          device=device, progress=world.is_main)
+    x = gather_rows(x, args.n, world, device)
+    if not world.is_main:
+        return 0
     meta = {"checkpoint": str(loaded.checkpoint), "step": loaded.step,
             "weights": loaded.weights, "method": method, "steps": args.steps,
             "schedule": schedule, "seed": args.seed, "n": args.n,
@@ -346,18 +380,22 @@ def _cmd_fid(args: argparse.Namespace) -> int:
     if args.source.suffix != ".npz" and args.vae != "none":
         from meanflow.latents.generate import resolve_vae, run_config
         latent_vae = resolve_vae(args.vae, run_config(args.source))
-    if latent_vae is not None:
-        from meanflow.latents.generate import fid_of_latent_model
-        record = fid_of_latent_model(args.source, args.ref, vae=args.vae,
-                                     n=50000 if args.n is None else args.n, steps=args.steps,
-                                     seed=args.seed, batch_size=args.batch_size,
-                                     device=args.device, extractor=args.extractor,
-                                     pr=args.precision_recall)
-    else:
-        record = fid_of(args.source, args.ref, n=10000 if args.n is None else args.n,
-                        steps=args.steps, seed=args.seed, batch_size=args.batch_size,
-                        device=args.device, extractor=args.extractor,
-                        pr=args.precision_recall)
+    with _joined(args.device) as (world, device):
+        if latent_vae is not None:
+            from meanflow.latents.generate import fid_of_latent_model
+            record = fid_of_latent_model(args.source, args.ref, vae=args.vae,
+                                         n=50000 if args.n is None else args.n,
+                                         steps=args.steps, seed=args.seed,
+                                         batch_size=args.batch_size, device=str(device),
+                                         extractor=args.extractor, pr=args.precision_recall,
+                                         world=world)
+        else:
+            record = fid_of(args.source, args.ref, n=10000 if args.n is None else args.n,
+                            steps=args.steps, seed=args.seed, batch_size=args.batch_size,
+                            device=str(device), extractor=args.extractor,
+                            pr=args.precision_recall, world=world)
+    if not world.is_main:
+        return 0
     if args.out is not None:
         from meanflow.fileio import atomic_write_text
         atomic_write_text(args.out, json.dumps(record, indent=2) + "\n")

@@ -22,7 +22,8 @@ from meanflow.errors import ConfigError
 from meanflow.objective.meanflow_loss import check_output
 
 __all__ = ["sample", "euler_sample", "make_schedule", "seeded_noise", "sample_seeded",
-           "SAMPLING_METHODS"]
+           "SAMPLING_METHODS", "sharded_indices",
+           "gather_rows"]
 
 Net = Callable[..., Tensor]
 SAMPLING_METHODS = ("meanflow", "euler")
@@ -120,3 +121,26 @@ def sample_seeded(net: Net, seeds: Sequence[int], shape: Sequence[int], steps: i
         yi = None if y is None else y[i:i + batch_size].to(device)
         out.append(fn(net, noise, steps, yi, schedule).cpu())
     return torch.cat(out)
+
+
+def sharded_indices(n: int, world: object = None) -> list[int]:
+    """The sample indices this process computes under torchrun (``world`` from
+    :func:`meanflow.train.distributed.setup`): r, r + W, r + 2W, ... for rank r of W; all of
+    ``range(n)`` for one process (``world`` None or a single-process world)."""
+    if world is None or not world.enabled:
+        return list(range(n))
+    if n < world.size:
+        raise ConfigError(f"{n} samples cannot be shared out over {world.size} processes: "
+                          f"raise --n to at least {world.size}, or start fewer processes")
+    from meanflow.train.distributed import shard
+    return shard(range(n), world)
+
+
+def gather_rows(local: Tensor, n: int, world: object = None,
+                device: torch.device | str = "cpu") -> Tensor:
+    """Rows computed for :func:`sharded_indices` on each rank, reassembled in sample order on
+    every rank (on the CPU); ``local`` itself for one process."""
+    if world is None or not world.enabled:
+        return local
+    from meanflow.train.distributed import gather_sharded
+    return gather_sharded(local, n, world, torch.device(device))

@@ -100,11 +100,14 @@ def fid_of_latent_model(source: str | os.PathLike[str], ref: str | os.PathLike[s
                         seed: int = 0, ema: float | str | None = "auto",
                         batch_size: int = 256, device: str = "auto",
                         extractor: str | None = None, pr: bool = False,
-                        progress: bool = True) -> dict[str, Any]:
+                        progress: bool = True, world: Any = None) -> dict[str, Any]:
     """FID (and KID) of ``n`` decoded samples of a latent run folder / checkpoint against
     reference statistics (e.g. the ``fid_ref.npz`` of ``meanflow prepare-latents``). Images are
-    featurised batch by batch (never all held at once), quantised to 8 bits first."""
-    from meanflow.metrics.fid import load_reference, quantize, score_features
+    featurised batch by batch (never all held at once), quantised to 8 bits first. Under
+    torchrun (``world``) rank r samples, decodes and featurises samples r, r + W, ... and the
+    features are gathered in sample order: the result does not depend on the process count."""
+    from meanflow.metrics.fid import gather_features, load_reference, quantize, score_features
+    from meanflow.sampling import sharded_indices
     from meanflow.train.loop import load_model, resolve_device
     if n < 2:
         raise ConfigError(f"FID needs at least 2 samples, got n={n}")
@@ -115,10 +118,12 @@ def fid_of_latent_model(source: str | os.PathLike[str], ref: str | os.PathLike[s
     if chosen is None:
         raise ConfigError(f"{source} did not train on a latent folder with a recorded VAE: "
                           "pass --vae PATH")
-    y = None if loaded.num_classes is None else torch.arange(n) % loaded.num_classes
+    mine = sharded_indices(n, world)
+    y = None if loaded.num_classes is None else (torch.arange(n) % loaded.num_classes)[mine]
     feats = [ext.features(quantize(images)) for _, images in sample_images(
-        loaded, chosen, range(seed, seed + n), y, steps=steps, batch_size=batch_size,
-        device=dev, progress=progress)]
+        loaded, chosen, [seed + i for i in mine], y, steps=steps, batch_size=batch_size,
+        device=dev, progress=progress and (world is None or world.is_main))]
+    feats = gather_features(np.concatenate(feats), n, world, dev)
     o = loaded.config.objective
     record: dict[str, Any] = {
         "extractor": ext.identity, "ref": str(ref), "ref_n": ref_stats.n,
@@ -126,6 +131,7 @@ def fid_of_latent_model(source: str | os.PathLike[str], ref: str | os.PathLike[s
         "steps": steps, "seed": seed, "vae": chosen["spec"], "scale": chosen["scale"],
         "guidance": {"omega": o.omega, "kappa": o.kappa, "t_interval": list(o.t_interval)},
         "labels": "balanced" if y is not None else None}
-    record.update(n=n, quantized=True,
-                  **score_features(np.concatenate(feats), ref_stats, pr=pr))
+    record.update(n=n, quantized=True, **score_features(feats, ref_stats, pr=pr))
+    if world is not None and world.enabled:
+        record["processes"] = world.size
     return record

@@ -22,7 +22,7 @@ from meanflow.errors import ConfigError, DataError
 from meanflow.metrics.frechet import FeatureStats, frechet_distance, kid, precision_recall
 
 __all__ = ["EXTRACTORS", "load_reference", "reference_stats", "fid_of", "score_features",
-           "quantize"]
+           "quantize", "gather_features"]
 
 EXTRACTORS = ("inception", "fmnist")   # or the path of a TorchScript / state-dict file
 KID_FEATURES = 5000                   # feature rows kept in stats files for KID
@@ -51,6 +51,17 @@ def quantize(images: Tensor) -> Tensor:
     levels, back in [-1, 1]. Reference images are 8-bit, so generated ones are scored so too."""
     u8 = ((images.float().clamp(-1.0, 1.0) + 1.0) * 127.5).round()
     return u8 / 127.5 - 1.0
+
+
+def gather_features(local: np.ndarray, n: int, world: Any,
+                    device: torch.device | str = "cpu") -> np.ndarray:
+    """Feature rows computed rank by rank for :func:`meanflow.sampling.sharded_indices`,
+    reassembled in sample order on every rank (the identity for one process)."""
+    if world is None or not world.enabled:
+        return local
+    from meanflow.sampling import gather_rows
+    rows = torch.from_numpy(np.ascontiguousarray(local, dtype=np.float64))
+    return gather_rows(rows, n, world, device).numpy()
 
 
 def score_features(feats: np.ndarray, ref: FeatureStats, kid_subset: int = 1000,
@@ -126,40 +137,52 @@ def _load_samples(path: Path, n: int | None) -> tuple[Tensor, dict[str, Any]]:
 def fid_of(source: str | os.PathLike[str], ref: str | os.PathLike[str], n: int | None = 10000,
            steps: int = 1, seed: int = 0, ema: float | str | None = "auto",
            batch_size: int = 500, device: str = "auto", extractor: str | None = None,
-           pr: bool = False, progress: bool = True) -> dict[str, Any]:
+           pr: bool = False, progress: bool = True, world: Any = None) -> dict[str, Any]:
     """FID (and KID) of a samples .npz, or of N fresh samples of a run folder / checkpoint
     (sample i from seed SEED+i, labels balanced over classes), against a reference stats file.
 
     The extractor is the one recorded in the reference file; ``extractor`` may name where its
-    file now is (its checksum must match). Samples are quantised to 8 bits first.
+    file now is (its checksum must match). Samples are quantised to 8 bits first. Under
+    torchrun (``world`` from :func:`meanflow.train.distributed.setup`) rank r samples and
+    featurises samples r, r + W, ... and the features are gathered in sample order, so the
+    result does not depend on the number of processes; every rank returns the record.
     """
+    from meanflow.sampling import sample_seeded, sharded_indices
     from meanflow.train.loop import resolve_device
     dev = resolve_device(device)
+    main = world is None or world.is_main
     ref_stats, ext = load_reference(ref, dev, extractor)
     source = Path(source)
     record: dict[str, Any] = {"extractor": ext.identity, "ref": str(ref), "ref_n": ref_stats.n}
     if source.suffix == ".npz":
         x, meta = _load_samples(source, n)
+        count = int(x.shape[0])
+        if count < 2:
+            raise ConfigError(f"FID needs at least 2 samples, got {count}: raise --n")
+        x = x[sharded_indices(count, world)]
         record.update(samples=str(source), checkpoint=meta.get("checkpoint"),
                       steps=meta.get("steps"), seed=meta.get("seed"))
     else:
-        from meanflow.sampling import sample_seeded
         from meanflow.train.loop import load_model
         loaded = load_model(source, ema=ema, device=dev)
         count = 10000 if n is None else n
+        if count < 2:
+            raise ConfigError(f"FID needs at least 2 samples, got {count}: raise --n")
+        mine = sharded_indices(count, world)
         y = (None if loaded.num_classes is None
              else torch.arange(count) % loaded.num_classes)
         method = "euler" if loaded.config.objective.kind == "flow_matching" else "meanflow"
-        x = sample_seeded(loaded.net, range(seed, seed + count), loaded.shape, steps=steps,
-                          y=y, method=method, batch_size=batch_size, device=dev,
-                          progress=progress)
+        x = sample_seeded(loaded.net, [seed + i for i in mine], loaded.shape, steps=steps,
+                          y=None if y is None else y[mine], method=method,
+                          batch_size=batch_size, device=dev, progress=progress and main)
         o = loaded.config.objective
         record.update(checkpoint=str(loaded.checkpoint), step=loaded.step,
                       weights=loaded.weights, method=method, steps=steps, seed=seed,
                       guidance={"omega": o.omega, "kappa": o.kappa,
                                 "t_interval": list(o.t_interval)})
-    if x.shape[0] < 2:
-        raise ConfigError(f"FID needs at least 2 samples, got {x.shape[0]}: raise --n")
-    feats = ext.features(quantize(x), progress=progress)
-    record.update(n=int(x.shape[0]), quantized=True, **score_features(feats, ref_stats, pr=pr))
+    feats = gather_features(ext.features(quantize(x), progress=progress and main), count,
+                            world, dev)
+    record.update(n=count, quantized=True, **score_features(feats, ref_stats, pr=pr))
+    if world is not None and world.enabled:
+        record["processes"] = world.size
     return record
