@@ -31,7 +31,8 @@ import torch
 from meanflow.data.images import ImageArray, _one_line
 from meanflow.errors import ConfigError, DataError
 
-__all__ = ["load_image_folder", "FolderImages", "adm_center_crop", "IMAGE_SUFFIXES"]
+__all__ = ["load_image_folder", "FolderImages", "adm_center_crop", "IMAGE_SUFFIXES",
+           "scan_image_folder", "read_image", "check_image_args"]
 
 #: File suffixes read as images (compared case-insensitively).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -92,8 +93,11 @@ def _images_below(folder: Path) -> list[Path]:
     return sorted(found)
 
 
-def _scan(root: Path) -> tuple[list[Path], list[int] | None, tuple[str, ...] | None]:
-    """Lists the images under ``root``: (files, labels or None, class names or None)."""
+def scan_image_folder(root: Path) -> tuple[list[Path], list[int] | None, tuple[str, ...] | None]:
+    """Lists the images under ``root``: (files, labels or None, class names or None).
+
+    Images directly in ``root`` are unlabelled; images in sub-folders (at any depth) take the
+    label of their top sub-folder, classes in sorted name order. Hidden files are skipped."""
     top = sorted(p for p in root.iterdir() if p.is_file() and _is_image(p))
     classes: list[tuple[str, list[Path]]] = []
     for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
@@ -151,7 +155,31 @@ def _to_8bit(image: Any, channels: int | None) -> Any:
     return image if image.mode == target else image.convert(target)
 
 
-def _check_args(resolution: Any, channels: Any) -> None:
+def read_image(file: str | os.PathLike[str], channels: int | None = None,
+               resolution: int | None = None) -> np.ndarray:
+    """One image file as uint8 (C, H, W): converted like :func:`load_image_folder` (grey or
+    RGB, see ``channels``) and ADM-centre-cropped when ``resolution`` is given. A file that
+    cannot be read is a one-line DataError naming it."""
+    Image = _import_pil()
+    try:
+        with Image.open(file) as opened:
+            opened.load()
+            image = _to_8bit(opened, channels)
+            if resolution is not None:
+                image = adm_center_crop(image, resolution)
+            pixels = np.asarray(image, dtype=np.uint8)
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"{file} is too large to read safely ({_one_line(exc)}); shrink it "
+                        "or remove it from the folder") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"cannot read image {file} ({_one_line(exc)}): it is corrupt or not "
+                        "an image; replace or remove it") from None
+    return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+
+
+def check_image_args(resolution: Any, channels: Any) -> None:
+    """One-line ConfigErrors for a bad ``resolution`` (positive int or None) or ``channels``
+    (1, 3 or None)."""
     if resolution is not None and (isinstance(resolution, bool) or not isinstance(resolution, int)
                                    or resolution < 1):
         raise ConfigError(f"resolution={resolution!r} must be a positive integer (the side of "
@@ -182,7 +210,7 @@ def load_image_folder(path: str | os.PathLike[str], resolution: int | None = Non
             differ in size without ``resolution``, or images sit both in the root and in class
             sub-folders.
     """
-    _check_args(resolution, channels)
+    check_image_args(resolution, channels)
     root = Path(os.fspath(path))
     if not root.exists():
         raise DataError(f"image folder not found: {root}; give an existing folder of "
@@ -190,8 +218,8 @@ def load_image_folder(path: str | os.PathLike[str], resolution: int | None = Non
     if not root.is_dir():
         raise DataError(f"{root} is not a folder; give a folder of .png/.jpg/.jpeg images "
                         "(directly in it, or in one sub-folder per class)")
-    Image = _import_pil()
-    files, labels, class_names = _scan(root)
+    _import_pil()
+    files, labels, class_names = scan_image_folder(root)
     if not files:
         raise DataError(f"no .png/.jpg/.jpeg images found in {root}; put the images directly in "
                         "it (unlabelled) or in one sub-folder per class")
@@ -204,20 +232,7 @@ def load_image_folder(path: str | os.PathLike[str], resolution: int | None = Non
     bar = tqdm(files, desc=f"reading {root.name or root}", unit="img",
                disable=None if n > _PROGRESS_MIN else True)
     for i, file in enumerate(bar):
-        try:
-            with Image.open(file) as opened:
-                opened.load()
-                image = _to_8bit(opened, channels)
-                if resolution is not None:
-                    image = adm_center_crop(image, resolution)
-                pixels = np.asarray(image, dtype=np.uint8)
-        except Image.DecompressionBombError as exc:
-            raise DataError(f"{file} is too large to read safely ({_one_line(exc)}); shrink it "
-                            "or remove it from the folder") from None
-        except (OSError, SyntaxError, ValueError) as exc:
-            raise DataError(f"cannot read image {file} ({_one_line(exc)}): it is corrupt or not "
-                            "an image; replace or remove it") from None
-        pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)  # (c, h, w)
+        pixels = read_image(file, channels, resolution)
         if buffer is None:
             buffer = np.empty((n, *pixels.shape), dtype=np.uint8)
         elif pixels.shape[1:] != buffer.shape[2:]:

@@ -42,19 +42,10 @@ def shard_assignment(num_shards: int, rank: int, world_size: int) -> list[int]:
 
 def read_cropped(files: Sequence[Path], resolution: int) -> Tensor:
     """uint8 (n, 3, resolution, resolution) RGB images, ADM-centre-cropped, in file order."""
-    from meanflow.data.folder import _import_pil, _to_8bit, adm_center_crop
-    from meanflow.data.images import _one_line
-    Image = _import_pil()
+    from meanflow.data.folder import read_image
     out = np.empty((len(files), 3, resolution, resolution), dtype=np.uint8)
     for i, file in enumerate(files):
-        try:
-            with Image.open(file) as opened:
-                opened.load()
-                image = adm_center_crop(_to_8bit(opened, 3), resolution)
-                out[i] = np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-            raise DataError(f"cannot read image {file} ({_one_line(exc)}): it is corrupt or not "
-                            "an image; replace or remove it, then rerun") from None
+        out[i] = read_image(file, 3, resolution)
     return torch.from_numpy(out)
 
 
@@ -134,12 +125,12 @@ def prepare_latents(image_dir: str | os.PathLike[str], out_dir: str | os.PathLik
     Returns:
         The final ``index.json`` content (on every rank).
     """
-    from meanflow.data.folder import _check_args, _scan
+    from meanflow.data.folder import check_image_args, scan_image_folder
     from meanflow.latents.vae import encode_posterior, latent_shape, load_vae, vae_identity
     from meanflow.train import distributed as dist_
     from meanflow.train.loop import resolve_device
 
-    _check_args(resolution, None)
+    check_image_args(resolution, None)
     if resolution is None:
         raise ConfigError("resolution is required: the side of the ADM centre crop, e.g. 256")
     for name, value, low in (("shard_size", shard_size, 1), ("batch_size", batch_size, 1),
@@ -152,7 +143,7 @@ def prepare_latents(image_dir: str | os.PathLike[str], out_dir: str | os.PathLik
     if not root.is_dir():
         raise DataError(f"image folder not found: {root}; give a folder with one sub-folder "
                         "of images per class")
-    files, labels, class_names = _scan(root)
+    files, labels, class_names = scan_image_folder(root)
     if not files:
         raise DataError(f"no .png/.jpg/.jpeg images found in {root}")
     use_fid = fid_extractor != "none"
