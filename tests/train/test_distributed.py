@@ -4,14 +4,20 @@ One ``torch.multiprocessing.spawn`` of two ranks runs every multi-process scenar
 fixture ``ranks``); the tests below then check its results against single-process references
 computed here:
 
-- DDP + split JVP, DDP + guidance, and the joint "forward_ad" strategy with a hand all-reduce:
-  after 4 Adam steps both ranks hold bit-identical weights, equal (float64, to ~1e-12) to one
-  process training on the concatenated global batch (what the ranks drew, gathered here);
+- DDP + split JVP, DDP + guidance, and the joint "forward_ad" and "func" strategies with a hand
+  all-reduce: after 4 Adam steps both ranks hold bit-identical weights, equal (float64, to
+  ~1e-12) to one process training on the concatenated global batch (what the ranks drew,
+  gathered here);
 - the known bug (grad pass on ``.module``, no DDP) makes the ranks diverge, fails that equality
   and is caught by the loop's replica check;
 - resuming with another number of ranks (1 -> 2 and 2 -> 1) continues the same reference;
 - sharded seeded sampling, the sharded periodic FID and the sample PNGs equal one process;
-- a global batch that does not split over the ranks is one clear ConfigError.
+- a global batch that does not split over the ranks is one clear ConfigError;
+- the train.compile start-up check refuses, on every rank, a grad pass that skips DDP;
+- ``train.compile`` (slow; fixture ``compiled_ranks``, its own spawn, the "aot_eager" backend,
+  which traces the same graphs as inductor without its C++ build): with the split JVP (the
+  compiled loss calls the DDP wrapper) and with "func" (hand all-reduce after the compiled
+  backward) the ranks stay bit-identical and equal the eager global-batch reference.
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ VARIANTS = {                                     # name -> (objective, class-con
     "split": ({"jvp": "split"}, False),
     "guided": ({"jvp": "split", "omega": 2.0, "kappa": 0.5, "label_drop": 0.0}, True),
     "forward_ad": ({"jvp": "forward_ad"}, False),
+    "func": ({"jvp": "func"}, False),
 }
 
 
@@ -159,6 +166,32 @@ def _worker(rank: int, port: int, root: str) -> None:
         except ConfigError as exc:
             out["odd_error"] = str(exc)
 
+        # a "compiled" loss whose grad pass bypasses DDP (each rank keeps its own gradient):
+        # the start-up check, on a different batch on each rank, refuses it everywhere
+        world = dist_.env_world()
+        cfg = make_config(1)
+        loss_fn = build_loss(cfg, None)
+        torch.manual_seed(SEED)
+        model = build_model_for_data("mlp", (2,), None, cfg.model.options)
+        x = F64().batch(8, torch.Generator().manual_seed(rank))[0]
+
+        def bypass(net, x, y, aug, generator, draws, jvp_net=None):
+            return loss_fn(net.module, x, y, generator=generator, jvp_net=jvp_net, **draws)
+        try:
+            dist_.on_every(world, loop.check_compiled, model, loss_fn, bypass, x, None,
+                           wrap=lambda m: dist_.wrap_ddp(m, world, torch.device("cpu")))
+        except ConfigError as exc:
+            out["bypass_error"] = str(exc)
+
+        def fails_on_rank1():
+            if dist.get_rank() == 1:
+                raise ConfigError("rank 1 says no")
+            return "fine"
+        try:
+            dist_.on_every(world, fails_on_rank1)
+        except ConfigError as exc:
+            out["on_every_error"] = str(exc)
+
         y = torch.arange(len(SAMPLE_SEEDS)) % 3
         out["samples"] = dist_.sample_seeded_sharded(sampling_net(), SAMPLE_SEEDS, (2,),
                                                      dist_.env_world(), torch.device("cpu"),
@@ -167,6 +200,31 @@ def _worker(rank: int, port: int, root: str) -> None:
         train(image_config(root / "imgs.npz", root / "ref.npz"), root / "image")
     finally:
         torch.save(out, root / f"rank{rank}.pt")
+        dist.destroy_process_group()
+
+
+COMPILED = ("split", "func")       # the strategies trained compiled under torchrun
+COMPILED_STEPS = 2
+
+
+def _compile_worker(rank: int, port: int, root: str) -> None:
+    """train.compile under 2 ranks; results to root/compiled<r>.pt."""
+    root = Path(root)
+    torch.set_num_threads(1)
+    torch.set_default_dtype(torch.float64)
+    os.environ["LOCAL_RANK"] = str(rank)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=WORLD, timeout=datetime.timedelta(seconds=300))
+    loop.EMA = RecordingEMA
+    loop.COMPILE_BACKEND = "aot_eager"
+    out: dict = {}
+    try:
+        for variant in COMPILED:
+            train(make_config(COMPILED_STEPS, variant, compile=True), root / variant,
+                  dataset=F64())
+            out[variant] = RecordingEMA.last
+    finally:
+        torch.save(out, root / f"compiled{rank}.pt")
         dist.destroy_process_group()
 
 
@@ -236,6 +294,16 @@ def ranks(tmp_path_factory, float64, pool_extractor):
     return root, torch.load(root / "rank0.pt"), torch.load(root / "rank1.pt")
 
 
+@pytest.fixture(scope="module")
+def compiled_ranks(tmp_path_factory, float64):
+    """Runs the two ranks of the train.compile scenarios once (about a minute, most of it
+    Dynamo tracing): rank 0's and rank 1's results."""
+    import torch.multiprocessing as mp
+    root = tmp_path_factory.mktemp("compiled")
+    mp.spawn(_compile_worker, args=(_free_port(), str(root)), nprocs=WORLD, join=True)
+    return torch.load(root / "compiled0.pt"), torch.load(root / "compiled1.pt")
+
+
 # ------------------------------------------------------------------- the synchronised designs
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -280,6 +348,33 @@ def test_logs_are_the_mean_over_ranks_and_rank0_writes_alone(ranks):
     state = json.loads((root / "split" / "checkpoints" / "step_0000004" / "state.json")
                        .read_text())
     assert state["world_size"] == WORLD
+
+
+# ------------------------------------------------------------------- train.compile
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", COMPILED)
+def test_compiled_ranks_stay_identical_and_equal_the_eager_run(compiled_ranks, variant):
+    """2 compiled steps of 2 ranks x 2 micro-batches: split (the compiled loss calls the DDP
+    wrapper for the grad pass, DDP's hooks all-reduce in the compiled backward, no_sync on the
+    first micro-batch) and func (compiled loss on the module, gradients all-reduced by hand
+    afterwards). Both ranks hold bit-identical weights, equal to the eager global-batch run."""
+    r0, r1 = compiled_ranks
+    assert all(torch.equal(r0[variant][k], r1[variant][k]) for k in r0[variant])
+    ref = reference(variant, [WORLD] * COMPILED_STEPS)
+    assert max_rel_diff(r0[variant], ref) < 1e-10
+    assert max_rel_diff(reference("split", []), ref) > 1e-3     # the weights did move
+
+
+def test_a_compiled_grad_pass_that_skips_ddp_is_refused_on_every_rank(ranks):
+    """The train.compile start-up check runs the grad pass through a DDP copy of the probe,
+    on a batch of each rank's own, so gradients that were not averaged differ from eager's;
+    every rank raises, and an error on one rank only reaches all of them (none waits)."""
+    _, r0, r1 = ranks
+    for r in (r0, r1):
+        assert "changed the gradient" in r["bypass_error"]
+        assert "\n" not in r["bypass_error"]
+        assert r["on_every_error"] == "rank 1 says no"
 
 
 # ------------------------------------------------------------------- resume, sampling, errors

@@ -19,6 +19,10 @@ stay bit-identical; :func:`check_replicas_equal` checks that at every checkpoint
 :class:`ReplicaMismatchError` otherwise. tests/train/test_distributed.py proves both designs
 against one process training on the concatenated batch, and that a run which takes its grad
 pass on ``.module`` diverges and is caught.
+
+``train.compile`` works the same way: the compiled loss calls the DDP wrapper (split) or the
+module (joint, all-reduce by hand after the backward). Its start-up check runs on every rank
+through :func:`on_every`, so that all ranks agree on the outcome.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from meanflow.errors import ConfigError
 
 __all__ = ["World", "env_world", "setup", "teardown", "check_batch_split", "wrap_ddp",
            "all_reduce_grads_", "all_true", "mean_across", "broadcast_object", "on_main",
+           "on_every",
            "check_replicas_equal", "ReplicaMismatchError", "shard", "gather_sharded",
            "sample_seeded_sharded"]
 
@@ -239,15 +244,40 @@ def on_main(world: World, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> 
         except Exception as exc:  # noqa: BLE001 (re-raised below, on every rank)
             error = exc
     if world.enabled:
-        sent = error
-        if sent is not None:
-            try:
-                pickle.dumps(sent)
-            except Exception:  # noqa: BLE001
-                sent = RuntimeError(f"{type(error).__name__}: {error}")
+        sent = None if error is None else _sendable(error)
         result, sent = broadcast_object((result, sent), world)
         if error is None:
             error = sent
+    if error is not None:
+        raise error
+    return result
+
+
+def _sendable(error: BaseException) -> BaseException:
+    try:
+        pickle.dumps(error)
+        return error
+    except Exception:  # noqa: BLE001
+        return RuntimeError(f"{type(error).__name__}: {error}")
+
+
+def on_every(world: World, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Runs ``fn`` on every rank and makes the ranks agree on the outcome: when it raised on
+    any rank, every rank raises the lowest such rank's exception (so that a check that fails
+    on one rank stops all of them, instead of leaving the others waiting in a collective).
+    Returns this rank's result otherwise. ``fn`` itself must not fail halfway through a
+    collective on some ranks only."""
+    result, error = None, None
+    try:
+        result = fn(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 (re-raised below, on every rank)
+        error = exc
+    if world.enabled:
+        errors: list[Any] = [None] * world.size
+        dist.all_gather_object(errors, None if error is None else _sendable(error))
+        failed = [r for r, e in enumerate(errors) if e is not None]
+        if failed and failed[0] != world.rank:
+            error = errors[failed[0]]
     if error is not None:
         raise error
     return result

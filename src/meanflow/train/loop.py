@@ -251,9 +251,6 @@ def check_config(cfg: RunConfig) -> None:
 
 def _check_world(cfg: RunConfig, world: World) -> int:
     """Images per micro-batch on each rank; refuses what distributed training does not do."""
-    if world.enabled and cfg.train.compile:
-        raise ConfigError("train.compile is not supported with several processes (torchrun) "
-                          "yet: set train.compile=false")
     return dist_.check_batch_split(cfg.train.batch_size, cfg.train.grad_accumulation, world)
 
 
@@ -333,12 +330,19 @@ class WithAugmentLabels:
         return self.model(z, t, h, y, aug=labels)
 
 
-def make_loss_call(loss_fn: Callable, compile_: bool = False) -> Callable:
+# torch.compile backend of train.compile. Tests on the CPU set "aot_eager" (the same traced
+# graphs and autograd, without inductor's C++ code generation, which takes minutes there).
+COMPILE_BACKEND = "inductor"
+
+
+def make_loss_call(loss_fn: Callable, compile_: bool = False,
+                   backend: str | None = None) -> Callable:
     """``call(net, x, y, aug, generator, draws) -> (loss, stats)``: one loss evaluation, with
     the augmentation labels handed to the net and the times/noise ``draws`` (r, t, e) given or,
     when empty, drawn by the loss. With ``compile_`` the whole evaluation (both passes of the
     JVP strategy and the target) is one ``torch.compile`` call: compiling only the network
-    loses forward-mode tangents (benchmarks/step_cost.py --compile-scope model)."""
+    loses forward-mode tangents (benchmarks/step_cost.py --compile-scope model). ``backend``
+    defaults to ``COMPILE_BACKEND``."""
     def call(net: Callable, x: Tensor, y: Tensor | None, aug: Tensor | None,
              generator: torch.Generator | None, draws: dict[str, Tensor],
              jvp_net: Callable | None = None) -> tuple:
@@ -349,7 +353,7 @@ def make_loss_call(loss_fn: Callable, compile_: bool = False) -> Callable:
                 jvp_net = WithAugmentLabels(jvp_net, aug)
         extra = {} if jvp_net is None else {"jvp_net": jvp_net}
         return loss_fn(net, x, y, generator=generator, **draws, **extra)
-    return torch.compile(call) if compile_ else call
+    return torch.compile(call, backend=backend or COMPILE_BACKEND) if compile_ else call
 
 
 def draw_times_and_noise(loss_fn: Callable, x: Tensor,
@@ -368,7 +372,8 @@ def draw_times_and_noise(loss_fn: Callable, x: Tensor,
 
 def check_compiled(model: nn.Module, loss_fn: Callable, compiled_call: Callable, x: Tensor,
                    y: Tensor | None, aug: Tensor | None = None, rtol: float = 1e-3,
-                   autocast: Any = None) -> float:
+                   autocast: Any = None,
+                   wrap: Callable[[nn.Module], nn.Module] | None = None) -> float:
     """Checks a compiled loss evaluation against eager before training starts.
 
     JVP-NOTES: compiled code can drop forward-mode tangents silently. A fresh network's
@@ -376,6 +381,11 @@ def check_compiled(model: nn.Module, loss_fn: Callable, compiled_call: Callable,
     copy of the network with perturbed weights, in eval mode, with r = 0 and t in [0.5, 1] so
     that every target leans on du/dt. It compares the raw squared error and the gradient.
     Returns the larger relative error; raises ConfigError above ``rtol`` or on any failure.
+
+    ``wrap`` (under torchrun with a split strategy: the DDP wrapper) wraps the probe for the
+    grad pass, as in training (the probe itself takes the JVP, ``jvp_net``). With a different
+    batch on each rank the compared gradients are then the averages over the ranks, so a
+    compiled grad pass that skipped DDP's all-reduce would fail the check too.
     """
     import copy
     probe = copy.deepcopy(model).eval()
@@ -390,12 +400,15 @@ def check_compiled(model: nn.Module, loss_fn: Callable, compiled_call: Callable,
     if not isinstance(loss_fn, MeanFlowLoss):
         draws.pop("r")
     strategy = getattr(loss_fn, "jvp", "-")
+    net = probe if wrap is None else wrap(probe)
+    # jvp_net: the unwrapped probe, for MeanFlow's no-grad passes (flow matching has none)
+    extra = (probe,) if wrap is not None and isinstance(loss_fn, MeanFlowLoss) else ()
 
     def run(call: Callable) -> tuple[Tensor, Tensor]:
         probe.zero_grad(set_to_none=True)
         with (autocast if autocast is not None else contextlib.nullcontext()):
-            loss, stats = call(probe, x, y, aug, torch.Generator(x.device).manual_seed(7),
-                               draws)
+            loss, stats = call(net, x, y, aug, torch.Generator(x.device).manual_seed(7),
+                               draws, *extra)
         loss.float().mean().backward()
         grad = torch.cat([p.grad.flatten() for p in probe.parameters() if p.grad is not None])
         return stats["mse"].detach().float(), grad
@@ -571,12 +584,19 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, dataset: BatchSource | N
                 else contextlib.nullcontext())
     loss_call = make_loss_call(loss_fn, compile_=tr.compile)
     if tr.compile:
-        x0, y0 = ds.batch(min(tr.batch_size, 16), torch.Generator().manual_seed(tr.seed))
+        # Every rank checks the compiled loss on a batch of its own, the way it will train:
+        # under DDP (split strategies) the grad pass goes through a DDP copy of the probe.
+        # The ranks agree on the outcome (one failing rank stops them all).
+        check_seed = tr.seed + 1_000_003 * world.rank
+        x0, y0 = ds.batch(min(tr.batch_size, 16), torch.Generator().manual_seed(check_seed))
         x0 = x0.to(device)
         y0 = y0.to(device) if (y0 is not None and num_classes is not None) else None
-        aug0 = augment(x0, torch.Generator().manual_seed(tr.seed))[1] if augment else None
-        check_compiled(model, loss_fn, loss_call, x0, y0, aug0,
-                       rtol=3e-2 if tr.amp == "bf16" else 1e-3, autocast=autocast)
+        aug0 = (augment(x0, torch.Generator().manual_seed(check_seed))[1] if augment
+                else None)
+        wrap = ((lambda m: dist_.wrap_ddp(m, world, device)) if world.enabled and not joint
+                else None)
+        dist_.on_every(world, check_compiled, model, loss_fn, loss_call, x0, y0, aug0,
+                       rtol=3e-2 if tr.amp == "bf16" else 1e-3, autocast=autocast, wrap=wrap)
     sampler_net = None
     if pngs or fid_monitor is not None:
         import copy
