@@ -12,7 +12,7 @@ from torch.autograd import forward_ad
 from meanflow import JVP_STRATEGIES
 from meanflow.models.attention import (Attention, attention_jvp, check_attention_jvp,
                                        math_attention, set_jvp_attention)
-from meanflow.models.layers import Conv2d, Linear, group_norm
+from meanflow.models.layers import Conv2d, Linear, group_norm, layer_norm
 
 from test_dit import tiny_dit  # noqa: E402
 from test_unet import tiny_unet  # noqa: E402
@@ -193,3 +193,50 @@ def test_lean_dropout_draws_f_dropouts_mask_and_tangent(engine, grad):
         assert torch.equal(g1, g2)
     torch.manual_seed(3)
     assert torch.equal(dropout(x, 0.3, True), results[0][0])       # grad mode, no tangent
+
+
+# ----------------------------------------------------------------------------- LayerNorm
+@pytest.mark.parametrize("engine", ["func", "forward_ad"])
+def test_layer_norm_tangent_matches_native_and_fd(engine):
+    x = _rand(3, 7, 12, seed=0) * 2 + 1
+    xt = _rand(3, 7, 12, seed=3)
+
+    def ours(a):
+        return torch.tanh(layer_norm(a, 1e-6))
+
+    def ref(a):
+        return torch.tanh(F.layer_norm(a, a.shape[-1:], eps=1e-6))
+
+    out, tan = _jvp(engine, ours, (x,), (xt,))
+    ref_out, ref_tan = _jvp(engine, ref, (x,), (xt,))
+    torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(tan, ref_tan, rtol=1e-10, atol=1e-12)
+    eps = 1e-6
+    fd = (ours(x + eps * xt) - ours(x - eps * xt)) / (2 * eps)
+    torch.testing.assert_close(tan, fd, rtol=1e-6, atol=1e-8)
+
+
+def test_layer_norm_gradients_vmap_and_the_dit_uses_it():
+    x = (_rand(2, 5, 8) * 3 - 1).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a: layer_norm(a, 1e-6), (x,))
+    batched = torch.vmap(lambda a: layer_norm(a[None], 1e-6)[0])(x.detach())
+    torch.testing.assert_close(batched, layer_norm(x.detach(), 1e-6))
+    # the DiT's JVP through the lean rule equals PyTorch's own rules (native F.layer_norm)
+    import meanflow.models.dit as dit_module
+    net = tiny_dit().double()
+    z, tz = _rand(2, 3, 8, 8, seed=1), _rand(2, 3, 8, 8, seed=2)
+    t, h = torch.tensor([0.3, 0.8], dtype=torch.float64), torch.tensor([0.1, 0.5],
+                                                                       dtype=torch.float64)
+    with torch.no_grad():
+        got = torch.func.jvp(lambda a: net(a, t, h), (z,), (tz,))[1]
+    native = dit_module.layer_norm
+    calls = []
+    try:
+        dit_module.layer_norm = lambda a, eps: calls.append(1) or F.layer_norm(
+            a, a.shape[-1:], eps=eps)
+        with torch.no_grad():
+            want = torch.func.jvp(lambda a: net(a, t, h), (z,), (tz,))[1]
+    finally:
+        dit_module.layer_norm = native
+    assert calls                                  # the lean path was the one taken
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)

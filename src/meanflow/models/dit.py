@@ -24,7 +24,7 @@ from meanflow.errors import ConfigError
 from meanflow.models.attention import Attention
 from meanflow.models.checks import check_common
 from meanflow.models.embeddings import LabelEmbedder, TimeEmbedder, init_embedders
-from meanflow.models.layers import Linear
+from meanflow.models.layers import Linear, layer_norm, use_lean
 
 __all__ = ["DiTConfig", "DiT", "DIT_SIZES", "sincos_2d"]
 
@@ -73,7 +73,10 @@ def sincos_2d(width: int, grid: int) -> Tensor:
 
 
 def _layer_norm(x: Tensor) -> Tensor:
-    # No affine parameters (SPEC §2); also the form a compiled JVP accepts (JVP-NOTES).
+    # No affine parameters (SPEC §2); also the form a compiled JVP accepts (JVP-NOTES). JVP
+    # passes and sampling (outside autocast) take the lean forward-AD rule of layers.layer_norm.
+    if use_lean(x) and not torch.is_autocast_enabled(x.device.type):
+        return layer_norm(x, 1e-6)
     return F.layer_norm(x, x.shape[-1:], eps=1e-6)
 
 
