@@ -12,7 +12,9 @@
 # OUT defaults to /tmp/out. REPEATS (10) and WARMUP (3) set the timed and untimed steps.
 #
 # Order: (a) eager fp32 unet-cifar10 b128, all strategies; (a2) the attention-JVP
-# microbenchmark (math path vs the chunked JVP function, 256/1024/4096 tokens, bf16 and fp32);
+# microbenchmark (math path vs the chunked JVP function vs the Triton JVP kernel, 256/1024/4096
+# tokens, bf16 and fp32; then the Triton kernel's time as a multiple of the fused SDPA forward,
+# bf16, against JVP-NOTES' ≤ 3× target; triton is skipped with a note where it is missing);
 # (b) unet eager bf16; (c) eager fp32 and bf16 dit-b/2 b64, then split/forward_ad with the
 # chunked JVP attention (--jvp-attention chunked); (d) compiled bf16 unet-cifar10 and dit-b/2:
 # flow matching, then one strategy per process, torch.compile(model) and the whole loss
@@ -114,11 +116,12 @@ R=40  # seconds kept free during (d) for the eager sampling items of (e)
 
 # (a)-(c): eager, all strategies in one process per configuration
 run_item a-unet-fp32 20 100 0 $PY "${STEP[@]}" "${EAGER[@]}" --model $UNET --batch $UNET_B
-ATT=(benchmarks/attention_jvp.py --json "$JSON")
+ATT=(benchmarks/attention_jvp.py --json "$JSON" --triton auto)
 if ((${#DEV[@]})); then ATT+=(--device cpu --threads 1 --tokens 64 128 --repeats 1)
 else ATT+=(--device cuda --heads 12 --head-dim 64 --tokens 256 1024 4096 --batch 64 16 4); fi
 run_item a2-attention-jvp-bf16 10 60 0 $PY "${ATT[@]}" --dtype bf16
 run_item a2-attention-jvp-fp32 10 60 0 $PY "${ATT[@]}" --dtype fp32
+run_item a2-attention-triton-ratio 10 60 0 $PY "${ATT[@]}" --dtype bf16 --triton-ratio
 run_item b-unet-bf16 15 80 0 $PY "${STEP[@]}" "${EAGER[@]}" --model $UNET --batch $UNET_B --amp bf16
 run_item c-dit-fp32 20 90 0 $PY "${STEP[@]}" "${EAGER[@]}" --model $DIT --batch $DIT_B
 run_item c-dit-bf16 15 80 0 $PY "${STEP[@]}" "${EAGER[@]}" --model $DIT --batch $DIT_B --amp bf16

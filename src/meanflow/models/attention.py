@@ -1,7 +1,7 @@
 """Multi-head self-attention that works under forward-mode AD.
 
 No fused attention kernel has a forward-AD rule (SPEC §4). The JVP pass therefore runs one of
-two implementations (``JVP_ATTENTION``, per module ``Attention.jvp_impl``, or
+three implementations (``JVP_ATTENTION``, per module ``Attention.jvp_impl``, or
 :func:`set_jvp_attention`):
 
 - ``"math"`` (default): the explicit softmax, differentiated by PyTorch's own rules. It
@@ -18,6 +18,13 @@ two implementations (``JVP_ATTENTION``, per module ``Attention.jvp_impl``, or
   rule); its backward recomputes the attention with grad. Under ``torch.compile`` a custom
   Function's ``jvp`` can be dropped silently (JVP-NOTES): :func:`check_attention_jvp` compares
   it against the math path and is what tests and benchmarks call at start-up.
+- ``"triton"``: :func:`meanflow.models.attention_triton.attention_jvp_triton`, the same
+  Function structure (SDPA primal, recomputing backward) with a fused Triton kernel as the
+  forward-AD rule: one launch streams over key blocks with an online softmax (fp32
+  accumulators l, Σ e·v, Σ e·dv + Σ e·ds·v, Σ e·ds) and writes dO; P and dS never exist.
+  Needs triton and a CUDA GPU (Triton's interpreter, ``TRITON_INTERPRET=1``, for CPU tests);
+  head dims 16–128 (powers of two). triton is imported only when this implementation runs;
+  :func:`check_attention_jvp` verifies it (``fn=attention_jvp_triton``, ``dim`` >= 16).
 
 An ordinary forward with grad (no tangent) always uses the fused SDPA.
 """
@@ -36,7 +43,7 @@ from meanflow.models.layers import Linear, has_tangent
 __all__ = ["Attention", "has_tangent", "attention_jvp", "math_attention", "JVP_ATTENTION",
            "JVP_ATTENTION_IMPLS", "set_jvp_attention", "check_attention_jvp"]
 
-JVP_ATTENTION_IMPLS = ("math", "chunked")
+JVP_ATTENTION_IMPLS = ("math", "chunked", "triton")
 JVP_ATTENTION = "math"      # the module default for Attention.jvp_impl = None
 
 # elements of one (chunk × N) block per batch·head, summed over batch·heads: chunks are sized
@@ -130,6 +137,10 @@ def set_jvp_attention(net: nn.Module, impl: str | None) -> None:
     default ``JVP_ATTENTION``)."""
     if impl is not None and impl not in JVP_ATTENTION_IMPLS:
         raise ValueError(f"JVP attention {impl!r}: choose one of {', '.join(JVP_ATTENTION_IMPLS)}")
+    if impl == "triton":
+        from meanflow.models.attention_triton import triton_available
+        if not triton_available():
+            raise RuntimeError("JVP attention 'triton' needs triton, which is not importable here")
     for module in net.modules():
         if isinstance(module, Attention):
             module.jvp_impl = impl
@@ -169,8 +180,8 @@ class Attention(nn.Module):
 
     mode -- "auto": fused SDPA unless a forward-mode tangent is present (the JVP passes), so
             the grad forward and sampling use the fused kernel; "math": always explicit.
-    jvp_impl -- attention used when a tangent is present: "math", "chunked" (see the module
-            docstring) or None for the module default ``JVP_ATTENTION``. Not a parameter or
+    jvp_impl -- attention used when a tangent is present: "math", "chunked", "triton" (see the
+            module docstring) or None for the module default ``JVP_ATTENTION``. Not a parameter or
             buffer: checkpoints are unaffected.
     """
 
@@ -189,7 +200,13 @@ class Attention(nn.Module):
             out = math_attention(q, k, v)                                # (B, heads, N, d)
         elif tangent:
             impl = self.jvp_impl or JVP_ATTENTION
-            out = attention_jvp(q, k, v) if impl == "chunked" else math_attention(q, k, v)
+            if impl == "chunked":
+                out = attention_jvp(q, k, v)
+            elif impl == "triton":
+                from meanflow.models.attention_triton import attention_jvp_triton
+                out = attention_jvp_triton(q, k, v)
+            else:
+                out = math_attention(q, k, v)
         else:
             out = F.scaled_dot_product_attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(B, N, D))          # (B, N, D)
