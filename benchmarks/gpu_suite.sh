@@ -127,6 +127,9 @@ run_item c-dit-fp32 20 90 0 $PY "${STEP[@]}" "${EAGER[@]}" --model $DIT --batch 
 run_item c-dit-bf16 15 80 0 $PY "${STEP[@]}" "${EAGER[@]}" --model $DIT --batch $DIT_B --amp bf16
 run_item c-dit-fp32-chunked 15 60 0 $PY "${STEP[@]}" "${EAGER[@]}" --model $DIT --batch $DIT_B --jvp-attention chunked --strategies split,forward_ad
 run_item c-unet-fp32-chunked 15 60 0 $PY "${STEP[@]}" "${EAGER[@]}" --model $UNET --batch $UNET_B --jvp-attention chunked --strategies split,forward_ad
+if ((${#DEV[@]} == 0)); then  # the Triton kernel needs CUDA
+    run_item c-dit-bf16-triton 15 60 0 $PY "${STEP[@]}" "${EAGER[@]}" --model $DIT --batch $DIT_B --amp bf16 --jvp-precision amp --jvp-attention triton --strategies split,forward_ad
+fi
 
 # (d): compiled bf16, one process per strategy (a compile crash or hang loses only that
 # strategy); flow matching first, then the strategies reuse its record (--fm-ref; a

@@ -15,7 +15,7 @@ layer, the zero-tangent path two or more.
                                    [--strategies split,func | none] [--amp bf16]
                                    [--compile [--compile-scope model|loss]]
                                    [--guided] [--json PATH] [--fm-ref PATH]
-                                   [--jvp-attention math|chunked]
+                                   [--jvp-attention math|chunked|triton]
     python benchmarks/step_cost.py --summarize PATH.jsonl
 
 Presets: ``mlp``, ``dit-s/2``, ``unet-small`` (CPU sizes, as before) and the paper's
@@ -487,14 +487,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--native-linear", action="store_true",
                         help="build the backbone with torch.nn.Linear instead of meanflow's "
                         "JVP-lean Linear, to measure what the lean rule saves")
-    parser.add_argument("--jvp-attention", choices=("math", "chunked"), default="math",
-                        help="attention in the JVP pass: the explicit softmax (default) or the "
-                        "chunked online-softmax JVP function (models/attention.py)")
+    parser.add_argument("--jvp-attention", choices=("math", "chunked", "triton"),
+                        default="math",
+                        help="attention in the JVP pass: the math path, the chunked "
+                        "online-softmax JVP function (models/attention.py) or the fused Triton "
+                        "JVP kernel (models/attention_triton.py; CUDA)")
     parser.add_argument("--strategies", nargs="*", default=None,
                         help="subset of JVP strategies (space or comma separated; default all); "
                         "'none' measures flow matching only")
     parser.add_argument("--amp", choices=("fp32", "bf16"), default="fp32",
                         help="bf16: torch.autocast around loss and backward")
+    parser.add_argument("--jvp-precision", choices=("fp32", "amp"), default="fp32",
+                        help="under --amp bf16: the JVP pass in fp32 (default, the training "
+                        "default objective.jvp_precision) or under autocast too")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the model (default mode); du/dt checked vs eager")
     parser.add_argument("--compile-scope", choices=("model", "loss"), default="model",
@@ -545,7 +550,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.jvp_attention != "math":
         from meanflow.models.attention import check_attention_jvp, set_jvp_attention
         set_jvp_attention(net, args.jvp_attention)
-        check_attention_jvp(device=device)   # fails loudly if the jvp rule is not used
+        fn = None
+        if args.jvp_attention == "triton":
+            from meanflow.models.attention_triton import attention_jvp_triton as fn
+        check_attention_jvp(fn, dim=16, device=device)  # fails loudly if the rule is not used
     params_m = sum(p.numel() for p in net.parameters()) / 1e6
     model: Callable = net
     if args.compile:
@@ -565,6 +573,7 @@ def main(argv: list[str] | None = None) -> None:
     check_batch = ((1 - tt) * x + tt * e, r, t, e - x, y)
 
     objective = dict(preset.objective)
+    objective["jvp_precision"] = args.jvp_precision
     sampler = {k: objective[k] for k in ("mu", "sigma") if k in objective}
     cond = {"num_classes": preset.num_classes, "label_drop": 0.1} if args.guided else {}
     guidance = {"omega": args.omega, "kappa": args.kappa} if args.guided else {}
@@ -612,7 +621,7 @@ def main(argv: list[str] | None = None) -> None:
             "params_M": round(params_m, 2), "batch": args.batch, "amp": args.amp,
             "compile": bool(args.compile), "compile_scope": scope, "guided": bool(args.guided),
             "native_linear": bool(args.native_linear), "repeats": args.repeats,
-            "jvp_attention": args.jvp_attention,
+            "jvp_attention": args.jvp_attention, "jvp_precision": args.jvp_precision,
             "warmup": warmup, "objective": {**objective, **guidance}}
     key = {k: base[k] for k in ("model", "batch", "amp", "compile", "compile_scope", "guided",
                                 "native_linear", "device", "torch")}
