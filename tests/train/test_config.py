@@ -150,6 +150,7 @@ INVALID = [
     (["model.options=3"], "model.options"),
     (["model.jvp_attention=flash"], "model.jvp_attention"),
     (["model.jvp_attention=3"], "model.jvp_attention"),
+    (["train.fsdp=3"], "train.fsdp"),
     (["objective=3"], "objective"),
 ]
 

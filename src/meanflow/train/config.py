@@ -85,6 +85,7 @@ class TrainConfig:
     grad_accumulation: int = 1    # micro-batches per step (batch_size must divide evenly)
     amp: str = "none"             # "bf16": autocast the network (the JVP: objective.jvp_precision)
     compile: bool = False         # torch.compile the network; du/dt is checked against eager
+    fsdp: bool = False            # torchrun: shard weights, gradients and Adam state (FSDP2)
     seed: int = 0
     ema_decays: list[float] = field(default_factory=lambda: [0.999])
     log_every: int = 50           # lines appended to metrics.jsonl
@@ -311,6 +312,16 @@ def _validate(cfg: RunConfig) -> None:
     _choice("objective.tangent", o.tangent, tuple(TANGENTS))
     if not isinstance(tr.compile, bool):
         raise ConfigError("train.compile must be true or false")
+    if not isinstance(tr.fsdp, bool):
+        raise ConfigError("train.fsdp must be true or false")
+    if tr.fsdp and tr.compile:
+        raise ConfigError("train.fsdp with train.compile is not supported: set one of them "
+                          "to false")
+    if tr.fsdp and o.kind == "meanflow" and o.jvp == "forward_ad":
+        raise ConfigError("objective.jvp=forward_ad fails under train.fsdp (FSDP2's post-backward "
+                          "hook has no forward-mode rule that torch accepts: 'A custom Function's "
+                          "forward is returning a view ... but the jvp is not returning a view'): "
+                          "use objective.jvp=split, split_func or func")
     if not isinstance(tr.tensorboard, bool):
         raise ConfigError("train.tensorboard must be true or false")
     _number("train.sample_every", tr.sample_every, lo=0, integer=True)

@@ -42,7 +42,7 @@ from meanflow.errors import ConfigError
 
 __all__ = ["World", "env_world", "setup", "teardown", "check_batch_split", "wrap_ddp",
            "all_reduce_grads_", "all_true", "mean_across", "broadcast_object", "on_main",
-           "on_every",
+           "on_every", "shard_fsdp", "full_tensors", "shard_like", "load_full_",
            "check_replicas_equal", "ReplicaMismatchError", "shard", "gather_sharded",
            "sample_seeded_sharded"]
 
@@ -162,6 +162,58 @@ def wrap_ddp(module: nn.Module, world: World, device: torch.device) -> nn.Module
                       else {"broadcast_buffers": False})
     return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=False,
                                    **no_buffer_sync)
+
+
+def shard_fsdp(module: nn.Module, world: World, device: torch.device) -> nn.Module:
+    """FSDP2 (``train.fsdp``): ``fully_shard`` on every block of the backbone's block lists
+    (transformer blocks, U-Net ResBlocks, MLP blocks) and on the root, over all ranks. The
+    module is sharded in place: its parameters become DTensors (dim-0 shards), gathered in
+    each block's forward and reduce-scattered (averaged) in its backward."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh(device.type, (world.size,))
+    for child in module.children():
+        if isinstance(child, nn.ModuleList):
+            for block in child:
+                if any(p.requires_grad for p in block.parameters()):
+                    fully_shard(block, mesh=mesh)
+    fully_shard(module, mesh=mesh)
+    return module
+
+
+def _is_dtensor(t: Any) -> bool:
+    from torch.distributed.tensor import DTensor
+    return isinstance(t, DTensor)
+
+
+def full_tensors(tensors: dict[str, Any], cpu: bool = True) -> dict[str, Any]:
+    """``tensors`` with every DTensor gathered into the full tensor (on the CPU with ``cpu``),
+    one tensor at a time; other values as they are. A collective: every rank must call it."""
+    out = {}
+    for k, v in tensors.items():
+        if _is_dtensor(v):
+            v = v.full_tensor()
+        if cpu and isinstance(v, Tensor):
+            v = v.detach().cpu()
+        out[k] = v
+    return out
+
+
+def shard_like(full: Tensor, like: Tensor) -> Tensor:
+    """This rank's shard of the full tensor ``full``, laid out like the DTensor ``like`` (no
+    communication: every rank holds ``full``); ``full`` itself when ``like`` is no DTensor."""
+    if not _is_dtensor(like):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+    return distribute_tensor(full.to(like.to_local().device, like.dtype), like.device_mesh,
+                             like.placements, src_data_rank=None)
+
+
+@torch.no_grad()
+def load_full_(targets: dict[str, Tensor], full: dict[str, Tensor]) -> None:
+    """Copies full tensors into ``targets`` (sharded or not) in place, by name."""
+    for k, t in targets.items():
+        t.copy_(shard_like(full[k], t))
 
 
 def all_reduce_grads_(params: Sequence[nn.Parameter], world: World,

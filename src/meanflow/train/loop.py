@@ -51,7 +51,7 @@ __all__ = ["train", "check_config", "new_run_dir", "build_loss", "step_seed", "r
 RESUMABLE_KEYS = {("train", k) for k in (
     "steps", "epochs", "images", "log_every", "checkpoint_every", "keep_checkpoints", "device",
     "progress", "compile", "sample_every", "sample_count", "sample_steps", "tensorboard",
-    "fid_every", "fid_ref", "fid_n", "fid_steps")} | {("model", "jvp_attention")}
+    "fid_every", "fid_ref", "fid_n", "fid_steps", "fsdp")} | {("model", "jvp_attention")}
 MAX_NONFINITE_IN_A_ROW = 10
 
 
@@ -169,20 +169,67 @@ def _lr_at(cfg: RunConfig, step: int) -> float:
 
 
 def _save(run_dir: Path, step: int, model: nn.Module, ema: EMA, opt: torch.optim.Optimizer,
-          cfg: RunConfig, data_info: dict[str, Any], world_size: int = 1) -> Path:
-    opt_tensors, opt_meta = optimizer_tensors(opt)
+          cfg: RunConfig, data_info: dict[str, Any], world_size: int = 1,
+          full: tuple[dict, dict, Any] | None = None) -> Path:
+    """``full``: (model, EMA, optimizer) state gathered from FSDP shards (:func:`_full_states`),
+    saved instead of the objects' own."""
+    model_sd, ema_sd = (model.state_dict(), ema.state_dict()) if full is None else full[:2]
+    opt_tensors, opt_meta = optimizer_tensors(opt if full is None else full[2])
     state = {"step": step, "optimizer": opt_meta, "config": cfg.to_dict(), "data": data_info,
              "ema_decays": ema.decays, "meanflow_version": __version__,
              "torch_version": torch.__version__, "world_size": world_size}
     path = save_checkpoint(run_dir / "checkpoints" / f"step_{step:07d}",
-                           model=model.state_dict(), ema=ema.state_dict(),
-                           optimizer=opt_tensors, state=state)
+                           model=model_sd, ema=ema_sd, optimizer=opt_tensors, state=state)
     keep = cfg.train.keep_checkpoints
     if keep > 0:
         import shutil
         for old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+class _StateOf:
+    """Stands for an optimiser whose ``state_dict()`` is given (gathered FSDP state)."""
+
+    def __init__(self, sd: dict) -> None:
+        self.sd = sd
+
+    def state_dict(self) -> dict:
+        return self.sd
+
+
+def _full_states(model: nn.Module, ema: EMA,
+                 opt: torch.optim.Optimizer) -> tuple[dict, dict, _StateOf]:
+    """train.fsdp: the model, EMA and Adam state with every shard gathered into full CPU
+    tensors, so that checkpoints hold what a DDP or one-process run saves (a collective)."""
+    opt_sd = opt.state_dict()
+    opt_sd = {**opt_sd, "state": {i: dist_.full_tensors(st) for i, st in opt_sd["state"].items()}}
+    return (dist_.full_tensors(model.state_dict()), dist_.full_tensors(ema.state_dict()),
+            _StateOf(opt_sd))
+
+
+def _load_sharded(model: nn.Module, ema: EMA, opt: torch.optim.Optimizer,
+                  tensors: dict[str, dict[str, Tensor]], opt_meta: dict) -> None:
+    """train.fsdp: loads a checkpoint's full tensors into the sharded model, EMA and Adam
+    state (each rank keeps its shard of them)."""
+    dist_.load_full_(model.state_dict(), tensors["model"])
+    dist_.load_full_(ema.state_dict(), tensors["ema"])
+    params = list(model.parameters())
+    sharded = {}
+    for key, value in tensors["optimizer"].items():
+        p = params[int(key.split(".", 1)[0])]
+        sharded[key] = (dist_.shard_like(value, p) if tuple(value.shape) == tuple(p.shape)
+                        else value)
+    load_optimizer_tensors(opt, sharded, opt_meta)
+
+
+class _FirstEMA:
+    """The first EMA's weights as full tensors (gathered from FSDP shards), for sampling."""
+
+    def __init__(self, ema: EMA) -> None:
+        self.decays = ema.decays
+        key = EMA.key(ema.decays[0])
+        self.shadows = {key: dist_.full_tensors(ema.shadows[key], cpu=False)}
 
 
 def total_steps(cfg: RunConfig, ds: BatchSource) -> int:
@@ -251,6 +298,10 @@ def check_config(cfg: RunConfig) -> None:
 
 def _check_world(cfg: RunConfig, world: World) -> int:
     """Images per micro-batch on each rank; refuses what distributed training does not do."""
+    if cfg.train.fsdp and not world.enabled:
+        raise ConfigError("train.fsdp shards the model over the processes of a torchrun job, "
+                          "and this is one process: launch with torchrun, or set "
+                          "train.fsdp=false")
     return dist_.check_batch_split(cfg.train.batch_size, cfg.train.grad_accumulation, world)
 
 
@@ -524,6 +575,8 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, dataset: BatchSource | N
                                  _model_options(cfg, shape)).to(device)
     # the JVP pass's attention: not a weight, so a resumed run may choose another one
     set_jvp_attention(model, cfg.model.jvp_attention)
+    if tr.fsdp:   # before the optimiser and the EMA, which then hold shards too
+        dist_.shard_fsdp(model, world, device)
     loss_fn = build_loss(cfg, num_classes)
     # "func"/"forward_ad" give u and du/dt in one pass, which cannot go through DDP: under
     # torchrun they run on the module and the gradients are averaged by hand.
@@ -567,10 +620,14 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, dataset: BatchSource | N
     if resume and main_name is not None:
         ckpt = run_dir / "checkpoints" / main_name
         tensors, state = load_checkpoint(ckpt, device)
-        model.load_state_dict(tensors["model"])
-        ema.load_state_dict(tensors["ema"])
+        if not tr.fsdp:
+            model.load_state_dict(tensors["model"])
+            ema.load_state_dict(tensors["ema"])
         try:
-            load_optimizer_tensors(opt, tensors["optimizer"], state["optimizer"])
+            if tr.fsdp:
+                _load_sharded(model, ema, opt, tensors, state["optimizer"])
+            else:
+                load_optimizer_tensors(opt, tensors["optimizer"], state["optimizer"])
             start = int(state["step"])
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"{ckpt / 'state.json'} does not fit this run ({exc}); "
@@ -600,14 +657,18 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, dataset: BatchSource | N
     sampler_net = None
     if pngs or fid_monitor is not None:
         import copy
-        sampler_net = copy.deepcopy(model).eval()
+        sampler_net = (build_model_for_data(cfg.model.name, shape, num_classes,
+                                            _model_options(cfg, shape)).to(device).eval()
+                       if tr.fsdp else copy.deepcopy(model).eval())
     writer = _tensorboard_writer(run_dir) if (tr.tensorboard and world.is_main) else None
 
     # The grad-carrying forward goes through DDP (its backward all-reduces the gradients);
     # the no-grad passes (JVP, guidance) take the unwrapped module. One process: the module.
-    train_net: nn.Module = model if joint else dist_.wrap_ddp(model, world, device)
+    # FSDP: the sharded module itself, for every pass (its backward reduce-scatters).
+    train_net: nn.Module = (model if joint or tr.fsdp
+                            else dist_.wrap_ddp(model, world, device))
     jvp_net = model if (train_net is not model and isinstance(loss_fn, MeanFlowLoss)) else None
-    sync_by_hand = world.enabled and joint
+    sync_by_hand = world.enabled and joint and not tr.fsdp
     ddp_no_sync = getattr(train_net, "no_sync", None) if train_net is not model else None
 
     bar = None
@@ -671,8 +732,9 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, dataset: BatchSource | N
             if finite:
                 nonfinite_run = 0
                 max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else math.inf
-                step_stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                                                         max_norm)
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+                step_stats["grad_norm"] = (dist_.full_tensors({"n": norm}, cpu=False)["n"]
+                                           if tr.fsdp else norm)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 ema.update(model)
@@ -714,15 +776,19 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, dataset: BatchSource | N
                 sums, count, t_log = {}, 0, now
             if done % tr.checkpoint_every == 0 or done == steps:
                 # the replicas must be identical: this catches unsynchronised gradients
-                dist_.check_replicas_equal(model, world, device, done)
+                # (FSDP holds no replicas: each rank has its own shard)
+                full = _full_states(model, ema, opt) if tr.fsdp else None
+                if not tr.fsdp:
+                    dist_.check_replicas_equal(model, world, device, done)
                 # rank 0 writes; the others wait for it (on_main's broadcast is the barrier)
                 last_ckpt = dist_.on_main(world, _save, run_dir, done, model, ema, opt, cfg,
-                                          data_info, world.size)
+                                          data_info, world.size, full)
             if fid_monitor is not None and (done == steps or done % tr.fid_every == 0):
                 t_eval = time.perf_counter()
                 if bar is not None:
                     bar.set_description(f"{cfg.objective.kind} (FID)")
-                record = fid_monitor(sampler_net, ema, done, world)  # None off rank 0
+                record = fid_monitor(sampler_net, _FirstEMA(ema) if tr.fsdp else ema, done,
+                                     world)  # None off rank 0
                 if record is not None:
                     with open(metrics_path, "a") as fh:
                         fh.write(json.dumps(record) + "\n")
@@ -738,8 +804,8 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, dataset: BatchSource | N
             if pngs and (done == steps or (
                     tr.sample_every > 0 and done % tr.sample_every == 0)):
                 t_sample = time.perf_counter()
-                _sample_pngs(run_dir, done, sampler_net, ema, cfg, shape, num_classes, device,
-                             writer, world, decode)
+                _sample_pngs(run_dir, done, sampler_net, _FirstEMA(ema) if tr.fsdp else ema,
+                             cfg, shape, num_classes, device, writer, world, decode)
                 t_log += time.perf_counter() - t_sample  # not training time: off the rate
     finally:
         if bar is not None:
