@@ -7,7 +7,8 @@ Under ``torchrun`` the same loop runs data-parallel (:mod:`meanflow.train.distri
 the W ranks trains on ``batch_size / W`` images per step, the grad pass goes through DDP and the
 JVP through the unwrapped module; rank 0 alone writes the run folder, logs all-reduced means and
 writes checkpoints (the others wait for it); samples for PNGs and FID are shared out over
-the ranks by seed.
+the ranks by seed. With ``train.fsdp`` the model is sharded by FSDP2 instead (every pass on the
+sharded module, gradients reduce-scattered by it); checkpoints are gathered to full tensors.
 
 Every random draw of step k comes from seeds derived from (seed, rank, k): the batch, the times,
 the noise and label dropout from an explicit generator, dropout from the global RNG re-seeded at
