@@ -1,11 +1,18 @@
 """Fashion-MNIST, class-conditional: guidance trained into the target (SPEC §1) at several ω.
 
 One run per ω (κ = 0, so the effective scale ω′ = ω; ω = 1 is no guidance) with the
-``fmnist-unet`` preset, ``data.class_conditional=true``, label dropout 0.1 and fewer steps than
-the preset so that all runs fit in about 30 minutes on 2 CPU cores:
+``fmnist-unet`` preset (1 400 steps at batch 64), ``data.class_conditional=true`` and label
+dropout 0.1. Each run takes about 35-60 minutes on one CPU thread; the runs are independent, so
+they can go in parallel (``--omegas 1``, ``--omegas 3``, ... with their own ``--out``), and a
+final call without training scores them all:
 
-    python experiments/fmnist_guidance.py                 # 3 runs x 350 steps, N = 1000
+    python experiments/fmnist_guidance.py                 # 3 runs x 1400 steps, N = 1000
+    python experiments/fmnist_guidance.py --steps 350     # a quarter of the training
     python experiments/fmnist_guidance.py --quick         # smoke test, < 40 s
+
+A run folder that exists with fewer steps is resumed to ``--steps`` (the learning rate is
+constant after warm-up and resuming is exact, so this continues the same run); one with ``--steps`` or more is
+only scored again.
 
 For each run: N one-step samples (EMA weights, sample i from seed i with label i mod 10, so the
 classes are balanced), the accuracy of the repo's Fashion-MNIST classifier on them against the

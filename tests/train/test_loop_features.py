@@ -364,3 +364,23 @@ def test_periodic_fid_bad_settings_stop_before_the_run(tmp_path):
         train(image_config(data, fid_every=2, fid_ref=str(tmp_path / "fm.npz")),
               tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_compiled_split_with_attention_passes_the_check_and_forward_ad_names_the_fix():
+    """Under torch.compile (the "aot_eager" backend: the same traced graphs as inductor) the
+    lean autograd.Functions step aside and attention in the JVP pass takes the math path: a
+    custom Function's jvp rule would be dropped, and a dual tensor is invisible while tracing
+    (the split pass failed with "forward AD with _scaled_dot_product_flash_attention_for_cpu"
+    before). The joint forward_ad pass does not compile in this torch: one line names the fix."""
+    from meanflow.models.attention import set_jvp_attention
+    torch.manual_seed(0)
+    net = build_model("dit-s/2", in_channels=3, input_size=8, depth=1, width=32, heads=2)
+    set_jvp_attention(net, "chunked")
+    x = torch.randn(4, 3, 8, 8)
+    torch._dynamo.reset()
+    split = MeanFlowLoss(jvp="split")
+    assert check_compiled(net, split, make_loss_call(split, True, "aot_eager"), x, None) < 1e-5
+    torch._dynamo.reset()
+    joint = MeanFlowLoss(jvp="forward_ad")
+    with pytest.raises(ConfigError, match="forward_ad does not compile: use split or func"):
+        check_compiled(net, joint, make_loss_call(joint, True, "aot_eager"), x, None)

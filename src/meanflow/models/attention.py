@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from meanflow.models.layers import Linear, has_tangent
+from meanflow.models.layers import Linear, has_tangent, in_forward_ad_pass
 
 __all__ = ["Attention", "has_tangent", "attention_jvp", "math_attention", "JVP_ATTENTION",
            "JVP_ATTENTION_IMPLS", "set_jvp_attention", "check_attention_jvp"]
@@ -195,8 +195,13 @@ class Attention(nn.Module):
         B, N, D = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.heads, D // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                 # 3 × (B, heads, N, d)
-        tangent = has_tangent(x) or has_tangent(q)
-        if self.mode == "math":
+        compiling = torch.compiler.is_compiling()
+        # while torch.compile traces, a dual tensor is not visible: objective.jvp's pass
+        # counter says whether this is a JVP pass
+        tangent = has_tangent(x) or has_tangent(q) or (compiling and in_forward_ad_pass())
+        if self.mode == "math" or (tangent and compiling):
+            # compiled code drops a custom Function's jvp rule (JVP-NOTES): the math path,
+            # differentiated by PyTorch's own (traced) rules
             out = math_attention(q, k, v)                                # (B, heads, N, d)
         elif tangent:
             impl = self.jvp_impl or JVP_ATTENTION

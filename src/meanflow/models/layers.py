@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.autograd import forward_ad
 
 __all__ = ["Linear", "linear", "Conv2d", "conv2d", "group_norm", "layer_norm", "has_tangent",
-           "use_lean"]
+           "use_lean", "in_forward_ad_pass"]
 
 
 def has_tangent(x: Tensor) -> bool:
@@ -28,11 +28,26 @@ def has_tangent(x: Tensor) -> bool:
             or forward_ad.unpack_dual(x).tangent is not None)
 
 
+# How many forward-AD JVP passes (objective.jvp's dual-tensor passes) are running. Under
+# torch.compile a dual tensor cannot be recognised while tracing, so layers read this instead.
+FORWARD_AD_PASSES = [0]
+
+
+def in_forward_ad_pass() -> bool:
+    """True inside a dual-tensor JVP pass of ``meanflow.objective.jvp``."""
+    return FORWARD_AD_PASSES[0] > 0
+
+
 def use_lean(x: Tensor) -> bool:
     """Whether a layer takes its lean ``autograd.Function``: always without grad (the split
     strategies' JVP pass, sampling), and with grad only when ``x`` carries a forward-mode
     tangent (the joint strategies' one pass, whose native rules would pay for the parameters'
-    zero tangents). A plain training forward keeps the native kernels and backward."""
+    zero tangents). A plain training forward keeps the native kernels and backward.
+
+    Never while ``torch.compile`` traces: it drops a custom Function's ``jvp`` rule (JVP-NOTES),
+    so compiled code takes PyTorch's own rules, which it traces and fuses."""
+    if torch.compiler.is_compiling():
+        return False
     return not torch.is_grad_enabled() or has_tangent(x)
 
 

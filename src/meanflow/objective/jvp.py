@@ -30,6 +30,7 @@ from torch import Tensor
 from torch.autograd import forward_ad
 
 from meanflow.errors import ConfigError
+from meanflow.models import layers
 
 __all__ = ["JVP_STRATEGIES", "TANGENTS", "u_and_dudt", "time_derivative", "check_strategy",
            "check_tangent"]
@@ -91,11 +92,16 @@ def _jvp_func(f: Callable, z: Tensor, r: Tensor, t: Tensor, v: Tensor,
 def _jvp_forward_ad(f: Callable, z: Tensor, r: Tensor, t: Tensor, v: Tensor,
                     dr_dt: tuple[float, float] = (0.0, 1.0)) -> tuple[Tensor, Tensor]:
     r_dot, t_dot = _time_tangents(r, t, dr_dt)
-    with forward_ad.dual_level():
-        out = f(forward_ad.make_dual(z, v),
-                forward_ad.make_dual(r, r_dot),
-                forward_ad.make_dual(t, t_dot))
-        u, dudt = forward_ad.unpack_dual(out)
+    passes = layers.FORWARD_AD_PASSES        # read by layers that must know it when compiled
+    passes[0] += 1
+    try:
+        with forward_ad.dual_level():
+            out = f(forward_ad.make_dual(z, v),
+                    forward_ad.make_dual(r, r_dot),
+                    forward_ad.make_dual(t, t_dot))
+            u, dudt = forward_ad.unpack_dual(out)
+    finally:
+        passes[0] -= 1
     if dudt is None:  # the output does not depend on (z, r, t) at all
         dudt = torch.zeros_like(u)
     return u, dudt

@@ -470,9 +470,14 @@ def check_compiled(model: nn.Module, loss_fn: Callable, compiled_call: Callable,
         got_mse, got_grad = run(compiled_call)
     except Exception as exc:  # noqa: BLE001 (any compiler failure becomes one clear line)
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        hint = "set train.compile=false or try another objective.jvp"
+        if getattr(loss_fn, "jvp", None) == "forward_ad":
+            # torch 2.13: the joint dual-tensor pass cannot be compiled (a compiled graph's
+            # autograd Function has no jvp rule); the split passes and func.jvp can
+            hint = "objective.jvp=forward_ad does not compile: use split or func, or " \
+                   "set train.compile=false"
         raise ConfigError(f"train.compile: the compiled loss failed its start-up check "
-                          f"({type(exc).__name__}: {first}); set train.compile=false or try "
-                          "another objective.jvp") from None
+                          f"({type(exc).__name__}: {first}); {hint}") from None
     errors = {"squared error": float((got_mse - ref_mse).abs() / ref_mse.abs().clamp_min(1e-12)),
               "gradient": float((got_grad - ref_grad).norm() / ref_grad.norm().clamp_min(1e-12))}
     worst = max(errors, key=errors.get)
