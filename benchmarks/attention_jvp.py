@@ -47,6 +47,18 @@ from meanflow.models.attention import attention_jvp, check_attention_jvp, math_a
 TRITON_TARGET = 3.0   # JVP-NOTES: the attention JVP should cost at most 3× the flash forward
 
 
+def _inputs(n: int, b: int, args: argparse.Namespace, device: torch.device,
+            dtype: torch.dtype) -> tuple:
+    """Seeded primals and tangents (3 each, (b, heads, n, head_dim)): float64 on the CPU, and
+    the same values in ``dtype`` on ``device``."""
+    g = torch.Generator().manual_seed(n)
+    shape = (b, args.heads, n, args.head_dim)
+    P64 = [torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(3)]
+    T64 = [torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(3)]
+    return (P64, T64, tuple(p.to(device, dtype) for p in P64),
+            tuple(t.to(device, dtype) for t in T64))
+
+
 def timed(fn, repeats: int, device: torch.device) -> float:
     fn()
     if device.type == "cuda":
@@ -119,12 +131,7 @@ def triton_ratio(args, device: torch.device, dtype: torch.dtype, note: str) -> N
           f"{'err jvp':>8s} {'err kern':>8s} {'err saved':>9s}", flush=True)
     batches = args.batch * len(args.tokens) if len(args.batch) == 1 else args.batch
     for n, b in zip(args.tokens, batches):
-        g = torch.Generator().manual_seed(n)
-        shape = (b, args.heads, n, args.head_dim)
-        P64 = [torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(3)]
-        T64 = [torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(3)]
-        P = tuple(p.to(device, dtype) for p in P64)
-        T = tuple(t.to(device, dtype) for t in T64)
+        P64, T64, P, T = _inputs(n, b, args, device, dtype)
         rec = {"bench": "attention_jvp_triton", "device": str(device), "dtype": args.dtype,
                "tokens": n, "batch": b, "heads": args.heads, "head_dim": args.head_dim,
                "block_m": bm, "block_n": bn, "torch": torch.__version__}
@@ -211,12 +218,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{'err math':>8s} {'err chunk':>9s}{tri_cols}", flush=True)
     batches = args.batch * len(args.tokens) if len(args.batch) == 1 else args.batch
     for n, b in zip(args.tokens, batches):
-        g = torch.Generator().manual_seed(n)
-        shape = (b, args.heads, n, args.head_dim)
-        P64 = [torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(3)]
-        T64 = [torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(3)]
-        P = tuple(p.to(device, dtype) for p in P64)
-        T = tuple(t.to(device, dtype) for t in T64)
+        P64, T64, P, T = _inputs(n, b, args, device, dtype)
         rec = {"bench": "attention_jvp", "device": str(device), "dtype": args.dtype,
                "tokens": n, "batch": b, "heads": args.heads, "head_dim": args.head_dim,
                "torch": torch.__version__}

@@ -90,3 +90,12 @@ def test_step_interleaved_runs(capsys):
                                     "--threads", "1", "--jvp-attention", "math", "chunked"])
     out = capsys.readouterr().out
     assert "split/chunked" in out and "forward_ad/math" in out
+
+
+def test_layer_norm_ab_benchmark_runs_and_restores_the_lean_rule(capsys):
+    import meanflow.models.dit as dit_module
+    lean = dit_module.layer_norm
+    records = _load("layer_norm_ab").main(["--batch", "2", "--input-size", "4", "--rounds", "1"])
+    assert [r["pass"] for r in records] == ["no-grad JVP pass", "forward_ad + backward"]
+    assert all(r["lean_ms"] > 0 and r["native_ms"] > 0 for r in records)
+    assert dit_module.layer_norm is lean and "native/lean" in capsys.readouterr().out

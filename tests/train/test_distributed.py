@@ -78,6 +78,11 @@ class F64:
 
 def make_config(steps: int, variant: str = "split", **train_opts) -> RunConfig:
     objective, cond = VARIANTS[variant]
+    return tiny_config(steps, objective, cond, **train_opts)
+
+
+def tiny_config(steps: int, objective: dict, cond: bool, **train_opts) -> RunConfig:
+    """The tiny float64 run of these tests (also used by test_fsdp.py)."""
     tr = {"steps": steps, "batch_size": BATCH, "grad_accumulation": ACCUM, "seed": SEED,
           "checkpoint_every": 2, "log_every": 1, "progress": False, "keep_checkpoints": 0,
           "sample_count": 0, "device": "cpu", "ema_decays": [0.9]}

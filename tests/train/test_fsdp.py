@@ -32,8 +32,8 @@ from meanflow.errors import ConfigError
 from meanflow.train.config import RunConfig, load_config
 from meanflow.train.loop import check_config, train
 
-from test_distributed import (ACCUM, BATCH, F64, SEED, TINY, WORLD, _free_port,  # noqa: E402
-                              max_rel_diff, reference)
+from test_distributed import (F64, WORLD, _free_port, max_rel_diff,  # noqa: E402
+                              reference, tiny_config)
 
 # name -> (objective, class-conditional, the test_distributed reference variant)
 STRATEGIES = {
@@ -47,16 +47,7 @@ DIT = {"depth": 2, "width": 32, "heads": 2}
 
 def fsdp_config(steps: int, name: str = "split", **train_opts) -> RunConfig:
     objective, cond, _ = STRATEGIES[name]
-    tr = {"steps": steps, "batch_size": BATCH, "grad_accumulation": ACCUM, "seed": SEED,
-          "checkpoint_every": 2, "log_every": 1, "progress": False, "keep_checkpoints": 0,
-          "sample_count": 0, "device": "cpu", "ema_decays": [0.9], "fsdp": True}
-    tr.update(train_opts)
-    return RunConfig.from_dict({
-        "model": {"options": dict(TINY)},
-        "data": {"name": "8gaussians", "class_conditional": cond},
-        "objective": {"fraction_r_neq_t": 0.5, "p": 1.0, **objective},
-        "optim": {"lr": 1e-2},
-        "train": tr}).validate()
+    return tiny_config(steps, objective, cond, **{"fsdp": True, **train_opts})
 
 
 def dit_config(data: Path, fsdp: bool) -> RunConfig:
