@@ -139,14 +139,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, port: int, root: str) -> None:
-    """Every multi-process scenario, in one process group; results to root/rank<r>.pt."""
-    root = Path(root)
+def join_gloo(rank: int, port: int, root: str, timeout_s: int) -> Path:
+    """A spawned rank's set-up (one thread, float64, LOCAL_RANK, the gloo group of WORLD
+    ranks); returns ``root`` as a Path. Used by the workers here and in test_fsdp.py."""
     torch.set_num_threads(1)
     torch.set_default_dtype(torch.float64)
     os.environ["LOCAL_RANK"] = str(rank)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=WORLD, timeout=datetime.timedelta(seconds=120))
+                            world_size=WORLD, timeout=datetime.timedelta(seconds=timeout_s))
+    return Path(root)
+
+
+def _worker(rank: int, port: int, root: str) -> None:
+    """Every multi-process scenario, in one process group; results to root/rank<r>.pt."""
+    root = join_gloo(rank, port, root, 120)
     loop.EMA = RecordingEMA
     out: dict = {}
     try:
@@ -214,12 +220,7 @@ COMPILED_STEPS = 2
 
 def _compile_worker(rank: int, port: int, root: str) -> None:
     """train.compile under 2 ranks; results to root/compiled<r>.pt."""
-    root = Path(root)
-    torch.set_num_threads(1)
-    torch.set_default_dtype(torch.float64)
-    os.environ["LOCAL_RANK"] = str(rank)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=WORLD, timeout=datetime.timedelta(seconds=300))
+    root = join_gloo(rank, port, root, 300)
     loop.EMA = RecordingEMA
     loop.COMPILE_BACKEND = "aot_eager"
     out: dict = {}

@@ -17,8 +17,6 @@ single-process references from tests/train/test_distributed.py:
 
 from __future__ import annotations
 
-import datetime
-import os
 import shutil
 from pathlib import Path
 
@@ -32,8 +30,8 @@ from meanflow.errors import ConfigError
 from meanflow.train.config import RunConfig, load_config
 from meanflow.train.loop import check_config, train
 
-from test_distributed import (F64, WORLD, _free_port, max_rel_diff,  # noqa: E402
-                              reference, tiny_config)
+from test_distributed import (F64, WORLD, _free_port, join_gloo,  # noqa: E402
+                              max_rel_diff, reference, tiny_config)
 
 # name -> (objective, class-conditional, the test_distributed reference variant)
 STRATEGIES = {
@@ -66,12 +64,7 @@ MORE = tuple(name for name in STRATEGIES if name not in CORE)
 
 
 def _worker(rank: int, port: int, root: str, more: bool) -> None:
-    root = Path(root)
-    torch.set_num_threads(1)
-    torch.set_default_dtype(torch.float64)
-    os.environ["LOCAL_RANK"] = str(rank)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=WORLD, timeout=datetime.timedelta(seconds=120))
+    root = join_gloo(rank, port, root, 120)
     try:
         if not more:
             train(fsdp_config(4), root / "split", dataset=F64())
