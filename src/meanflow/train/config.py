@@ -24,6 +24,8 @@ __all__ = ["ModelConfig", "DataConfig", "ObjectiveConfig", "OptimConfig", "Train
            "RunConfig", "load_config", "apply_overrides", "OBJECTIVES", "AMP_MODES"]
 
 OBJECTIVES = ("meanflow", "flow_matching")
+ROW_CHOICES = ("random", "first")
+DATA_ORDERS = ("epochs", "random")
 AMP_MODES = ("none", "bf16")
 JVP_PRECISIONS = ("fp32", "amp")
 
@@ -42,7 +44,14 @@ class DataConfig:
     class_conditional: bool = False  # feed labels (mixture component / file labels) to the net
     options: dict[str, Any] = field(default_factory=dict)  # dataset keyword arguments
     augment: float = 0.0          # EDM augmentation probability p (images; 0 = off); its
-                                  # 9-number label conditions the net (U-Net augment_dim)
+                                  # label conditions the net (U-Net augment_dim)
+    augment_options: dict[str, Any] = field(default_factory=dict)  # EDMAugment weights and
+                                  # spreads; {} is the official MeanFlow CIFAR-10 set (y-flips
+                                  # and rotations off, 6-wide label)
+    order: str = "epochs"         # "epochs": a fresh permutation each epoch, batches without
+                                  # replacement, the last partial batch dropped (both official
+                                  # codes); "random": every batch drawn with replacement.
+                                  # Endless toy sources draw fresh points either way
 
 
 @dataclass
@@ -60,6 +69,14 @@ class ObjectiveConfig:
     kappa: float = 0.0
     t_interval: list[float] = field(default_factory=lambda: [0.0, 1.0])
     label_drop: float = 0.1       # class dropout to the null class (class-conditional only)
+    r_eq_t_rows: str = "random"   # "random": each sample keeps r != t with probability
+                                  # fraction_r_neq_t (official PyTorch); "first": exactly
+                                  # int(B * (1 - fraction_r_neq_t)) rows, the first of each
+                                  # batch, get r = t (official JAX)
+    label_drop_rows: str = "random"  # "random": each label dropped with probability
+                                  # label_drop; "first": Binomial(B, label_drop) labels, those
+                                  # of the first rows (official JAX: with r_eq_t_rows "first",
+                                  # a dropped label always has r = t)
     jvp: str = "split"            # du/dt strategy (meanflow.objective.jvp)
     jvp_precision: str = "fp32"   # under train.amp: "fp32" keeps the JVP pass out of autocast,
                                   # "amp" runs it in bf16 too (split strategies only)
@@ -84,10 +101,15 @@ class TrainConfig:
     batch_size: int = 256         # global batch per optimiser step
     grad_accumulation: int = 1    # micro-batches per step (batch_size must divide evenly)
     amp: str = "none"             # "bf16": autocast the network (the JVP: objective.jvp_precision)
-    compile: bool = False         # torch.compile the network; du/dt is checked against eager
+    compile: bool | str = False   # torch.compile the loss; du/dt is checked against eager.
+                                  # "auto": on when the device is CUDA
+    tf32: bool = False            # CUDA: TF32 matmuls and convolutions (the official
+                                  # PyTorch code's float32_matmul_precision "high")
     fsdp: bool = False            # torchrun: shard weights, gradients and Adam state (FSDP2)
     seed: int = 0
     ema_decays: list[float] = field(default_factory=lambda: [0.999])
+    ema_every: int = 1            # update the EMAs every N steps with decay**N (official
+                                  # PyTorch CIFAR-10: 16)
     log_every: int = 50           # lines appended to metrics.jsonl
     checkpoint_every: int = 1000  # and always at the last step
     keep_checkpoints: int = 2     # newest periodic checkpoints kept (0 keeps all)
@@ -147,7 +169,7 @@ def _from_dict(cls: type, d: Any, prefix: str) -> Any:
         else:
             if "float" in str(f.type):
                 value = _coerce_floats(value)
-            elif name == "options" and isinstance(value, dict):
+            elif name in ("options", "augment_options") and isinstance(value, dict):
                 value = {k: _coerce_floats(v) for k, v in value.items()}
             kwargs[name] = value
     return cls(**kwargs)
@@ -246,6 +268,22 @@ def _jvp_attention(value: Any) -> None:
                           f"{', '.join(JVP_ATTENTION_IMPLS)}, or null for the default (math)")
 
 
+def _augment_options(p: float, options: Any) -> None:
+    """data.augment_options are EDMAugment's keyword arguments; it checks their values."""
+    from meanflow.data.augment import EDMAugment
+    if not isinstance(options, dict):
+        raise ConfigError("data.augment_options must be a mapping of EDMAugment settings, "
+                          "e.g. {yflip: 1, rotate_frac: 1}")
+    try:
+        EDMAugment(p=p, **options)
+    except TypeError:
+        import inspect
+        accepted = [n for n in inspect.signature(EDMAugment).parameters if n != "p"]
+        unknown = sorted(set(options) - set(accepted))
+        raise ConfigError(f"unknown data.augment_options {', '.join(unknown)}: choose from "
+                          f"{', '.join(accepted)}") from None
+
+
 def _validate(cfg: RunConfig) -> None:
     o, opt, tr = cfg.objective, cfg.optim, cfg.train
     _choice("objective.kind", o.kind, OBJECTIVES)
@@ -267,6 +305,8 @@ def _validate(cfg: RunConfig) -> None:
         raise ConfigError(f"objective.kappa={o.kappa!r} must be < 1: the effective guidance "
                           "scale is omega / (1 - kappa)")
     _number("objective.label_drop", o.label_drop, lo=0, hi=1)
+    _choice("objective.r_eq_t_rows", o.r_eq_t_rows, ROW_CHOICES)
+    _choice("objective.label_drop_rows", o.label_drop_rows, ROW_CHOICES)
     if (not isinstance(o.t_interval, (list, tuple)) or len(o.t_interval) != 2
             or not all(isinstance(a, (int, float)) for a in o.t_interval)
             or not 0 <= o.t_interval[0] <= o.t_interval[1] <= 1):
@@ -281,7 +321,8 @@ def _validate(cfg: RunConfig) -> None:
         raise ConfigError("data.class_conditional must be true or false")
     _jvp_attention(cfg.model.jvp_attention)
     for section, value in (("model.options", cfg.model.options),
-                           ("data.options", cfg.data.options)):
+                           ("data.options", cfg.data.options),
+                           ("data.augment_options", cfg.data.augment_options)):
         if not isinstance(value, dict):
             raise ConfigError(f"{section} must be a mapping of keyword arguments")
     _number("optim.lr", opt.lr, lo=0, lo_open=True)
@@ -310,8 +351,12 @@ def _validate(cfg: RunConfig) -> None:
     _choice("train.amp", tr.amp, AMP_MODES)
     _choice("objective.jvp_precision", o.jvp_precision, JVP_PRECISIONS)
     _choice("objective.tangent", o.tangent, tuple(TANGENTS))
-    if not isinstance(tr.compile, bool):
-        raise ConfigError("train.compile must be true or false")
+    if not isinstance(tr.compile, bool) and tr.compile != "auto":
+        raise ConfigError(f"train.compile={tr.compile!r} must be true, false or auto (on for "
+                          "CUDA devices)")
+    if not isinstance(tr.tf32, bool):
+        raise ConfigError("train.tf32 must be true or false")
+    _number("train.ema_every", tr.ema_every, lo=1, integer=True)
     if not isinstance(tr.fsdp, bool):
         raise ConfigError("train.fsdp must be true or false")
     if tr.fsdp and tr.compile:
@@ -334,6 +379,8 @@ def _validate(cfg: RunConfig) -> None:
         raise ConfigError("train.fid_every > 0 needs train.fid_ref: make reference statistics "
                           "with `meanflow fid ref DATA -o stats.npz` and set train.fid_ref")
     _number("data.augment", cfg.data.augment, lo=0, hi=1)
+    _choice("data.order", cfg.data.order, DATA_ORDERS)
+    _augment_options(cfg.data.augment, cfg.data.augment_options)
     _number("train.seed", tr.seed, lo=0, integer=True)
     _number("train.log_every", tr.log_every, lo=1, integer=True)
     _number("train.checkpoint_every", tr.checkpoint_every, lo=1, integer=True)
