@@ -1,6 +1,10 @@
 """Parameter counts of the registered backbones at the sizes the README quotes.
 
-Models are built on the meta device, so even XL/2 costs no memory or time.
+Models are built on the meta device, so even XL/2 costs no memory or time. The U-Nets are
+also broken down by part: the mapping network, the input convolution, the encoder and
+decoder blocks by the resolution they output, and the output layers. The official CIFAR-10
+network (py-meanflow's SongUNet with its scripts' settings) has 55,932,419 parameters with
+its 6-wide augmentation label (docs/fidelity.md).
 
     python benchmarks/param_counts.py
 """
@@ -12,11 +16,14 @@ import torch
 from meanflow.demo import demo_config
 from meanflow.models import build_model
 
-# (name, options, the paper's count in millions where it gives one)
+OFFICIAL_CIFAR10 = 55_932_419
+
+# (name, options, the reference count in millions: the paper's, or the official network's)
 CASES = [
     ("mlp", dict(demo_config("meanflow", 1).model.options, dim=2), None),  # the demo's MLP
     ("unet-small", {"in_channels": 1, "input_size": 28}, None),
-    ("unet-cifar10", {"in_channels": 3, "input_size": 32}, 55),
+    ("unet-cifar10", {"in_channels": 3, "input_size": 32, "augment_dim": 6}, 55.932419),
+    ("unet-cifar10", {"in_channels": 3, "input_size": 32}, None),
     *[(f"dit-{s}", {"in_channels": 4, "input_size": 32, "num_classes": 1000}, m)
       for s, m in (("b/4", 131), ("b/2", 131), ("m/2", 308), ("l/2", 459), ("xl/2", 676))],
 ]
@@ -26,16 +33,46 @@ def count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def unet_parts(net: torch.nn.Module) -> dict[str, int]:
+    """Parameters per part of a meanflow U-Net; blocks by the resolution they output."""
+    res = {}
+    hooks = [block.register_forward_hook(lambda m, i, o: res.__setitem__(m, o.shape[-1]))
+             for block in [*net.encoder, *net.decoder]]
+    cfg = net.cfg
+    z = torch.empty(1, cfg.in_channels, cfg.input_size, cfg.input_size, device="meta")
+    net(z, torch.empty(1, device="meta"), torch.empty(1, device="meta"))
+    for hook in hooks:
+        hook.remove()
+    parts = {"mapping": sum(count(m) for n, m in net.named_children() if n.startswith("map_")),
+             "conv_in": count(net.conv_in)}
+    for side, blocks in (("encoder", net.encoder), ("decoder", net.decoder)):
+        for block in blocks:
+            key = f"{side} {res[block]}x{res[block]}"
+            parts[key] = parts.get(key, 0) + count(block)
+    parts["output"] = count(net.norm_out) + count(net.conv_out)
+    return parts
+
+
 def main() -> None:
-    print(f"{'model':14s} {'parameters':>14s} {'paper':>8s} {'diff':>8s}   of which t+h embedders")
+    print(f"{'model':14s} {'options':28s} {'parameters':>14s} {'ref.':>10s} {'diff':>8s}")
+    breakdowns = []
     for name, options, paper in CASES:
         with torch.device("meta"):
             net = build_model(name, **options)
         n = count(net)
-        emb = count(net.t_embed) + count(net.h_embed)
-        ref = f"{paper}M" if paper else "-"
+        extra = ", ".join(f"{k}={v}" for k, v in options.items()
+                          if k not in ("in_channels", "input_size", "dim"))
+        ref = f"{paper:g}M" if paper else "-"
         diff = f"{(n / (paper * 1e6) - 1) * 100:+.2f}%" if paper else "-"
-        print(f"{name:14s} {n:14,d} {ref:>8s} {diff:>8s}   {emb:,d}")
+        print(f"{name:14s} {extra[:28]:28s} {n:14,d} {ref:>10s} {diff:>8s}")
+        if name.startswith("unet-") and "augment_dim" in options:
+            breakdowns.append((name, options, net, n))
+    for name, options, net, n in breakdowns:
+        print(f"\n{name} ({', '.join(f'{k}={v}' for k, v in options.items())}), by part:")
+        for part, k in unet_parts(net).items():
+            print(f"  {part:18s} {k:12,d}")
+        print(f"  {'total':18s} {n:12,d}   official network: {OFFICIAL_CIFAR10:,d} "
+              f"({'equal' if n == OFFICIAL_CIFAR10 else 'DIFFERENT'})")
 
 
 if __name__ == "__main__":

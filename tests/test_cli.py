@@ -484,7 +484,7 @@ def image_run(tmp_path_factory) -> Path:
     assert cli("train", "--out", out, "--steps", 2, "--data", data, "--model", "unet-small",
                "--class-conditional", "--batch-size", 6,
                "--set", "model.options={channels: 8, channel_mult: [1, 2], blocks_per_res: 1, "
-               "attn_resolutions: [], emb_dim: 16}",
+               "attn_resolutions: [], emb_mult: 2}",
                "--set", "train.progress=false", "--set", "train.sample_count=0") == 0
     return out
 

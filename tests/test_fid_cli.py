@@ -57,7 +57,7 @@ def test_calc_from_a_run_records_what_it_measured(images, tmp_path):
     assert cli("train", "--out", run, "--steps", 2, "--data", root / "imgs.npz",
                "--model", "unet-small", "--batch-size", 8,
                "--set", "model.options={channels: 8, channel_mult: [1, 2], blocks_per_res: 1, "
-               "attn_resolutions: [], emb_dim: 16}",
+               "attn_resolutions: [], emb_mult: 2}",
                "--set", "train.progress=false", "--set", "train.sample_count=0") == 0
     out = tmp_path / "fid.json"
     assert cli("fid", "calc", run, "--ref", root / "ref.npz", "--n", 8, "--steps", 2,

@@ -63,6 +63,24 @@ def test_group_norm_gradients_and_vmap():
     torch.testing.assert_close(batched, group_norm(x, 2, w, b, 1e-6))
 
 
+def test_group_norm_gradients_of_a_channels_last_input_in_a_joint_pass():
+    """A channels-last input (as the sum of a transposed attention output and a feature map
+    can be) gets F.group_norm's gradients in a joint pass with a tangent; without the
+    contiguous copy, native_group_norm_backward read it in the wrong order."""
+    x = (_rand(2, 8, 4, 4) * 3 - 1).to(memory_format=torch.channels_last)
+    assert not x.is_contiguous()
+    w, b = _rand(8, seed=1), _rand(8, seed=2)
+    g = _rand(2, 8, 4, 4, seed=3)
+    params = [w.clone().requires_grad_(), b.clone().requires_grad_()]
+    xs = x.clone().requires_grad_()
+    ref = torch.autograd.grad((F.group_norm(xs, 2, *params, 1e-6) * g).sum(), [xs, *params])
+    out, _ = torch.func.jvp(lambda a: group_norm(a, 2, *params, 1e-6), (xs,),
+                            (torch.ones_like(x),))
+    got = torch.autograd.grad((out * g).sum(), [xs, *params])
+    for a, r in zip(got, ref):
+        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12)
+
+
 # ----------------------------------------------------------------------------- attention
 @pytest.mark.parametrize("engine", ["func", "forward_ad"])
 @pytest.mark.parametrize("tokens,chunk", [(1, None), (16, 5), (64, None), (64, 7), (257, 32)])

@@ -292,8 +292,12 @@ class _GroupNormFn(torch.autograd.Function):
 
 def group_norm(x: Tensor, groups: int, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
     """``F.group_norm(x, groups, weight, bias, eps)`` with the lean forward-AD rule of
-    :class:`_GroupNormFn` (affine included; weight and bias are required)."""
-    return _GroupNormFn.apply(x, weight, bias, groups, eps)[0]
+    :class:`_GroupNormFn` (affine included; weight and bias are required).
+
+    ``x`` is made contiguous first: ``native_group_norm_backward`` reads a channels-last
+    input (e.g. the sum of a transposed attention output and a feature map) as if it were
+    contiguous and returns wrong gradients without an error."""
+    return _GroupNormFn.apply(x.contiguous(), weight, bias, groups, eps)[0]
 
 
 class _LayerNormFn(torch.autograd.Function):
