@@ -65,7 +65,8 @@ def test_seeded_generator_reproduces_the_loss(tiny_mlp):
 def test_invalid_arguments(tiny_mlp):
     """Unknown samplers, bad label_drop / num_classes, out-of-range t and bad noise raise."""
     for kwargs in [dict(time_sampler="v1"), dict(time_sampler="foo"), dict(label_drop=1.5),
-                   dict(num_classes=0)]:
+                   dict(num_classes=0), dict(label_drop_rows="last"),
+                   dict(label_drop_rows=None)]:
         with pytest.raises(ConfigError):
             FlowMatchingLoss(**kwargs)
     net = tiny_mlp()
@@ -74,3 +75,35 @@ def test_invalid_arguments(tiny_mlp):
                    dict(e=torch.randn(4, 3, dtype=F64))]:
         with pytest.raises(ConfigError):
             FlowMatchingLoss()(net, x, **kwargs)
+
+
+def test_first_label_drop_layout_drops_a_prefix(tiny_mlp):
+    """label_drop_rows="first": the net sees the null class on a prefix of the batch whose
+    length is the count the per-sample layout drops with the same generator; the loss is
+    ||v_θ(z_t, t | y_inp) - v||² with those labels, and the default layout is "random"."""
+    B, K = 32, 3
+    net = tiny_mlp(num_classes=K)
+    seen = []
+
+    def spy(z, t, h, y=None):
+        seen.append(y.clone())
+        return net(z, t, h, y)
+
+    x = torch.randn(B, 2, generator=gen(6), dtype=F64)
+    y = torch.arange(B) % K
+    first = FlowMatchingLoss(num_classes=K, label_drop=0.3, label_drop_rows="first")
+    per_sample = FlowMatchingLoss(num_classes=K, label_drop=0.3)
+    assert per_sample.label_drop_rows == "random"
+    for seed in range(5):
+        loss, _ = first(spy, x, y, generator=gen(seed))
+        y_first = seen[-1]
+        per_sample(spy, x, y, generator=gen(seed))
+        n = int((seen[-1] == K).sum())
+        assert 0 < n < B and torch.equal(y_first == K, torch.arange(B) < n)
+        assert torch.equal(y_first[n:], y[n:])
+        g = gen(seed)
+        t = first.sampler.sample_t(B, generator=g).to(F64)
+        e = torch.randn(x.shape, generator=g, dtype=F64)
+        z = (1 - t[:, None]) * x + t[:, None] * e
+        expected = (net(z, t, torch.zeros_like(t), y_first) - (e - x)).pow(2).sum(1)
+        torch.testing.assert_close(loss, expected, atol=0, rtol=1e-14)

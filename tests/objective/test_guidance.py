@@ -8,11 +8,16 @@ t_interval. Checked by hand on nets whose output is a known function of the labe
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pytest
 import torch
 from torch import Tensor, nn
 
-from meanflow import JVP_STRATEGIES, ConfigError, MeanFlowLoss, guided_velocity
+from meanflow import (JVP_STRATEGIES, ConfigError, FlowMatchingLoss, MeanFlowLoss,
+                      guided_velocity)
+from meanflow.objective.meanflow_loss import drop_labels
 
 F64 = torch.float64
 K = 3        # classes; the null class is index K
@@ -259,3 +264,173 @@ def test_invalid_labels():
             loss_fn(net, x, bad, r=r, t=t, e=e)
     with pytest.raises(ConfigError):  # r > t given by hand (r and t swapped)
         loss_fn(net, x, y, r=t, t=r, e=e)
+
+
+# ------------------------------------------ label-dropout layouts ("random" / "first", JAX)
+
+def test_drop_labels_random_layout_is_unchanged():
+    """rows="random" (the default) drops label i where u_i < prob for B uniforms u drawn from
+    the generator, exactly as before the layouts existed; the generator advances by B."""
+    y = torch.arange(40) % K
+    for prob in (0.0, 0.1, 0.5, 1.0):
+        for layout in ({}, {"rows": "random"}):
+            g, ref = torch.Generator().manual_seed(20), torch.Generator().manual_seed(20)
+            labels, dropped = drop_labels(y, prob, NULL, g, **layout)
+            expected = torch.rand(40, generator=ref) < prob
+            assert torch.equal(dropped, expected)
+            assert torch.equal(labels, torch.where(expected, torch.full_like(y, NULL), y))
+            assert torch.equal(g.get_state(), ref.get_state())
+
+
+@pytest.mark.parametrize("B,prob", [(1, 0.5), (7, 0.3), (32, 0.1), (32, 0.5), (33, 0.9)])
+def test_drop_labels_first_layout_drops_a_prefix_of_the_same_count(B, prob):
+    """rows="first": from the same B uniforms, the count n = #(u < prob) equals the count of the
+    "random" layout, and the dropped rows are exactly rows [0, n); other labels are kept."""
+    y = torch.arange(B) % K
+    for seed in range(30):
+        labels, dropped = drop_labels(y, prob, NULL, torch.Generator().manual_seed(seed),
+                                      rows="first")
+        _, per_sample = drop_labels(y, prob, NULL, torch.Generator().manual_seed(seed))
+        n = int(per_sample.sum())
+        assert torch.equal(dropped, torch.arange(B) < n)
+        assert bool((labels[:n] == NULL).all()) and torch.equal(labels[n:], y[n:])
+    for prob, n in [(0.0, 0), (1.0, B)]:
+        _, dropped = drop_labels(y, prob, NULL, torch.Generator().manual_seed(0), rows="first")
+        assert int(dropped.sum()) == n
+
+
+@pytest.mark.parametrize("B,prob", [(7, 0.3), (32, 0.1)])
+def test_drop_labels_first_layout_count_is_binomial(B, prob):
+    """The number of dropped labels per batch follows Binomial(B, prob): chi-square test over
+    8000 batches (bins with expected count < 5 merged into the tails), and mean B·p and variance
+    B·p·(1 - p) within 5 standard errors."""
+    from scipy.stats import binom, chisquare
+    batches = 8000
+    g = torch.Generator().manual_seed(21)
+    y = torch.zeros(B, dtype=torch.long)
+    counts = np.array([int(drop_labels(y, prob, NULL, g, rows="first")[1].sum())
+                       for _ in range(batches)])
+    expected = binom.pmf(np.arange(B + 1), B, prob) * batches
+    observed = np.bincount(counts, minlength=B + 1).astype(float)
+    small = expected < 5
+    keep = ~small
+    obs = np.append(observed[keep], observed[small].sum())
+    exp = np.append(expected[keep], expected[small].sum())
+    assert chisquare(obs, exp * obs.sum() / exp.sum()).pvalue > 1e-3
+    mean, var = B * prob, B * prob * (1 - prob)
+    assert abs(counts.mean() - mean) <= 5 * math.sqrt(var / batches)
+    # the variance of a sample variance: (mu4 - var²·(n-3)/(n-1)) / n, mu4 of the binomial
+    mu4 = var * (1 + 3 * (B - 2) * prob * (1 - prob))
+    assert abs(counts.var(ddof=1) - var) <= 5 * math.sqrt((mu4 - var ** 2) / batches)
+    # power: a layout that dropped a fixed round(B·p) rows would fail the variance check
+    assert abs(0.0 - var) > 5 * math.sqrt((mu4 - var ** 2) / batches)
+
+
+@pytest.mark.parametrize("value", ["last", "First", None])
+def test_invalid_label_drop_rows(value):
+    """Unknown layouts raise a one-line ConfigError in drop_labels and both losses."""
+    calls = [lambda: drop_labels(torch.zeros(4, dtype=torch.long), 0.1, NULL, rows=value),
+             lambda: MeanFlowLoss(num_classes=K, label_drop_rows=value),
+             lambda: MeanFlowLoss(num_classes=K, r_eq_t_rows=value),
+             lambda: FlowMatchingLoss(num_classes=K, label_drop_rows=value)]
+    for call in calls:
+        with pytest.raises(ConfigError) as info:
+            call()
+        assert "\n" not in str(info.value) and "'first'" in str(info.value)
+
+
+def labelled_mlp(tiny_mlp):
+    """A small float64 MLP whose label embedding is large enough for labels to matter."""
+    net = tiny_mlp(num_classes=K, seed=3)
+    with torch.no_grad():
+        net.y_embed.table.weight.copy_(
+            torch.randn(net.y_embed.table.weight.shape, generator=torch.Generator()
+                        .manual_seed(4), dtype=F64))
+    return net
+
+
+def jax_layout_loss(net, x, y, seed: int, *, B: int, data_proportion: float, mu: float,
+                    sigma: float, prob: float, omega: float, kappa: float,
+                    t_start: float, t_end: float, p: float, c: float):
+    """The JAX ImageNet formulation re-derived step by step, drawing from a generator seeded
+    with ``seed`` in the library's order (two LN draws, noise e, B label uniforms):
+
+        t, r = max, min of two LN(mu, sigma) draws;  r := t on rows i < int(B·data_proportion)
+        z = (1 - t)x + te,  v = e - x
+        v_g = ω_t v + κ_t u(z, t, t | y) + (1 - ω_t - κ_t) u(z, t, t | ∅),
+              (ω_t, κ_t) = (ω, κ) for t in [t_start, t_end], else (1, 0)
+        n = #(u_i < prob);  rows i < n: label := ∅ and v_g := v
+        u, du/dt = JVP of net(z, t, t - r | y_inp) along (v_g, dt = 1, dr = 0)
+        u_tgt = sg(v_g - clip(t - r, 0, 1)·du/dt),  err = Σ (u - u_tgt)²,  loss = err/sg(err + c)^p
+
+    Returns (loss, r, t, drop mask)."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.sigmoid(mu + sigma * torch.randn(B, generator=g))
+    b = torch.sigmoid(mu + sigma * torch.randn(B, generator=g))
+    t, r = torch.maximum(a, b), torch.minimum(a, b)
+    zero_mask = torch.arange(B) < int(B * data_proportion)
+    r = torch.where(zero_mask, t, r)
+    t, r = t.to(F64), r.to(F64)
+    e = torch.randn(x.shape, generator=g, dtype=F64)
+    z = (1 - col(t, x)) * x + col(t, x) * e
+    v = e - x
+    with torch.no_grad():
+        h0 = torch.zeros_like(t)
+        v_uncond = net(z, t, h0, torch.full_like(y, NULL))
+        v_cond = net(z, t, h0, y)
+    inside = (t >= t_start) & (t <= t_end)
+    om = torch.where(inside, torch.tensor(omega, dtype=F64), torch.tensor(1.0, dtype=F64))
+    ka = torch.where(inside, torch.tensor(kappa, dtype=F64), torch.tensor(0.0, dtype=F64))
+    v_g = col(om, x) * v + (1 - col(om, x) - col(ka, x)) * v_uncond + col(ka, x) * v_cond
+    num_drop = (torch.rand(B, generator=g) < prob).sum()
+    drop = torch.arange(B) < num_drop
+    y_inp = torch.where(drop, torch.full_like(y, NULL), y)
+    v_g = torch.where(col(drop, x), v, v_g)
+    u, du_dt = torch.func.jvp(lambda z_, t_, r_: net(z_, t_, t_ - r_, y_inp), (z, t, r),
+                              (v_g, torch.ones_like(t), torch.zeros_like(r)))
+    u_tgt = (v_g - col((t - r).clamp(0.0, 1.0), x) * du_dt).detach()
+    err = (u - u_tgt).pow(2).flatten(1).sum(1)
+    return err / (err.detach() + c) ** p, r, t, drop
+
+
+@pytest.mark.parametrize("strategy", JVP_STRATEGIES)
+@pytest.mark.parametrize("prob,omega,kappa", [(0.1, 1.0, 0.0), (0.5, 1.5, 0.3), (0.3, 2.0, 0.0)])
+def test_both_first_layouts_match_the_jax_formulation(prob, omega, kappa, strategy, tiny_mlp):
+    """MeanFlowLoss(r_eq_t_rows="first", label_drop_rows="first") with its own draws equals the
+    JAX formulation re-derived by hand (float64, B = 32, f = 0.25: 24 leading r = t rows),
+    over several seeds; dropped rows are a prefix inside the r = t rows, the net's final
+    forward sees the null class exactly there, and h = 0 on the first 24 rows. Non-tautology:
+    the per-sample layouts give another loss for the same seed."""
+    B, f = 32, 0.25
+    net = labelled_mlp(tiny_mlp)
+    gx = torch.Generator().manual_seed(30)
+    x = torch.randn(B, 2, generator=gx, dtype=F64)
+    y = torch.randint(0, K, (B,), generator=gx)
+    settings = dict(mu=-0.4, sigma=1.0, omega=omega, kappa=kappa, p=1.0, c=1e-3)
+    loss_fn = MeanFlowLoss(**settings, fraction_r_neq_t=f, label_drop=prob, num_classes=K,
+                           t_interval=(0.2, 0.8), jvp=strategy, r_eq_t_rows="first",
+                           label_drop_rows="first")
+    calls = []
+
+    def spy(z_, t_, h_, y_=None):
+        if torch.is_grad_enabled():
+            calls.append((h_.detach().clone(), y_.clone()))
+        return net(z_, t_, h_, y_)
+
+    for seed in range(4):
+        calls.clear()
+        loss, stats = loss_fn(spy, x, y, generator=torch.Generator().manual_seed(seed))
+        expected, r, t, drop = jax_layout_loss(
+            net, x, y, seed, B=B, data_proportion=1 - f, prob=prob, t_start=0.2, t_end=0.8,
+            **settings)
+        torch.testing.assert_close(loss.detach(), expected.detach(), atol=1e-13, rtol=1e-11)
+        n = int(drop.sum())
+        assert n <= 24 and bool((r[:24] == t[:24]).all()) and bool((r[24:] < t[24:]).all())
+        h_final, y_final = calls[-1]
+        assert torch.equal(y_final == NULL, drop) and bool((h_final[:24] == 0).all())
+        assert bool((h_final[24:] > 0).all())
+        assert float(stats["frac_r_neq_t"]) == 0.25
+        other, _ = MeanFlowLoss(**settings, fraction_r_neq_t=f, label_drop=prob, num_classes=K,
+                                t_interval=(0.2, 0.8), jvp=strategy)(
+            net, x, y, generator=torch.Generator().manual_seed(seed))
+        assert float((other - loss).detach().abs().amax()) > 1e-6

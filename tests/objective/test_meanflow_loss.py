@@ -275,7 +275,10 @@ def test_weighted_loss_gradient(p, tiny_mlp):
 @pytest.mark.parametrize("kwargs", [dict(p=-0.5), dict(p=float("nan")), dict(c=0.0),
                                     dict(c=-1e-3), dict(label_drop=-0.1), dict(label_drop=1.1),
                                     dict(fraction_r_neq_t=1.5), dict(time_sampler="foo"),
-                                    dict(t_interval=(0.8, 0.2)), dict(num_classes=0)])
+                                    dict(t_interval=(0.8, 0.2)), dict(num_classes=0),
+                                    dict(r_eq_t_rows="last"), dict(r_eq_t_rows=None),
+                                    dict(label_drop_rows="prefix"),
+                                    dict(label_drop_rows="First")])
 def test_invalid_loss_configuration(kwargs):
     """Out-of-range settings raise ConfigError at construction."""
     with pytest.raises(ConfigError):
@@ -302,3 +305,73 @@ def test_invalid_times_and_noise(tiny_mlp):
         average_velocity(net, x, t + 0.1, t)
     with pytest.raises(ConfigError):
         average_velocity(net, x, t[:2], t[:2])
+
+
+# ------------------------------------------------- batch layouts ("random" / "first", JAX)
+
+LAYOUTS = [("random", "random"), ("first", "random"), ("random", "first"), ("first", "first")]
+
+
+@pytest.mark.parametrize("B,fraction,n_eq", [(32, 0.25, 24), (7, 0.75, 1), (7, 0.25, 5),
+                                             (8, 0.0, 8), (8, 1.0, 0), (10, 0.9, 1)])
+def test_first_layout_frac_r_neq_t_stat_is_exact(B, fraction, n_eq, tiny_mlp):
+    """Under r_eq_t_rows="first" the logged frac_r_neq_t is exactly (B - n_eq)/B in every
+    step, and the net's final forward sees h = 0 on rows [0, n_eq) and h > 0 after."""
+    net = tiny_mlp()
+    calls = []
+
+    def spy(z, t, h, y=None):
+        if torch.is_grad_enabled():
+            calls.append(h.detach().clone())
+        return net(z, t, h, y)
+
+    loss_fn = MeanFlowLoss(fraction_r_neq_t=fraction, r_eq_t_rows="first")
+    assert loss_fn.r_eq_t_rows == "first"
+    x = torch.randn(B, 2, generator=gen(40), dtype=F64)
+    for seed in range(5):
+        _, stats = loss_fn(spy, x, generator=gen(seed))
+        assert float(stats["frac_r_neq_t"]) == float(torch.tensor((B - n_eq) / B))
+        assert round(float(stats["frac_r_neq_t"]) * B) == B - n_eq
+        assert bool((calls[-1][:n_eq] == 0).all()) and bool((calls[-1][n_eq:] > 0).all())
+
+
+@pytest.mark.parametrize("r_rows,drop_rows", LAYOUTS)
+def test_layouts_keep_the_order_of_the_random_draws(r_rows, drop_rows, tiny_mlp):
+    """Every layout draws, in order: the two time draws, the per-sample keep uniforms (only
+    for r_eq_t_rows="random"), the noise e, then B label uniforms. So the generator ends where
+    a hand replay of that sequence ends, and the loss equals the one given (r, t, e) drawn by
+    the sampler then e, as the compiled training step does, with the same generator."""
+    B = 12
+    net = tiny_mlp(num_classes=3)
+    x = torch.randn(B, 2, generator=gen(41), dtype=F64)
+    y = torch.arange(B) % 3
+    loss_fn = MeanFlowLoss(fraction_r_neq_t=0.5, label_drop=0.4, num_classes=3,
+                           r_eq_t_rows=r_rows, label_drop_rows=drop_rows)
+    g = gen(42)
+    loss, _ = loss_fn(net, x, y, generator=g)
+    ref = gen(42)
+    torch.randn(B, generator=ref), torch.randn(B, generator=ref)
+    if r_rows == "random":
+        torch.rand(B, generator=ref)
+    torch.randn(B, 2, generator=ref, dtype=F64)
+    torch.rand(B, generator=ref)
+    assert torch.equal(g.get_state(), ref.get_state())
+    g2 = gen(42)
+    r, t = loss_fn.sampler(B, x.device, g2)
+    e = torch.randn(x.shape, generator=g2, dtype=F64)
+    loss2, _ = loss_fn(net, x, y, generator=g2, r=r.to(F64), t=t.to(F64), e=e)
+    assert torch.equal(loss, loss2)
+
+
+def test_default_layouts_are_the_per_sample_ones(tiny_mlp):
+    """The defaults are "random" for both layouts, bit for bit."""
+    net = tiny_mlp(num_classes=3)
+    x = torch.randn(16, 2, generator=gen(43), dtype=F64)
+    y = torch.arange(16) % 3
+    default = MeanFlowLoss(num_classes=3, label_drop=0.3)
+    explicit = MeanFlowLoss(num_classes=3, label_drop=0.3, r_eq_t_rows="random",
+                            label_drop_rows="random")
+    assert default.r_eq_t_rows == "random" and default.label_drop_rows == "random"
+    a, _ = default(net, x, y, generator=gen(44))
+    b, _ = explicit(net, x, y, generator=gen(44))
+    assert torch.equal(a, b)

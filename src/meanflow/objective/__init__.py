@@ -4,8 +4,8 @@ from meanflow.objective.flow_matching import FlowMatchingLoss
 from meanflow.objective.jvp import JVP_STRATEGIES, time_derivative, u_and_dudt
 from meanflow.objective.meanflow_loss import (MeanFlowLoss, adaptive_weight, average_velocity,
                                               guided_velocity)
-from meanflow.objective.time_sampler import TIME_SAMPLERS, TimeSampler
+from meanflow.objective.time_sampler import ROW_LAYOUTS, TIME_SAMPLERS, TimeSampler
 
-__all__ = ["MeanFlowLoss", "FlowMatchingLoss", "TimeSampler", "TIME_SAMPLERS", "JVP_STRATEGIES",
-           "time_derivative", "u_and_dudt", "average_velocity", "guided_velocity",
-           "adaptive_weight"]
+__all__ = ["MeanFlowLoss", "FlowMatchingLoss", "TimeSampler", "TIME_SAMPLERS", "ROW_LAYOUTS",
+           "JVP_STRATEGIES", "time_derivative", "u_and_dudt", "average_velocity",
+           "guided_velocity", "adaptive_weight"]

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from meanflow.errors import ConfigError
 from meanflow.objective.meanflow_loss import check_batch, check_output, drop_labels, expand_like
-from meanflow.objective.time_sampler import TimeSampler
+from meanflow.objective.time_sampler import TimeSampler, check_row_layout
 
 __all__ = ["FlowMatchingLoss"]
 
@@ -26,11 +26,15 @@ class FlowMatchingLoss:
         mu, sigma    = -0.4, 1.0
         label_drop   = 0.1             # for class-conditional models (null class = num_classes)
         num_classes  = None
+        label_drop_rows = "random"     # "random": each label alone; "first": a
+                                       # Binomial(B, label_drop) count of leading rows (JAX)
+
+    The random draws come in the order t, noise e, label-dropout uniforms.
     """
 
     def __init__(self, *, time_sampler: str = "logit_normal", mu: float = -0.4,
                  sigma: float = 1.0, label_drop: float = 0.1,
-                 num_classes: int | None = None) -> None:
+                 num_classes: int | None = None, label_drop_rows: str = "random") -> None:
         if time_sampler not in ("logit_normal", "uniform"):
             raise ConfigError(f"flow matching samples t with 'logit_normal' or 'uniform', got "
                               f"{time_sampler!r}")
@@ -39,7 +43,9 @@ class FlowMatchingLoss:
             raise ConfigError(f"label_drop={label_drop!r} is outside [0, 1]: use e.g. 0.1")
         if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
             raise ConfigError(f"num_classes={num_classes!r} must be a positive integer or None")
+        check_row_layout("label_drop_rows", label_drop_rows)
         self.label_drop = float(label_drop)
+        self.label_drop_rows = label_drop_rows
         self.num_classes = num_classes
 
     def __call__(self, net: Callable[..., Tensor], x: Tensor, y: Tensor | None = None, *,
@@ -58,7 +64,8 @@ class FlowMatchingLoss:
         elif e.shape != x.shape:
             raise ConfigError(f"noise e must have the shape of x {tuple(x.shape)}")
         if self.num_classes is not None:
-            y, _ = drop_labels(y, self.label_drop, self.num_classes, generator)
+            y, _ = drop_labels(y, self.label_drop, self.num_classes, generator,
+                               self.label_drop_rows)
         tt = expand_like(t, x)
         z = (1 - tt) * x + tt * e
         v = e - x

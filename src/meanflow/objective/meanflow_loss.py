@@ -23,7 +23,7 @@ from torch import Tensor
 
 from meanflow.errors import ConfigError
 from meanflow.objective.jvp import check_strategy, check_tangent, u_and_dudt
-from meanflow.objective.time_sampler import TimeSampler
+from meanflow.objective.time_sampler import TimeSampler, check_row_layout
 
 __all__ = ["MeanFlowLoss", "average_velocity", "guided_velocity", "adaptive_weight",
            "drop_labels", "check_batch", "check_output", "expand_like"]
@@ -91,11 +91,22 @@ def adaptive_weight(err: Tensor, p: float, c: float) -> Tensor:
 
 
 def drop_labels(y: Tensor, prob: float, null_class: int,
-                generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-    """Replaces each label by ``null_class`` with probability ``prob``.
+                generator: torch.Generator | None = None,
+                rows: str = "random") -> tuple[Tensor, Tensor]:
+    """Replaces labels y (B,) by ``null_class``: class dropout for classifier-free guidance.
+
+    Both layouts draw the same B uniforms u from ``generator``:
+
+    - ``rows="random"``: label i is dropped when u_i < prob, independently per sample;
+    - ``rows="first"``: n = #{i : u_i < prob} ~ Binomial(B, prob) labels are dropped, the first
+      n rows of the batch (the official JAX code). Combined with
+      ``TimeSampler(r_eq_t_rows="first")`` every dropped row is an r = t row whenever n <= n_eq.
 
     Returns (labels, dropped mask), both (B,)."""
+    check_row_layout("rows", rows)
     dropped = torch.rand(y.shape, device=y.device, generator=generator) < prob
+    if rows == "first":  # a tensor comparison, no host sync
+        dropped = torch.arange(y.shape[0], device=y.device) < dropped.sum()
     return torch.where(dropped, torch.full_like(y, null_class), y), dropped
 
 
@@ -133,15 +144,28 @@ class MeanFlowLoss:
         mu, sigma        = -0.4, 1.0       # LN(mu, sigma) for t and r (Tab. 1d best)
         mu_r, sigma_r    = -4.0, 1.6       # r's sampler, "v1" only
         fraction_r_neq_t = 0.25            # share of samples with r != t (Tab. 1a best)
+        r_eq_t_rows      = "random"        # which samples get r = t: "random" decides each
+                                           # one alone; "first" takes the first
+                                           # floor(B·(1 - fraction_r_neq_t)) rows, as the
+                                           # official JAX code does (see TimeSampler)
         p, c             = 1.0, 1e-3       # adaptive weight 1/(||Δ||²+c)^p (Tab. 1e; text's c)
         omega, kappa     = 1.0, 0.0        # guidance in the target; 1, 0 is none
         t_interval       = (0.0, 1.0)      # guidance only for t in [t_min, t_max]
         label_drop       = 0.1             # class dropout to the null class
+        label_drop_rows  = "random"        # "random": each label alone with prob. label_drop;
+                                           # "first": a Binomial(B, label_drop) count of
+                                           # leading rows, as the official JAX code does
+                                           # (see drop_labels)
         num_classes      = None            # None: unconditional; null class index = num_classes
         jvp              = "split"         # see meanflow.objective.jvp
         jvp_precision    = "fp32"          # under autocast: JVP in fp32, or "amp" (bf16 too)
         tangent          = "v01"           # JVP tangent (dz, dr, dt) = (v, 0, 1); others are
                                            # the wrong ones of Tab. 1b, for ablations only
+
+    With both layouts "first", dropped labels sit on r = t rows (as long as their count is at
+    most the number of r = t rows). Dropped rows always keep the plain v in the target. The
+    random draws come in the same order in every layout: (r, t), the noise e, then the B
+    label-dropout uniforms.
 
     ``stats`` holds detached scalars: ``loss`` (weighted), ``mse`` (mean raw ||Δ||²),
     ``u_minus_v`` (mean ||u_θ - v||² against the plain conditional velocity, comparable with a
@@ -155,9 +179,12 @@ class MeanFlowLoss:
                  omega: float = 1.0, kappa: float = 0.0,
                  t_interval: tuple[float, float] = (0.0, 1.0), label_drop: float = 0.1,
                  num_classes: int | None = None, jvp: str = "split",
-                 jvp_precision: str = "fp32", tangent: str = "v01") -> None:
+                 jvp_precision: str = "fp32", tangent: str = "v01",
+                 r_eq_t_rows: str = "random", label_drop_rows: str = "random") -> None:
         self.sampler = TimeSampler(kind=time_sampler, mu=mu, sigma=sigma, mu_r=mu_r,
-                                   sigma_r=sigma_r, fraction_r_neq_t=fraction_r_neq_t)
+                                   sigma_r=sigma_r, fraction_r_neq_t=fraction_r_neq_t,
+                                   r_eq_t_rows=r_eq_t_rows)
+        check_row_layout("label_drop_rows", label_drop_rows)
         if not (math.isfinite(p) and p >= 0):
             raise ConfigError(f"p={p!r} must be >= 0: use 0 for plain L2, 1 for the paper")
         if not (math.isfinite(c) and c > 0):
@@ -191,8 +218,14 @@ class MeanFlowLoss:
         self.omega, self.kappa = float(omega), float(kappa)
         self.t_interval = (t_min, t_max)
         self.label_drop = float(label_drop)
+        self.label_drop_rows = label_drop_rows
         self.num_classes = num_classes
         self.jvp = jvp
+
+    @property
+    def r_eq_t_rows(self) -> str:
+        """The sampler's layout of the r = t rows, "random" or "first"."""
+        return self.sampler.r_eq_t_rows
 
     @property
     def effective_guidance_scale(self) -> float:
@@ -241,7 +274,8 @@ class MeanFlowLoss:
 
         v_tilde = v
         if self.num_classes is not None:
-            y, dropped = drop_labels(y, self.label_drop, self.num_classes, generator)
+            y, dropped = drop_labels(y, self.label_drop, self.num_classes, generator,
+                                     self.label_drop_rows)
             t_min, t_max = self.t_interval
             apply = (~dropped) & (t >= t_min) & (t <= t_max)
             no_grad_net = net if jvp_net is None else jvp_net

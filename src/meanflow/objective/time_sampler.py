@@ -13,9 +13,20 @@ from torch import Tensor
 
 from meanflow.errors import ConfigError
 
-__all__ = ["TimeSampler", "TIME_SAMPLERS"]
+__all__ = ["TimeSampler", "TIME_SAMPLERS", "ROW_LAYOUTS", "check_row_layout"]
 
 TIME_SAMPLERS = ("logit_normal", "uniform", "v1")
+
+# Which rows of a batch get r = t (or a dropped label): "random" decides each sample on its own
+# (the official PyTorch code); "first" gives it to a prefix of the batch (the official JAX code).
+ROW_LAYOUTS = ("random", "first")
+
+
+def check_row_layout(name: str, value: object) -> None:
+    """Raises ConfigError unless ``value`` is one of :data:`ROW_LAYOUTS`."""
+    if not isinstance(value, str) or value not in ROW_LAYOUTS:
+        raise ConfigError(f"{name}={value!r}: choose 'random' (each sample decided on its own) "
+                          "or 'first' (the first rows of the batch, as in the official JAX code)")
 
 
 def _check_fraction(name: str, value: float) -> None:
@@ -33,8 +44,17 @@ class TimeSampler:
                         then r := min(r, t) (the improved CIFAR-10 sampler, not in the paper).
     mu, sigma        -- logit-normal parameters of t (and of r, except for "v1").
     mu_r, sigma_r    -- logit-normal parameters of r for "v1" only.
-    fraction_r_neq_t -- per-sample probability of keeping r != t; otherwise r := t. The paper's
+    fraction_r_neq_t -- share f of samples that keep r != t; the others get r := t. The paper's
                         ImageNet default is 0.25 (Tab. 1a); CIFAR-10 uses 0.75.
+    r_eq_t_rows      -- how the r := t samples are chosen:
+                        "random": each sample independently, keeping r != t with probability f
+                        (one extra uniform draw per sample; the official PyTorch code);
+                        "first": no extra draw; the first n_eq = floor(B·(1 - f)) rows of every
+                        batch of B get r := t and the rest keep their two draws (the official
+                        JAX ImageNet code). The share of r != t is then exactly (B - n_eq) / B.
+
+    The (r, t) draws themselves, and their order in the generator, do not depend on
+    ``r_eq_t_rows``.
     """
 
     kind: str = "logit_normal"
@@ -43,11 +63,13 @@ class TimeSampler:
     fraction_r_neq_t: float = 0.25
     mu_r: float = -4.0
     sigma_r: float = 1.6
+    r_eq_t_rows: str = "random"
 
     def __post_init__(self) -> None:
         if self.kind not in TIME_SAMPLERS:
             raise ConfigError(
                 f"unknown time sampler {self.kind!r}: choose one of {', '.join(TIME_SAMPLERS)}")
+        check_row_layout("r_eq_t_rows", self.r_eq_t_rows)
         _check_fraction("fraction_r_neq_t", self.fraction_r_neq_t)
         for name in ("sigma", "sigma_r"):
             value = getattr(self, name)
@@ -57,6 +79,13 @@ class TimeSampler:
         for name in ("mu", "mu_r"):
             if not math.isfinite(getattr(self, name)):
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be a finite number")
+
+    def num_r_eq_t(self, batch_size: int) -> int:
+        """n_eq = floor(batch_size·(1 - fraction_r_neq_t)), the number of leading rows with
+        r = t under ``r_eq_t_rows="first"``. A 1e-9 slack absorbs the rounding of 1 - f in
+        binary floating point (B = 10, f = 0.9 gives 1 row, not 0)."""
+        return max(0, min(batch_size,
+                          math.floor(batch_size * (1.0 - self.fraction_r_neq_t) + 1e-9)))
 
     def _draw(self, mu: float, sigma: float, n: int, device: torch.device,
               generator: torch.Generator | None) -> Tensor:
@@ -73,7 +102,8 @@ class TimeSampler:
 
     def __call__(self, batch_size: int, device: torch.device | str = "cpu",
                  generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        """Returns (r, t), each of shape (batch_size,), float32, with r <= t."""
+        """Returns (r, t), each of shape (batch_size,), float32, with r <= t. Under
+        ``r_eq_t_rows="first"`` rows [0, n_eq) have r = t, see :meth:`num_r_eq_t`."""
         device = torch.device(device)
         if self.kind == "v1":
             t = self._draw(self.mu, self.sigma, batch_size, device, generator)
@@ -82,6 +112,10 @@ class TimeSampler:
             a = self._draw(self.mu, self.sigma, batch_size, device, generator)
             b = self._draw(self.mu, self.sigma, batch_size, device, generator)
             t, r = torch.maximum(a, b), torch.minimum(a, b)
-        keep = torch.rand(batch_size, device=device, generator=generator) < self.fraction_r_neq_t
+        if self.r_eq_t_rows == "first":
+            keep = torch.arange(batch_size, device=device) >= self.num_r_eq_t(batch_size)
+        else:
+            keep = (torch.rand(batch_size, device=device, generator=generator)
+                    < self.fraction_r_neq_t)
         r = torch.where(keep, r, t)
         return torch.minimum(r, t), t
