@@ -54,7 +54,7 @@ WORLD = 2
 BATCH, ACCUM, SEED = 16, 2, 3
 TINY = {"width": 16, "depth": 1, "emb_dim": 8}
 TINY_UNET = {"channels": 8, "channel_mult": [1, 2], "blocks_per_res": 1,
-             "attn_resolutions": [], "emb_dim": 16, "dropout": 0.0}
+             "attn_resolutions": [], "dropout": 0.0}
 SAMPLE_SEEDS = list(range(100, 107))            # 7: an uneven split over 2 ranks
 VARIANTS = {                                     # name -> (objective, class-conditional)
     "split": ({"jvp": "split"}, False),
@@ -73,6 +73,30 @@ class F64:
 
     def batch(self, batch_size, generator):
         x, y = self.base.batch(batch_size, generator)
+        return x.double(), y
+
+
+class F64Points:
+    """40 fixed 2-D points in float64: a finite source (data.order "epochs" applies), which
+    records the indices the loop takes."""
+    taken: list = []
+
+    def __init__(self) -> None:
+        from meanflow.data import PointCloud
+        rng = np.random.default_rng(1)
+        self.base = PointCloud(torch.from_numpy(rng.normal(size=(40, 2)) * 2))
+        self.shape, self.num_classes = (2,), None
+
+    def __len__(self) -> int:
+        return 40
+
+    def batch(self, batch_size, generator):
+        x, y = self.base.batch(batch_size, generator)
+        return x.double(), y
+
+    def take(self, indices, generator):
+        F64Points.taken.append(indices.clone())
+        x, y = self.base.take(indices, generator)
         return x.double(), y
 
 
@@ -161,6 +185,9 @@ def _worker(rank: int, port: int, root: str) -> None:
             out[variant] = RecordingEMA.last
         train(make_config(4), root / "grow", resume=True, dataset=F64())   # 1 -> 2 ranks
         out["grow"] = RecordingEMA.last
+        F64Points.taken = []                     # data.order "epochs" on a finite source
+        train(make_config(4), root / "epochs", dataset=F64Points())
+        out["epochs_taken"] = F64Points.taken
 
         real_wrap = dist_.wrap_ddp               # the known bug: grad pass on .module
         dist_.wrap_ddp = lambda module, world, device: module
@@ -399,6 +426,22 @@ def test_resume_with_another_number_of_ranks(ranks):
     finally:
         loop.EMA = old
     assert max_rel_diff(RecordingEMA.last, reference("split", [WORLD] * 4 + [1, 1])) < 1e-10
+
+
+def test_epoch_order_gives_the_ranks_shares_of_the_one_process_batches(ranks, tmp_path):
+    """data.order "epochs" (40 points, global batch 16: 2 steps an epoch): at every step rank
+    r takes the contiguous half r of the global batch that one process takes, so the order of
+    the data does not depend on the number of ranks."""
+    from meanflow.data import EpochOrder
+    _, r0, r1 = ranks
+    F64Points.taken = []
+    train(make_config(4), tmp_path / "one", dataset=F64Points())
+    one = F64Points.taken
+    assert len(one) == len(r0["epochs_taken"]) == len(r1["epochs_taken"]) == 4
+    for k in range(4):
+        assert torch.equal(torch.cat([r0["epochs_taken"][k], r1["epochs_taken"][k]]), one[k])
+        assert torch.equal(one[k], EpochOrder(40, BATCH, SEED).indices(k))
+    assert len(set(torch.cat(one[:2]).tolist())) == 32          # one epoch: no repeats
 
 
 def test_sharded_sampling_equals_one_process(ranks):

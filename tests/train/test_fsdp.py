@@ -10,6 +10,7 @@ single-process references from tests/train/test_distributed.py:
   concatenated global batch (~1e-16), and the EMA and Adam state equal a DDP run's;
 - resuming an FSDP checkpoint in one process (no FSDP) continues that reference exactly, and an
   FSDP run resumes a one-process checkpoint exactly;
+- the periodic EMA update (``train.ema_every``) on the shards equals the DDP run's;
 - (slow) a tiny DiT (float32, sample PNGs from the gathered EMA) equals its DDP run to float
   precision;
 - forward_ad, compile and a single process are refused with one-line ConfigErrors.
@@ -70,6 +71,9 @@ def _worker(rank: int, port: int, root: str, more: bool) -> None:
             train(fsdp_config(4), root / "split", dataset=F64())
             train(fsdp_config(4, fsdp=False), root / "ddp", dataset=F64())    # the DDP twin
             train(fsdp_config(4), root / "grow", resume=True, dataset=F64())  # 1 -> 2 ranks
+            # the periodic EMA update (float64 arithmetic on the shards) and its DDP twin
+            train(fsdp_config(4, ema_every=2), root / "ema2", dataset=F64())
+            train(fsdp_config(4, fsdp=False, ema_every=2), root / "ema2-ddp", dataset=F64())
             return
         for name in MORE:
             train(fsdp_config(4, name), root / name, dataset=F64())
@@ -142,6 +146,16 @@ def test_fsdp_checkpoints_are_those_of_a_ddp_run(fsdp_ranks):
         assert got.keys() == want.keys()
         assert all(got[k].shape == want[k].shape for k in got)
         assert max_rel_diff(got, want) < 1e-10, part
+
+
+def test_periodic_ema_on_shards_equals_the_ddp_run(fsdp_ranks):
+    """train.ema_every = 2 on sharded weights: the gathered EMA equals the DDP run's, and
+    differs from the every-step EMA of the same training (the period was applied)."""
+    got, want = saved(fsdp_ranks / "ema2", 4, "ema"), saved(fsdp_ranks / "ema2-ddp", 4, "ema")
+    assert got.keys() == want.keys()
+    assert max_rel_diff(got, want) < 1e-10
+    assert max_rel_diff(saved(fsdp_ranks / "ema2", 4), saved(fsdp_ranks / "split", 4)) < 1e-10
+    assert max_rel_diff(got, saved(fsdp_ranks / "split", 4, "ema")) > 1e-6
 
 
 def test_resume_an_fsdp_checkpoint_in_one_process_and_vice_versa(fsdp_ranks, float64):

@@ -134,13 +134,17 @@ def test_training_changes_the_weights(tmp_path):
 
 
 def test_warmup_lr_is_logged(tmp_path):
-    """With warmup_steps=4 the logged lr rises linearly to optim.lr, then stays."""
+    """With warmup_steps=4 the logged lr (the one step k applied) rises linearly from
+    1e-8 at step 1 to optim.lr at step 5, then stays (the official LinearLR warm-up)."""
     cfg = make_config(6)
     cfg.optim.warmup_steps = 4
     run = tmp_path / "run"
     train(cfg, run)
     lrs = [r["lr"] for r in records(run)]
-    assert lrs == pytest.approx([cfg.optim.lr * k / 4 for k in (1, 2, 3, 4)] + [cfg.optim.lr] * 2)
+    lr, s = cfg.optim.lr, 1e-8 / cfg.optim.lr
+    assert lrs == pytest.approx([lr * (s + (1 - s) * i / 4) for i in range(4)] + [lr] * 2,
+                                rel=1e-12)
+    assert lrs[0] == pytest.approx(1e-8) and lrs[4:] == [lr, lr]
 
 
 def test_config_is_written_before_training(tmp_path):

@@ -20,7 +20,7 @@ from meanflow.train.loop import (WithAugmentLabels, check_compiled, check_config
                                  draw_times_and_noise, make_loss_call, total_steps, train)
 
 TINY_UNET = {"channels": 8, "channel_mult": [1, 2], "blocks_per_res": 1,
-             "attn_resolutions": [], "emb_dim": 16, "dropout": 0.0}
+             "attn_resolutions": [], "dropout": 0.0}
 
 
 def images_npz(tmp_path: Path, n: int = 40, size: int = 8, channels: int = 1) -> Path:
@@ -206,8 +206,9 @@ def test_length_in_epochs_and_images(tmp_path):
 
 
 def test_augmentation_labels_reach_the_unet(tmp_path):
-    """With data.augment the U-Net is built with augment_dim 9 and trains; the wrapper hands
-    each sample its own label, repeated for doubled (guidance) batches."""
+    """With data.augment the U-Net is built with augment_dim = the augmentation's label_dim
+    and trains; the wrapper hands each sample its own label, repeated for doubled (guidance)
+    batches."""
     seen = []
 
     def model(z, t, h, y=None, aug=None):
@@ -227,7 +228,9 @@ def test_augmentation_labels_reach_the_unet(tmp_path):
     from safetensors.torch import load_file
     weights = load_file(str(tmp_path / "run" / "checkpoints" / "step_0000003" /
                             "model.safetensors"))
-    assert weights["aug_embed.weight"].shape == (16, 9)
+    from meanflow.data import EDMAugment
+    aug = [w for name, w in weights.items() if "aug" in name]
+    assert len(aug) == 1 and aug[0].shape[1] == EDMAugment(p=0.5).label_dim
 
 
 def test_augmentation_needs_images_and_a_unet(tmp_path):
@@ -236,7 +239,7 @@ def test_augmentation_needs_images_and_a_unet(tmp_path):
     data = images_npz(tmp_path)
     with pytest.raises(ConfigError, match="only unet"):
         check_config(load_config(None, [f"data.name={data}", "data.augment=0.1",
-                                        "model.name=dit-s/4"]))
+                                        "model.name=dit-s/4", "train.batch_size=8"]))
 
 
 def test_missing_tensorboard_is_one_clear_error(tmp_path, monkeypatch):
@@ -259,14 +262,16 @@ def test_every_preset_is_a_valid_config(name, tmp_path):
     cfg = load_config(preset_path(name))
     assert cfg.objective.kind == "meanflow"
     if name.startswith("imagenet"):
-        # any .npz of latents with labels: the model is built (meta device) for its shape
+        # any .npz of latents with labels: the model is built (meta device) for its shape;
+        # one global batch of them, which data.order "epochs" needs at the least
         path = tmp_path / "latents.npz"
-        np.savez(path, x=np.zeros((4, 4, 32, 32), np.float32), y=np.arange(4) % 2)
+        n = cfg.train.batch_size
+        np.savez(path, x=np.zeros((n, 4, 32, 32), np.float32), y=np.arange(n) % 2)
         cfg = load_config(preset_path(name), [f"data.name={path}"])
         check_config(cfg)
         eff = cfg.objective.omega / (1 - cfg.objective.kappa)
-        assert eff == pytest.approx({"b4": 1.0, "b2": 2.0, "m2": 2.0, "l2": 2.5, "xl2": 2.5,
-                                     "xl2-plus": 2.0}[name.split("dit-")[1]])
+        assert eff == pytest.approx({"b4": 1.0, "b4-cfg": 2.0, "b2": 2.0, "m2": 2.0, "l2": 2.5,
+                                     "xl2": 2.5, "xl2-plus": 2.0}[name.split("dit-")[1]])
 
 
 def test_paper_numbers_in_the_cifar10_preset():

@@ -1,7 +1,10 @@
 """Datasets as *batch sources*: objects that draw batches from an explicit generator.
 
 The training loop seeds a :class:`torch.Generator` per step and asks the dataset for a batch,
-so resuming a run reproduces its batches exactly. :func:`build_dataset` turns a name (one of
+so resuming a run reproduces its batches exactly. Finite sources (:class:`FiniteSource`: every
+one but the endless 2-D toys) also give chosen samples with ``take``, which the loop uses to
+visit them epoch by epoch in the order of :class:`EpochOrder`. :func:`build_dataset` turns a
+name (one of
 :data:`TOY_DATASETS`, ``fashion-mnist``, ``cifar10``), a folder of images or a
 ``.npy``/``.npz``/``.csv`` path into a :class:`BatchSource`. :class:`EDMAugment` is the
 EDM-style geometric augmentation whose label the U-Net takes as a condition.
@@ -30,6 +33,9 @@ __all__ = [
     "FolderImages", "load_image_folder", "ArraySamples", "LatentShards",
     "EDMAugment",
     "BatchSource",
+    "FiniteSource",
+    "EpochOrder",
+    "epoch_seed",
     "TOY_DATASETS",
     "build_dataset",
     "EightGaussians",
@@ -43,6 +49,10 @@ __all__ = [
 @runtime_checkable
 class BatchSource(Protocol):
     """A dataset the training loop can draw batches from.
+
+    Every source has ``batch``: samples drawn with replacement (or, for the endless toy
+    distributions, fresh ones). A *finite* source of N samples also has ``__len__`` and
+    ``take(indices, generator)`` (:class:`FiniteSource`), which ``data.order: epochs`` needs.
 
     Attributes:
         shape: shape of one sample, e.g. ``(2,)``.
@@ -60,6 +70,86 @@ class BatchSource(Protocol):
             labels in ``[0, num_classes)``, or ``None`` when the data has no labels.
         """
         ...
+
+
+@runtime_checkable
+class FiniteSource(BatchSource, Protocol):
+    """A :class:`BatchSource` of ``len(source)`` samples that can give chosen ones.
+
+    ``take(indices, generator)`` returns the samples ``indices`` ((B,) integers in
+    ``[0, N)``, repeats allowed) in that order, in the format of ``batch``; ``generator`` is
+    the only source of their per-sample randomness (the random horizontal flips of an image
+    set with ``hflip``, a latent source's draw from each image's posterior), drawn in the
+    order of ``indices``, so the same indices and generator state give a bit-identical batch.
+    The built-in finite sources draw ``batch`` as ``take(randint(0, N, (B,)), generator)``
+    with the same generator.
+    """
+
+    def __len__(self) -> int:
+        ...
+
+    def take(self, indices: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor | None]:
+        ...
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A 63-bit seed for the permutation of ``epoch`` under the run seed ``seed``.
+
+    The training loop's per-step seeds with a rank of -1: never the seed of a step of a rank.
+    """
+    return ((seed * 1_000_003 - 1) * 1_000_000_007 + epoch) % (2 ** 63 - 1)
+
+
+class EpochOrder:
+    """The order in which ``data.order: epochs`` visits a finite source of ``size`` samples.
+
+    Global batches of ``batch_size`` (B) samples are taken without replacement: an epoch is
+    S = size // B steps, and step k (0-based, counted over the whole run) takes the samples
+    ``perm_e[(k % S) * B : (k % S + 1) * B]`` of epoch e = k // S, where ``perm_e`` is a
+    permutation of ``range(size)`` drawn from a generator seeded by (``seed``, e) only. The
+    last ``size - S * B`` samples of each permutation are dropped, a different tail each epoch
+    (as a distributed sampler with shuffling and a loader that drops the last batch). The
+    order is thus a function of (seed, size, B, k): the number of processes and where a run
+    was resumed change nothing; each process takes its contiguous slice of the global batch.
+
+    Raises:
+        ConfigError: when ``size < batch_size`` (not one whole batch per epoch).
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int) -> None:
+        if batch_size < 1 or size < batch_size:
+            raise ConfigError(f"an epoch of {size} samples holds no whole batch of "
+                              f"{batch_size}: lower the batch size, or draw with replacement "
+                              "(data.order=random)")
+        self.size, self.batch_size, self.seed = int(size), int(batch_size), int(seed)
+        #: Global batches per epoch, ``size // batch_size``.
+        self.steps_per_epoch: int = self.size // self.batch_size
+        self._cached: tuple[int, Tensor] | None = None
+
+    def position(self, step: int) -> tuple[int, int]:
+        """(epoch, batch within the epoch) of 0-based step ``step``."""
+        return divmod(int(step), self.steps_per_epoch)
+
+    def permutation(self, epoch: int) -> Tensor:
+        """The (size,) int64 permutation of epoch ``epoch`` (kept until another is asked)."""
+        if self._cached is None or self._cached[0] != epoch:
+            gen = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
+            self._cached = (epoch, torch.randperm(self.size, generator=gen))
+        return self._cached[1]
+
+    def indices(self, step: int, start: int = 0, stop: int | None = None) -> Tensor:
+        """Sample indices ``[start, stop)`` of the global batch of step ``step``: (stop - start,)
+        int64 (the whole global batch of B by default)."""
+        stop = self.batch_size if stop is None else stop
+        if not 0 <= start < stop <= self.batch_size:
+            raise ValueError(f"slice [{start}, {stop}) of a batch of {self.batch_size}")
+        epoch, i = self.position(step)
+        offset = i * self.batch_size
+        return self.permutation(epoch)[offset + start:offset + stop]
+
+    def __repr__(self) -> str:
+        return (f"EpochOrder(size={self.size}, batch_size={self.batch_size}, seed={self.seed}, "
+                f"steps_per_epoch={self.steps_per_epoch})")
 
 
 _TOY_REGISTRY: dict[str, type] = {

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from meanflow.data.points import PointCloud, _as_real_array, _check_magic, _refuse_load
-from meanflow.data.toy import _check_batch_args
+from meanflow.data.toy import _check_batch_args, _check_take_args
 from meanflow.errors import ConfigError, DataError
 
 __all__ = ["ArraySamples", "npz_sample_kind"]
@@ -54,7 +54,9 @@ def npz_sample_kind(path: str | os.PathLike[str], key: str = "x") -> str:
 
 
 class ArraySamples:
-    """N real-valued samples of shape S (any rank), optionally labelled, drawn with replacement.
+    """N real-valued samples of shape S (any rank), optionally labelled: a finite
+    :class:`~meanflow.data.BatchSource` (``take`` gives chosen samples, ``batch`` draws them
+    with replacement).
 
     Args:
         x: (N, *S) finite real values, stored as float32 on the CPU.
@@ -103,8 +105,16 @@ class ArraySamples:
         return self.data.shape[0]
 
     def batch(self, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor | None]:
+        """``batch_size`` samples drawn with replacement: (B, *S) float32 and (B,) labels or
+        None."""
         _check_batch_args(batch_size, generator)
         index = torch.randint(0, self.data.shape[0], (batch_size,), generator=generator)
+        return self.take(index, generator)
+
+    def take(self, indices: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor | None]:
+        """Samples ``indices`` (B,) times ``scale``: (B, *S) float32 and (B,) labels or None.
+        Nothing is random here; ``generator`` is taken for the protocol's sake."""
+        index = _check_take_args(indices, len(self), generator)
         x = self.data[index]
         if self.scale != 1.0:
             x = x * self.scale

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from meanflow.data.toy import _check_batch_args
+from meanflow.data.toy import _check_batch_args, _check_take_args
 from meanflow.errors import ConfigError, DataError
 
 __all__ = ["ImageArray", "FASHION_MNIST_ROOT", "CIFAR10_TRAIN", "CIFAR10_TEST"]
@@ -58,7 +58,9 @@ def _one_line(exc: BaseException) -> str:
 
 
 class ImageArray:
-    """``N`` images of shape ``(C, H, W)``, optionally labelled, drawn uniformly with replacement.
+    """``N`` images of shape ``(C, H, W)``, optionally labelled: a finite
+    :class:`~meanflow.data.BatchSource` (``take`` gives chosen images, ``batch`` draws them
+    uniformly with replacement).
 
     Images are stored as ``uint8`` and mapped per batch to float32 ``x / 127.5 - 1`` (so
     ``0 -> -1`` and ``255 -> 1``).
@@ -68,7 +70,7 @@ class ImageArray:
         labels: optional ``(N,)`` integer tensor of non-negative class labels; stored as int64.
             ``num_classes`` is ``max(labels) + 1``.
         hflip: if true, each drawn image is mirrored left-right with probability 1/2 (drawn
-            from the batch generator).
+            from the generator given to ``batch`` or ``take``).
 
     Raises:
         DataError: if a shape, dtype or label is invalid.
@@ -117,9 +119,20 @@ class ImageArray:
         """
         _check_batch_args(batch_size, generator)
         index = torch.randint(0, self.images.shape[0], (batch_size,), generator=generator)
+        return self.take(index, generator)
+
+    def take(self, indices: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor | None]:
+        """The images ``indices`` (B,) in that order, each mirrored with probability 1/2 when
+        ``hflip`` (the flips drawn from ``generator``).
+
+        Returns:
+            ``x`` of shape ``(B, C, H, W)`` float32 in ``[-1, 1]`` and ``y`` of shape ``(B,)``
+            int64, or ``None`` when there are no labels.
+        """
+        index = _check_take_args(indices, len(self), generator)
         x = self.images[index]
         if self.hflip:
-            flip = torch.randint(0, 2, (batch_size,), generator=generator).bool()
+            flip = torch.randint(0, 2, (index.shape[0],), generator=generator).bool()
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         y = None if self.labels is None else self.labels[index]
         return x.to(torch.float32) / 127.5 - 1.0, y

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from meanflow.data.toy import _check_batch_args
+from meanflow.data.toy import _check_batch_args, _check_take_args
 from meanflow.errors import ConfigError, DataError
 
 __all__ = ["LatentShards", "LATENT_FORMAT", "LATENT_VERSION", "INDEX_NAME", "shard_name",
@@ -203,7 +203,14 @@ class LatentShards:
         drawn from ``generator`` too; (B, C, h, w) float32 and (B,) labels or None."""
         _check_batch_args(batch_size, generator)
         index = torch.randint(0, len(self), (batch_size,), generator=generator)
-        noise = torch.randn((batch_size, *self.shape), generator=generator)
+        return self.take(index, generator)
+
+    def take(self, indices: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor | None]:
+        """``(mean + std * e) * scale`` of images ``indices`` (B,), e drawn from ``generator``
+        (also without ``sample_posterior``, which then uses ``mean``); (B, C, h, w) float32
+        and (B,) labels or None."""
+        index = _check_take_args(indices, len(self), generator)
+        noise = torch.randn((index.shape[0], *self.shape), generator=generator)
         mean, std = self.posterior(index)
         x = mean + std * noise if self.sample_posterior else mean
         return x * self.scale, None if self.labels is None else self.labels[index]

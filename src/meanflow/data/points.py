@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from meanflow.data.toy import _check_batch_args
+from meanflow.data.toy import _check_batch_args, _check_take_args
 from meanflow.errors import ConfigError, DataError
 
 __all__ = ["PointCloud", "POINT_FILE_SUFFIXES"]
@@ -43,7 +43,9 @@ def _as_real_array(array: np.ndarray, what: str) -> np.ndarray:
 
 
 class PointCloud:
-    """A fixed set of ``N`` points in ``D`` dimensions, optionally labelled, drawn with replacement.
+    """A fixed set of ``N`` points in ``D`` dimensions, optionally labelled: a finite
+    :class:`~meanflow.data.BatchSource` (``take`` gives chosen points, ``batch`` draws them
+    with replacement).
 
     Args:
         x: ``(N, D)`` points, ``N >= 2``, ``D >= 1``, real and finite; stored as float32 on CPU.
@@ -166,6 +168,12 @@ class PointCloud:
         """
         _check_batch_args(batch_size, generator)
         index = torch.randint(0, self.data.shape[0], (batch_size,), generator=generator)
+        return self.take(index, generator)
+
+    def take(self, indices: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor | None]:
+        """Points ``indices`` (B,): ``x`` (B, D) float32 and ``y`` (B,) int64 or ``None``.
+        Nothing is random here; ``generator`` is taken for the protocol's sake."""
+        index = _check_take_args(indices, len(self), generator)
         y = None if self.labels is None else self.labels[index]
         return self.data[index], y
 

@@ -4,6 +4,8 @@ Each class follows the :class:`meanflow.data.BatchSource` protocol: ``batch(batc
 generator)`` returns points ``x`` of shape ``(B, 2)`` (float32, CPU) and labels ``y`` of shape
 ``(B,)`` (int64) naming the mixture component or part a point was drawn from. All randomness
 comes from the given generator, so the same generator state gives a bit-identical batch.
+These sources are endless (no ``__len__``, no ``take``): every batch is fresh points, so
+``data.order`` does not apply to them.
 """
 
 from __future__ import annotations
@@ -22,6 +24,30 @@ def _check_batch_args(batch_size: int, generator: torch.Generator) -> None:
     """Raise :class:`ConfigError` unless ``batch_size`` >= 1 and ``generator`` is a CPU one."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be a positive int, got {batch_size!r}; pass e.g. 256")
+    _check_generator(generator)
+
+
+def _check_take_args(indices: Tensor, size: int, generator: torch.Generator) -> Tensor:
+    """The ``indices`` of a ``take`` as a ``(B,)`` int64 CPU tensor; :class:`ConfigError`
+    unless they are a non-empty 1-D integer tensor with values in ``[0, size)`` and
+    ``generator`` is a CPU generator."""
+    if (not isinstance(indices, Tensor) or indices.dim() != 1 or indices.numel() < 1
+            or indices.is_floating_point() or indices.is_complex()
+            or indices.dtype == torch.bool):
+        shape = tuple(indices.shape) if isinstance(indices, Tensor) else type(indices).__name__
+        raise ConfigError(f"indices must be a non-empty 1-D integer tensor, got {shape}; "
+                          "pass e.g. torch.arange(16)")
+    _check_generator(generator)
+    index = indices.to("cpu", torch.int64)
+    low, high = int(index.min()), int(index.max())
+    if low < 0 or high >= size:
+        raise ConfigError(f"indices {low}..{high} fall outside the {size} samples: pass "
+                          f"indices in [0, {size})")
+    return index
+
+
+def _check_generator(generator: torch.Generator) -> None:
+    """Raise :class:`ConfigError` unless ``generator`` is a CPU :class:`torch.Generator`."""
     if not isinstance(generator, torch.Generator):
         raise ConfigError(
             f"generator must be a torch.Generator, got {type(generator).__name__}; "

@@ -5,8 +5,10 @@ Layout of one checkpoint folder ``checkpoints/step_000100/``:
     model.safetensors       training weights
     ema.safetensors         every EMA copy, keys ``ema_<decay>.<param>``
     optimizer.safetensors   the optimiser's per-parameter tensors, keys ``<index>.<name>``
-    state.json              step, optimiser scalars, config, library version, and the SHA-256 of
-                            each tensor file (a truncated or tampered file is refused)
+    state.json              step, optimiser scalars, config, library version, where the data
+                            order stands (``data_position``: epoch and batch within it), and
+                            the SHA-256 of each tensor file (a truncated or tampered file is
+                            refused)
 
 The folder is written under a temporary name and renamed into place, so a kill mid-write leaves
 either the old set of checkpoints or the new one, never half of one.

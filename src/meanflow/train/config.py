@@ -359,9 +359,9 @@ def _validate(cfg: RunConfig) -> None:
     _number("train.ema_every", tr.ema_every, lo=1, integer=True)
     if not isinstance(tr.fsdp, bool):
         raise ConfigError("train.fsdp must be true or false")
-    if tr.fsdp and tr.compile:
+    if tr.fsdp and tr.compile is True:
         raise ConfigError("train.fsdp with train.compile is not supported: set one of them "
-                          "to false")
+                          "to false (compile: auto leaves compilation off under FSDP)")
     if tr.fsdp and o.kind == "meanflow" and o.jvp == "forward_ad":
         raise ConfigError("objective.jvp=forward_ad fails under train.fsdp (FSDP2's post-backward "
                           "hook has no forward-mode rule that torch accepts: 'A custom Function's "

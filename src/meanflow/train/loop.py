@@ -13,6 +13,12 @@ sharded module, gradients reduce-scattered by it); checkpoints are gathered to f
 Every random draw of step k comes from seeds derived from (seed, rank, k): the batch, the times,
 the noise and label dropout from an explicit generator, dropout from the global RNG re-seeded at
 each step. Resuming from a checkpoint therefore continues exactly where the run stopped.
+
+Which samples a step trains on (``data.order``): "epochs" visits a finite dataset epoch by epoch
+without replacement (:class:`meanflow.data.EpochOrder`: the global batch of step k depends only
+on (seed, k), whatever the number of ranks; each rank takes its contiguous share), "random"
+draws each rank's share with replacement from its (seed, rank, k) generator. The endless toy
+distributions draw fresh points either way.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from meanflow import __version__
-from meanflow.data import BatchSource, build_dataset
+from meanflow.data import BatchSource, EpochOrder, build_dataset
 from meanflow.errors import CheckpointError, ConfigError, DataError
 from meanflow.models import build_model_for_data
 from meanflow.models.attention import set_jvp_attention
@@ -46,12 +52,14 @@ from meanflow.train.ema import EMA
 
 __all__ = ["train", "check_config", "new_run_dir", "build_loss", "step_seed", "resolve_device",
            "load_model", "LoadedModel", "prepare_run_dir", "total_steps", "check_compiled",
-           "WithAugmentLabels", "make_loss_call", "draw_times_and_noise"]
+           "WithAugmentLabels", "make_loss_call", "draw_times_and_noise", "model_options",
+           "build_augment", "epoch_order", "data_position", "resolve_compile", "tf32_mode",
+           "lr_at"]
 
 # Settings that may change between a run and its resumption; anything else must match.
 RESUMABLE_KEYS = {("train", k) for k in (
     "steps", "epochs", "images", "log_every", "checkpoint_every", "keep_checkpoints", "device",
-    "progress", "compile", "sample_every", "sample_count", "sample_steps", "tensorboard",
+    "progress", "compile", "tf32", "sample_every", "sample_count", "sample_steps", "tensorboard",
     "fid_every", "fid_ref", "fid_n", "fid_steps", "fsdp")} | {("model", "jvp_attention")}
 MAX_NONFINITE_IN_A_ROW = 10
 
@@ -79,16 +87,56 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def resolve_compile(value: bool | str, device: torch.device, fsdp: bool = False) -> bool:
+    """``train.compile`` for a run on ``device``: "auto" is on for CUDA devices, except under
+    ``train.fsdp``, which does not compile (``compile: true`` with it is refused)."""
+    if value == "auto":
+        return torch.device(device).type == "cuda" and not fsdp
+    return bool(value)
+
+
+@contextlib.contextmanager
+def tf32_mode(enabled: bool, device: torch.device):  # noqa: ANN201 (a context manager)
+    """With ``enabled`` on a CUDA device: float32 matmuls and cuDNN convolutions may use TF32
+    (``torch.set_float32_matmul_precision("high")``, as the official PyTorch code) until the
+    block ends, when the previous settings come back. Otherwise nothing changes."""
+    if not enabled or torch.device(device).type != "cuda":
+        yield
+        return
+    try:
+        saved = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32)
+    except RuntimeError:
+        # The process set TF32 with torch's newer per-backend flags, and reading the legacy
+        # ones now raises: use the newer flags alone.
+        matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+        old = (matmul.fp32_precision, conv.fp32_precision)
+        matmul.fp32_precision = conv.fp32_precision = "tf32"
+        try:
+            yield
+        finally:
+            matmul.fp32_precision, conv.fp32_precision = old
+        return
+    torch.set_float32_matmul_precision("high")
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(saved[0])
+        torch.backends.cudnn.allow_tf32 = saved[1]
+
+
 def build_loss(cfg: RunConfig, num_classes: int | None) -> Callable:
     o = cfg.objective
     if o.kind == "flow_matching":
         return FlowMatchingLoss(time_sampler=o.time_sampler, mu=o.mu, sigma=o.sigma,
-                                label_drop=o.label_drop, num_classes=num_classes)
+                                label_drop=o.label_drop, num_classes=num_classes,
+                                label_drop_rows=o.label_drop_rows)
     return MeanFlowLoss(time_sampler=o.time_sampler, mu=o.mu, sigma=o.sigma, mu_r=o.mu_r,
                         sigma_r=o.sigma_r, fraction_r_neq_t=o.fraction_r_neq_t, p=o.p, c=o.c,
                         omega=o.omega, kappa=o.kappa, t_interval=tuple(o.t_interval),
                         label_drop=o.label_drop, num_classes=num_classes, jvp=o.jvp,
-                        jvp_precision=o.jvp_precision, tangent=o.tangent)
+                        jvp_precision=o.jvp_precision, tangent=o.tangent,
+                        r_eq_t_rows=o.r_eq_t_rows, label_drop_rows=o.label_drop_rows)
 
 
 def _differences(a: dict, b: dict, prefix: tuple = ()) -> list[tuple]:
@@ -119,7 +167,10 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> None:
         except json.JSONDecodeError:
             raise CheckpointError(f"{saved} is corrupt: restore it, or start a new run in "
                                   "another folder") from None
-        try:  # settings added to meanflow after the run was made take their defaults
+        if isinstance(old, dict) and isinstance(old.get("data"), dict):
+            # a run saved before data.order existed drew its batches with replacement
+            old["data"].setdefault("order", "random")
+        try:  # other settings added to meanflow after the run was made take their defaults
             old = RunConfig.from_dict(old).to_dict()
         except ConfigError:
             pass  # compare as saved; the differences are reported below
@@ -163,22 +214,31 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
     atomic_write_text(path, "".join(f"{line}\n" for line in keep))
 
 
-def _lr_at(cfg: RunConfig, step: int) -> float:
-    """Linear warm-up over ``warmup_steps``, then constant (the paper's schedules)."""
-    warm = cfg.optim.warmup_steps
-    return cfg.optim.lr * (min(1.0, (step + 1) / warm) if warm > 0 else 1.0)
+def lr_at(cfg: RunConfig, step: int) -> float:
+    """The learning rate of 0-based step ``step``: a linear warm-up over W = ``warmup_steps``
+    steps from lr·s, s = 1e-8 / lr, then constant (the official PyTorch code's LinearLR with
+    start_factor s, stepped after each optimiser step): lr·(s + (1 - s)·i / W) at step i < W,
+    exactly lr from step W on (and always when W = 0)."""
+    lr, warm = cfg.optim.lr, cfg.optim.warmup_steps
+    if warm <= 0 or step >= warm:
+        return lr
+    start = 1e-8 / lr
+    return lr * (start + (1.0 - start) * max(step, 0) / warm)
 
 
 def _save(run_dir: Path, step: int, model: nn.Module, ema: EMA, opt: torch.optim.Optimizer,
           cfg: RunConfig, data_info: dict[str, Any], world_size: int = 1,
-          full: tuple[dict, dict, Any] | None = None) -> Path:
+          full: tuple[dict, dict, Any] | None = None,
+          position: dict[str, Any] | None = None) -> Path:
     """``full``: (model, EMA, optimizer) state gathered from FSDP shards (:func:`_full_states`),
-    saved instead of the objects' own."""
+    saved instead of the objects' own. ``position``: :func:`data_position` after ``step``."""
     model_sd, ema_sd = (model.state_dict(), ema.state_dict()) if full is None else full[:2]
     opt_tensors, opt_meta = optimizer_tensors(opt if full is None else full[2])
     state = {"step": step, "optimizer": opt_meta, "config": cfg.to_dict(), "data": data_info,
              "ema_decays": ema.decays, "meanflow_version": __version__,
              "torch_version": torch.__version__, "world_size": world_size}
+    if position is not None:
+        state["data_position"] = position
     path = save_checkpoint(run_dir / "checkpoints" / f"step_{step:07d}",
                            model=model_sd, ema=ema_sd, optimizer=opt_tensors, state=state)
     keep = cfg.train.keep_checkpoints
@@ -233,25 +293,88 @@ class _FirstEMA:
         self.shadows = {key: dist_.full_tensors(ema.shadows[key], cpu=False)}
 
 
+def epoch_order(cfg: RunConfig, ds: BatchSource) -> EpochOrder | None:
+    """The :class:`EpochOrder` of ``data.order: epochs`` on a finite dataset; None when each
+    batch is drawn with replacement (``data.order: random``) or the data is endless."""
+    if cfg.data.order != "epochs" or not hasattr(ds, "__len__"):
+        return None
+    if not callable(getattr(ds, "take", None)):
+        raise ConfigError(f"data.order=epochs needs the dataset's take(indices, generator), "
+                          f"which {type(ds).__name__} lacks: add it, or set data.order=random")
+    size, batch = len(ds), cfg.train.batch_size
+    if size < batch:
+        raise ConfigError(f"data.order=epochs drops the last partial batch, and the {size} "
+                          f"samples do not fill one of train.batch_size={batch}: lower "
+                          "train.batch_size, or set data.order=random")
+    return EpochOrder(size, batch, cfg.train.seed)
+
+
+def data_position(ds: BatchSource, order: EpochOrder | None, done: int) -> dict[str, Any]:
+    """Where the data stands after ``done`` steps, as saved in each checkpoint: the order
+    ("epochs" or "random"), the dataset size (None when endless) and, for "epochs", the global
+    batch, steps per epoch, the ``epoch`` of the next step and the steps of it already done
+    (``epoch_step``). A resumed run must find the same (:func:`_check_position`)."""
+    size = len(ds) if hasattr(ds, "__len__") else None
+    if order is None:
+        return {"order": "random", "size": size}
+    epoch, epoch_step = order.position(done)
+    return {"order": "epochs", "size": size, "batch_size": order.batch_size,
+            "steps_per_epoch": order.steps_per_epoch, "epoch": epoch, "epoch_step": epoch_step}
+
+
+def _check_position(saved: Any, now: dict[str, Any], ckpt: Path, run_dir: Path) -> None:
+    """Refuses to resume on data of another size, or from a position that does not fit."""
+    if not isinstance(saved, dict):
+        return              # a checkpoint of a meanflow that did not record it
+    if saved.get("size") != now["size"]:
+        raise ConfigError(f"cannot resume {run_dir}: it trained on {saved.get('size')} samples "
+                          f"and this data holds {now['size']}: give it the same data, or "
+                          "choose a new --out")
+    if saved != now:
+        keys = ", ".join(sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k)))
+        raise CheckpointError(f"{ckpt / 'state.json'} records a data position that does not "
+                              f"fit this run ({keys}); restore it or resume from an earlier "
+                              "checkpoint")
+
+
 def total_steps(cfg: RunConfig, ds: BatchSource) -> int:
-    """Optimiser steps of the run: from ``train.images`` or ``train.epochs`` when given (rounded
-    up to whole steps of ``batch_size`` images), else ``train.steps``."""
+    """Optimiser steps of the run: from ``train.images`` (rounded up to whole steps of
+    ``batch_size`` images) or ``train.epochs`` when given, else ``train.steps``.
+
+    ``train.epochs`` under ``data.order: epochs`` is epochs · S steps rounded up, S = N // B
+    steps per epoch (e.g. CIFAR-10 at B = 1024: 48 steps an epoch); under "random" it is
+    epochs · N / B rounded up."""
     tr = cfg.train
+    order = epoch_order(cfg, ds)          # also refuses data that fills no epoch
     if tr.images is not None:
         return max(1, math.ceil(tr.images / tr.batch_size))
     if tr.epochs is not None:
         if not hasattr(ds, "__len__"):
             raise ConfigError(f"train.epochs needs a dataset of finite size; {cfg.data.name!r} "
                               "is drawn without end: give train.steps or train.images")
+        if order is not None:
+            # rounded first: 0.1 epoch of 30 steps is 3 steps, not ceil(3.0000000000000004)
+            return max(1, math.ceil(round(tr.epochs * order.steps_per_epoch, 9)))
         return max(1, math.ceil(tr.epochs * len(ds) / tr.batch_size))
     return tr.steps
 
 
-def _model_options(cfg: RunConfig, shape: tuple[int, ...]) -> dict[str, Any]:
-    """The backbone's options, plus ``augment_dim`` when EDM augmentation is on."""
+def build_augment(cfg: RunConfig) -> Any:
+    """The run's EDM augmentation, ``EDMAugment(p=data.augment, **data.augment_options)``, or
+    None when ``data.augment`` is 0."""
+    if cfg.data.augment <= 0:
+        return None
+    from meanflow.data.augment import EDMAugment
+    return EDMAugment(p=cfg.data.augment, **cfg.data.augment_options)
+
+
+def model_options(cfg: RunConfig, shape: tuple[int, ...]) -> dict[str, Any]:
+    """The backbone options of a run on samples of ``shape``: ``model.options``, plus
+    ``augment_dim`` (the augmentation's ``label_dim``) when EDM augmentation is on. Training
+    and :func:`load_model` build the network from these."""
     options = dict(cfg.model.options)
-    if cfg.data.augment > 0:
-        from meanflow.data.augment import EDMAugment
+    augment = build_augment(cfg)
+    if augment is not None:
         if len(shape) != 3:
             raise ConfigError(f"data.augment is for images (C, H, W); {cfg.data.name!r} has "
                               f"samples of shape {shape}: set data.augment=0")
@@ -259,7 +382,7 @@ def _model_options(cfg: RunConfig, shape: tuple[int, ...]) -> dict[str, Any]:
             raise ConfigError(f"data.augment feeds the augmentation label to the network, and "
                               f"only unet-* backbones take it (model {cfg.model.name!r}): set "
                               "data.augment=0 or use a U-Net")
-        options["augment_dim"] = EDMAugment.label_dim
+        options["augment_dim"] = int(augment.label_dim)
     return options
 
 
@@ -285,10 +408,10 @@ def check_config(cfg: RunConfig) -> None:
     if cfg.data.class_conditional and num_classes is None:
         raise ConfigError(f"data.class_conditional is true but {cfg.data.name!r} has no "
                           "labels: give labelled data or set it to false")
-    total_steps(cfg, ds)
+    total_steps(cfg, ds)                  # and the data order's checks
     with torch.device("meta"):
         build_model_for_data(cfg.model.name, tuple(ds.shape), num_classes,
-                             _model_options(cfg, tuple(ds.shape)))
+                             model_options(cfg, tuple(ds.shape)))
     build_loss(cfg, num_classes)
     if cfg.train.tensorboard:
         _tensorboard_writer(None)
@@ -555,7 +678,8 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False,
     cfg.validate()
     world, device, owned = dist_.setup(resolve_device(cfg.train.device))
     try:
-        return _train(cfg, Path(run_dir), resume, dataset, world, device)
+        with tf32_mode(cfg.train.tf32, device):
+            return _train(cfg, Path(run_dir), resume, dataset, world, device)
     finally:
         dist_.teardown(owned)
 
@@ -571,14 +695,16 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, dataset: BatchSource | N
     shape = tuple(ds.shape)
     data_info = {"shape": list(shape), "num_classes": num_classes}
     steps = total_steps(cfg, ds)
+    order = epoch_order(cfg, ds)
     tr = cfg.train
+    compile_ = resolve_compile(tr.compile, device, tr.fsdp)   # the one place "auto" is decided
     # One run folder for every rank: rank 0's (a CLI without --out names one on each rank).
     run_dir = Path(dist_.broadcast_object(str(run_dir), world))
 
     # Everything that can reject the config is built before the run folder is written.
     torch.manual_seed(tr.seed)
     model = build_model_for_data(cfg.model.name, shape, num_classes,
-                                 _model_options(cfg, shape)).to(device)
+                                 model_options(cfg, shape)).to(device)
     # the JVP pass's attention: not a weight, so a resumed run may choose another one
     set_jvp_attention(model, cfg.model.jvp_attention)
     if tr.fsdp:   # before the optimiser and the EMA, which then hold shards too
@@ -587,10 +713,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, dataset: BatchSource | N
     # "func"/"forward_ad" give u and du/dt in one pass, which cannot go through DDP: under
     # torchrun they run on the module and the gradients are averaged by hand.
     joint = isinstance(loss_fn, MeanFlowLoss) and loss_fn.jvp in ("func", "forward_ad")
-    augment = None
-    if cfg.data.augment > 0:
-        from meanflow.data.augment import EDMAugment
-        augment = EDMAugment(p=cfg.data.augment)
+    augment = build_augment(cfg)
     if tr.tensorboard:
         _tensorboard_writer(None)
     decode, pngs = None, tr.sample_count > 0
@@ -609,7 +732,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, dataset: BatchSource | N
     dist_.on_main(world, prepare_run_dir, cfg, run_dir, resume)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                            weight_decay=cfg.optim.weight_decay, foreach=True)
-    ema = EMA(model, tr.ema_decays)
+    ema = EMA(model, tr.ema_decays, every=tr.ema_every)
 
     start, main_name = 0, None
     metrics_path = run_dir / "metrics.jsonl"
@@ -638,6 +761,8 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, dataset: BatchSource | N
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"{ckpt / 'state.json'} does not fit this run ({exc}); "
                                   "restore it or resume from an earlier checkpoint") from None
+        _check_position(state.get("data_position"), data_position(ds, order, start), ckpt,
+                        run_dir)
     if resume and world.is_main:
         _truncate_metrics(metrics_path, start)  # drop lines the resumed steps will redo
     if start >= steps:
@@ -645,8 +770,8 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, dataset: BatchSource | N
 
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if tr.amp == "bf16"
                 else contextlib.nullcontext())
-    loss_call = make_loss_call(loss_fn, compile_=tr.compile)
-    if tr.compile:
+    loss_call = make_loss_call(loss_fn, compile_=compile_)
+    if compile_:
         # Every rank checks the compiled loss on a batch of its own, the way it will train:
         # under DDP (split strategies) the grad pass goes through a DDP copy of the probe.
         # The ranks agree on the outcome (one failing rank stops them all).
@@ -664,7 +789,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, dataset: BatchSource | N
     if pngs or fid_monitor is not None:
         import copy
         sampler_net = (build_model_for_data(cfg.model.name, shape, num_classes,
-                                            _model_options(cfg, shape)).to(device).eval()
+                                            model_options(cfg, shape)).to(device).eval()
                        if tr.fsdp else copy.deepcopy(model).eval())
     writer = _tensorboard_writer(run_dir) if (tr.tensorboard and world.is_main) else None
 
@@ -693,7 +818,12 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, dataset: BatchSource | N
             torch.manual_seed(seed)                      # dropout masks
             gen_cpu = torch.Generator().manual_seed(seed)
             gen = gen_cpu if device.type == "cpu" else torch.Generator(device).manual_seed(seed)
-            x, y = ds.batch(micro * tr.grad_accumulation, gen_cpu)   # this rank's share
+            share = micro * tr.grad_accumulation                    # this rank's images
+            if order is None:
+                x, y = ds.batch(share, gen_cpu)
+            else:   # its contiguous slice of the step's global batch, the same for any W
+                x, y = ds.take(order.indices(step, world.rank * share,
+                                             (world.rank + 1) * share), gen_cpu)
             x = x.to(device, non_blocking=True)
             y = y.to(device) if (y is not None and num_classes is not None) else None
             aug = None
@@ -701,7 +831,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, dataset: BatchSource | N
                 x, aug = augment(x, gen_cpu)
 
             for group in opt.param_groups:
-                group["lr"] = _lr_at(cfg, step)
+                group["lr"] = lr_at(cfg, step)
             finite, step_stats = True, {}
             all_finite = (torch.ones((), dtype=torch.bool, device=device) if world.enabled
                           else None)
@@ -713,7 +843,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, dataset: BatchSource | N
                         else contextlib.nullcontext())
                 with sync:
                     # compiled: times and noise drawn outside the compiled region, same order
-                    draws = draw_times_and_noise(loss_fn, x[part], gen) if tr.compile else {}
+                    draws = draw_times_and_noise(loss_fn, x[part], gen) if compile_ else {}
                     with autocast:
                         loss, stats = loss_call(train_net, x[part],
                                                 None if y is None else y[part],
@@ -743,7 +873,9 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, dataset: BatchSource | N
                                            if tr.fsdp else norm)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-                ema.update(model)
+                # every train.ema_every steps (by the step number, so a resumed run keeps the
+                # schedule); a skipped step below updates nothing, not even on a multiple
+                ema.step(model, step + 1)
                 for k, v in step_stats.items():
                     sums[k] = sums[k] + v.detach() if k in sums else v.detach()
                 count += 1
@@ -769,7 +901,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, dataset: BatchSource | N
                 now = time.perf_counter()
                 record: dict[str, Any] = {"step": done, "images": done * tr.batch_size}
                 record.update({k: float(v) / max(count, 1) for k, v in sums.items()})
-                record["lr"] = _lr_at(cfg, step)
+                record["lr"] = lr_at(cfg, step)
                 record["samples_per_s"] = count * tr.batch_size / max(now - t_log, 1e-9)
                 record["skipped_nonfinite"] = skipped
                 if world.is_main:
@@ -788,7 +920,8 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, dataset: BatchSource | N
                     dist_.check_replicas_equal(model, world, device, done)
                 # rank 0 writes; the others wait for it (on_main's broadcast is the barrier)
                 last_ckpt = dist_.on_main(world, _save, run_dir, done, model, ema, opt, cfg,
-                                          data_info, world.size, full)
+                                          data_info, world.size, full,
+                                          data_position(ds, order, done))
             if fid_monitor is not None and (done == steps or done % tr.fid_every == 0):
                 t_eval = time.perf_counter()
                 if bar is not None:
@@ -837,8 +970,10 @@ def load_model(path: str | Path, ema: float | str | None = "auto",
                device: torch.device | str = "cpu") -> LoadedModel:
     """Restores a backbone from a run folder (newest checkpoint) or a checkpoint folder.
 
-    ``ema="auto"`` takes the first EMA decay of the run (samplers should use EMA weights,
-    SPEC §1); a float picks that decay; None takes the raw training weights.
+    ``ema="auto"`` takes the first EMA decay of the run (samplers should use EMA weights);
+    a float picks that decay; None takes the raw training weights. The backbone is built as
+    in training (:func:`model_options`: with the augmentation label's width when the run
+    used ``data.augment``).
     """
     ckpt = find_checkpoint(Path(path))
     tensors, state = load_checkpoint(ckpt, device, parts=("model", "ema"))
@@ -853,7 +988,7 @@ def load_model(path: str | Path, ema: float | str | None = "auto",
     except (KeyError, TypeError, ValueError, ConfigError):
         raise CheckpointError(f"{ckpt / 'state.json'} lacks the config, data or EMA fields of a "
                               "meanflow checkpoint: restore it or use another checkpoint") from None
-    net = build_model_for_data(cfg.model.name, shape, num_classes, cfg.model.options)
+    net = build_model_for_data(cfg.model.name, shape, num_classes, model_options(cfg, shape))
     if ema is None:
         weights, sd = "model", tensors["model"]
     elif ema == "auto" and not decays:
