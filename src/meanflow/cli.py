@@ -5,6 +5,7 @@
     meanflow presets
     meanflow prepare-latents IMAGE_DIR OUT_DIR --vae PATH_OR_ID [--resolution 256]
     meanflow fid     ref DATA -o STATS.npz | calc SAMPLES_OR_RUN --ref STATS.npz
+    meanflow convert OFFICIAL_CHECKPOINT.pth OUT_DIR
     meanflow demo    [--out DIR] [--steps N]
 
 Every user error prints one line ``meanflow: error: ...`` and exits with status 2.
@@ -128,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "under torchrun write --num-samples)")
     fc.add_argument("--steps", type=int, default=1, help="network calls (default 1)")
     fc.add_argument("--seed", type=int, default=0)
+    fc.add_argument("--ema", default="auto", help="weights of a run folder / checkpoint: auto "
+                    "(the run's first EMA), none (training weights) or a decay, e.g. 0.99995")
     fc.add_argument("--batch-size", type=int, default=500)
     fc.add_argument("--device", default="auto")
     fc.add_argument("--extractor", help="where the reference's extractor file is now (its "
@@ -166,6 +169,15 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default 5000)")
     pl.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     pl.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    cv = sub.add_parser("convert", help="import an official py-meanflow checkpoint",
+                        description="Convert a checkpoint of the official PyTorch MeanFlow code "
+                        "(py-meanflow checkpoint-*.pth) into a meanflow run folder that "
+                        "`meanflow sample` and `meanflow fid calc` take as it is: the online "
+                        "U-Net, every EMA and the run's recipe. The file is read without "
+                        "unpickling anything but tensors, plain data and argparse.Namespace.")
+    cv.add_argument("checkpoint", type=Path, help="py-meanflow checkpoint-*.pth")
+    cv.add_argument("out_dir", type=Path, help="new run folder to write")
 
     sub.add_parser("presets", help="list the shipped training presets",
                    description="List the presets `meanflow train --preset NAME` accepts.")
@@ -258,14 +270,20 @@ def _cmd_sample(args: argparse.Namespace) -> int:
             raise ConfigError(f"--schedule {args.schedule!r} must be comma-separated numbers, "
                               "e.g. 1,0.5,0") from None
     make_schedule(args.steps, schedule)  # bad --steps/--schedule fail before any work
-    ema = None if args.ema == "none" else args.ema
-    if ema not in (None, "auto"):
-        try:
-            ema = float(ema)
-        except ValueError:
-            raise ConfigError(f"--ema {args.ema!r} must be auto, none or a decay") from None
+    ema = _ema_choice(args.ema)
     with _joined(args.device) as (world, device):
         return _sample(args, ema, schedule, sidecar, world, device)
+
+
+def _ema_choice(text: str) -> float | str | None:
+    """--ema: "auto" (the run's first EMA), "none" (training weights) or a decay."""
+    from meanflow.errors import ConfigError
+    if text in ("auto", "none"):
+        return None if text == "none" else text
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"--ema {text!r} must be auto, none or a decay") from None
 
 
 def _sample(args: argparse.Namespace, ema: Any, schedule: list[float] | None, sidecar: Path,
@@ -376,6 +394,10 @@ def _cmd_fid(args: argparse.Namespace) -> int:
         return 0
     if args.out is not None and args.out.exists():
         raise ConfigError(f"{args.out} exists: choose another file")
+    ema = _ema_choice(args.ema)
+    if args.source.suffix == ".npz" and args.ema != "auto":
+        raise ConfigError("--ema chooses the weights of a run folder or checkpoint; a samples "
+                          ".npz is scored as it is: drop --ema")
     latent_vae = None
     if args.source.suffix != ".npz" and args.vae != "none":
         from meanflow.latents.generate import resolve_vae, run_config
@@ -385,14 +407,15 @@ def _cmd_fid(args: argparse.Namespace) -> int:
             from meanflow.latents.generate import fid_of_latent_model
             record = fid_of_latent_model(args.source, args.ref, vae=args.vae,
                                          n=50000 if args.n is None else args.n,
-                                         steps=args.steps, seed=args.seed,
+                                         steps=args.steps, seed=args.seed, ema=ema,
                                          batch_size=args.batch_size, device=str(device),
                                          extractor=args.extractor, pr=args.precision_recall,
                                          world=world)
         else:
             record = fid_of(args.source, args.ref, n=10000 if args.n is None else args.n,
-                            steps=args.steps, seed=args.seed, batch_size=args.batch_size,
-                            device=str(device), extractor=args.extractor,
+                            steps=args.steps, seed=args.seed, ema=ema,
+                            batch_size=args.batch_size, device=str(device),
+                            extractor=args.extractor,
                             pr=args.precision_recall, world=world)
     if not world.is_main:
         return 0
@@ -421,6 +444,20 @@ def _cmd_prepare_latents(args: argparse.Namespace) -> int:
                else "")
         print(f"wrote {index['num_images']} latents {tuple(index['latent_shape'])} in "
               f"{index['num_shards']} shard(s) to {args.out_dir}{ref}")
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from meanflow.convert import convert_official_checkpoint
+    from meanflow.train.checkpoint import load_checkpoint
+    ckpt = convert_official_checkpoint(args.checkpoint, args.out_dir)
+    _, state = load_checkpoint(ckpt, parts=())
+    source = state["converted_from"]
+    decays = ", ".join(f"{d:g}" for d in state["ema_decays"])
+    print(f"converted {args.checkpoint} (epoch {source['epoch']}, {state['step']} steps) to "
+          f"{ckpt}: online U-Net and EMAs {decays}")
+    print(f"sample it: meanflow sample {args.out_dir} --n 64 --png grid.png --ema "
+          f"{state['ema_decays'][0]:g}")
     return 0
 
 
@@ -457,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     handlers = {"train": _cmd_train, "sample": _cmd_sample, "demo": _cmd_demo,
                 "presets": _cmd_presets, "fid": _cmd_fid,
-                "prepare-latents": _cmd_prepare_latents}
+                "prepare-latents": _cmd_prepare_latents, "convert": _cmd_convert}
     try:
         return handlers[args.command](args)
     except MeanFlowError as exc:
