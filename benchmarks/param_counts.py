@@ -33,26 +33,6 @@ def count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def unet_parts(net: torch.nn.Module) -> dict[str, int]:
-    """Parameters per part of a meanflow U-Net; blocks by the resolution they output."""
-    res = {}
-    hooks = [block.register_forward_hook(lambda m, i, o: res.__setitem__(m, o.shape[-1]))
-             for block in [*net.encoder, *net.decoder]]
-    cfg = net.cfg
-    z = torch.empty(1, cfg.in_channels, cfg.input_size, cfg.input_size, device="meta")
-    net(z, torch.empty(1, device="meta"), torch.empty(1, device="meta"))
-    for hook in hooks:
-        hook.remove()
-    parts = {"mapping": sum(count(m) for n, m in net.named_children() if n.startswith("map_")),
-             "conv_in": count(net.conv_in)}
-    for side, blocks in (("encoder", net.encoder), ("decoder", net.decoder)):
-        for block in blocks:
-            key = f"{side} {res[block]}x{res[block]}"
-            parts[key] = parts.get(key, 0) + count(block)
-    parts["output"] = count(net.norm_out) + count(net.conv_out)
-    return parts
-
-
 def main() -> None:
     print(f"{'model':14s} {'options':28s} {'parameters':>14s} {'ref.':>10s} {'diff':>8s}")
     breakdowns = []
@@ -69,7 +49,7 @@ def main() -> None:
             breakdowns.append((name, options, net, n))
     for name, options, net, n in breakdowns:
         print(f"\n{name} ({', '.join(f'{k}={v}' for k, v in options.items())}), by part:")
-        for part, k in unet_parts(net).items():
+        for part, k in net.parameter_counts().items():
             print(f"  {part:18s} {k:12,d}")
         print(f"  {'total':18s} {n:12,d}   official network: {OFFICIAL_CIFAR10:,d} "
               f"({'equal' if n == OFFICIAL_CIFAR10 else 'DIFFERENT'})")

@@ -7,6 +7,7 @@ import re
 
 import numpy as np
 import pytest
+import torch
 
 from meanflow.cli import main
 from meanflow.metrics import FeatureStats
@@ -159,3 +160,33 @@ def test_kid_subsets_differ_at_small_n():
     out = score_features(rng.normal(size=(400, 8)) + 0.5, ref)
     assert out["kid_subset"] == 200 and out["kid_se"] > 0
     assert out["kid"] > 3 * out["kid_se"]          # a shifted set is told apart
+
+
+class _RGBMeans(torch.nn.Module):
+    """A TorchScript extractor for RGB images: per-channel means and their squares (6-d)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = x.mean(dim=(2, 3))
+        return torch.cat([m, m * m], dim=1)
+
+
+def test_ref_of_cifar10_takes_its_folder(tmp_path, capsys):
+    """`fid ref cifar10 --root FOLDER` reads the cifar-10-batches-py pickles (the reference of
+    the official CIFAR-10 evaluation is its 50,000 training images); without --root it is one
+    line naming the option."""
+    import pickle
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir()
+    for k, name in enumerate([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]):
+        data = ((np.arange(2 * 3072).reshape(2, 3072) + 5 * k) % 256).astype(np.uint8)
+        with open(root / name, "wb") as fh:
+            pickle.dump({b"labels": [k % 10, (k + 1) % 10], b"data": data}, fh, protocol=2)
+    extractor = tmp_path / "rgb.pt"
+    torch.jit.save(torch.jit.script(_RGBMeans()), str(extractor))
+    out = tmp_path / "ref.npz"
+    assert cli("fid", "ref", "cifar10", "--root", root, "--extractor", extractor,
+               "-o", out) == 0
+    assert FeatureStats.load(out).n == 10                      # the 5 training batches
+    assert cli("fid", "ref", "cifar10", "--extractor", extractor,
+               "-o", tmp_path / "other.npz") == 2
+    assert "data.options.root" in capsys.readouterr().err

@@ -112,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     fr.add_argument("data", help="image dataset name, folder or .npz (e.g. fashion-mnist)")
     fr.add_argument("-o", "--out", type=Path, required=True, help="output stats .npz")
     fr.add_argument("--split", help="dataset split option, e.g. test")
+    fr.add_argument("--root", help="the dataset's folder where its name needs one (cifar10: "
+                    "the cifar-10-batches-py folder)")
     fr.add_argument("--n", type=int, help="first N images (default all)")
     fr.add_argument("--extractor", default="fmnist", help="inception, fmnist (default) or "
                     "the path of a TorchScript / state-dict file")
@@ -386,6 +388,8 @@ def _cmd_fid(args: argparse.Namespace) -> int:
         if args.out.exists() and not args.overwrite:
             raise ConfigError(f"{args.out} exists: pass --overwrite or choose another file")
         options = {} if args.split is None else {"split": args.split}
+        if args.root is not None:
+            options["root"] = args.root
         if args.keep < 0:
             raise ConfigError(f"--keep {args.keep} must be >= 0")
         stats = reference_stats(args.data, args.out, options, args.n, args.extractor,

@@ -274,13 +274,77 @@ def test_every_preset_is_a_valid_config(name, tmp_path):
                                      "xl2": 2.5, "xl2-plus": 2.0}[name.split("dit-")[1]])
 
 
-def test_paper_numbers_in_the_cifar10_preset():
-    cfg = load_config(preset_path("cifar10-unet"))
+# The official values each preset follows (py-meanflow cifar10_v0.sh / cifar10_v1.sh with the
+# defaults of its train_arg_parser.py, model_configs.py, train_loop.py, ema.py and train.py;
+# the JAX code's configs/default.py and run_b4.yml). docs/fidelity.md maps them.
+OFFICIAL_CIFAR10 = {
+    "model.name": "unet-cifar10", "model.options": {"dropout": 0.2},
+    "data.name": "cifar10", "data.augment": 0.12, "data.augment_options": {},
+    "data.order": "epochs", "objective.fraction_r_neq_t": 0.75,
+    "objective.r_eq_t_rows": "random", "objective.p": 0.75, "objective.c": 1e-3,
+    "optim.lr": 6e-4, "optim.betas": [0.9, 0.999], "optim.weight_decay": 0.0,
+    "optim.warmup_steps": 200 * (50000 // 1024), "train.epochs": 16000,
+    "train.batch_size": 8 * 128, "train.seed": 0, "train.ema_decays": [0.9999, 0.99995, 0.9996],
+    "train.ema_every": 16, "train.tf32": True, "train.compile": "auto",
+}
+OFFICIAL_SAMPLERS = {
+    "cifar10-unet": {"objective.time_sampler": "logit_normal", "objective.mu": -2.0,
+                     "objective.sigma": 2.0},
+    "cifar10-unet-v1": {"objective.time_sampler": "v1", "objective.mu": -0.6,
+                        "objective.sigma": 1.6, "objective.mu_r": -4.0, "objective.sigma_r": 1.6},
+}
+OFFICIAL_IMAGENET = {
+    "data.order": "epochs", "objective.time_sampler": "logit_normal", "objective.mu": -0.4,
+    "objective.sigma": 1.0, "objective.fraction_r_neq_t": 0.25, "objective.r_eq_t_rows": "first",
+    "objective.label_drop": 0.1, "objective.label_drop_rows": "first", "objective.p": 1.0,
+    "objective.c": 0.01, "optim.lr": 1e-4, "optim.betas": [0.9, 0.95],
+    "optim.weight_decay": 0.0, "optim.warmup_steps": 0, "train.batch_size": 256,
+    "train.seed": 42, "train.amp": "none", "train.ema_decays": [0.9999], "train.ema_every": 1,
+    "train.tf32": True, "train.compile": "auto",
+}
+# model, epochs, omega, kappa, t-interval (run_b4.yml for b4-cfg, the paper for the others)
+IMAGENET_MODELS = {
+    "b4": ("dit-b/4", 80, 1.0, 0.0, [0.0, 1.0]), "b4-cfg": ("dit-b/4", 240, 1.0, 0.5, [0.0, 1.0]),
+    "b2": ("dit-b/2", 240, 1.0, 0.5, [0.0, 1.0]), "m2": ("dit-m/2", 240, 1.0, 0.5, [0.0, 1.0]),
+    "l2": ("dit-l/2", 240, 0.2, 0.92, [0.0, 0.8]), "xl2": ("dit-xl/2", 240, 0.2, 0.92, [0.0, 0.75]),
+    "xl2-plus": ("dit-xl/2", 1000, 1.0, 0.5, [0.3, 0.8]),
+}
+
+
+def _value(cfg, dotted: str):
+    section, key = dotted.split(".")
+    return getattr(getattr(cfg, section), key)
+
+
+@pytest.mark.parametrize("name", ["cifar10-unet", "cifar10-unet-v1"])
+def test_the_cifar10_presets_hold_the_official_values(name):
+    cfg = load_config(preset_path(name))
+    expected = {**OFFICIAL_CIFAR10, **OFFICIAL_SAMPLERS[name]}
+    got = {k: _value(cfg, k) for k in expected}
+    assert got == expected
+    assert cfg.data.options["hflip"] is True            # torchvision's RandomHorizontalFlip
+
+    class CIFAR10Train:                                   # 50,000 images, as the real set
+        def __len__(self) -> int:
+            return 50000
+
+        def take(self, indices, generator):               # never called: only the length
+            raise AssertionError
+    assert total_steps(cfg, CIFAR10Train()) == 768_000   # 16,000 epochs x 48 steps
+    assert preset_path(name).read_text().count(
+        "cifar10_v0.sh" if name == "cifar10-unet" else "cifar10_v1.sh") == 1
+
+
+@pytest.mark.parametrize("size", sorted(IMAGENET_MODELS))
+def test_the_imagenet_presets_hold_the_official_values(size):
+    name = f"imagenet-dit-{size}"
+    cfg = load_config(preset_path(name))
+    assert {k: _value(cfg, k) for k in OFFICIAL_IMAGENET} == OFFICIAL_IMAGENET
     o = cfg.objective
-    assert (o.mu, o.sigma, o.fraction_r_neq_t, o.p, o.c) == (-2.0, 2.0, 0.75, 0.75, 1e-3)
-    assert (cfg.optim.lr, cfg.optim.betas, cfg.train.batch_size) == (6e-4, [0.9, 0.999], 1024)
-    assert cfg.data.augment == 0.12 and cfg.model.name == "unet-cifar10"
-    assert cfg.train.ema_decays == [0.9999, 0.99995, 0.9996]
+    assert (cfg.model.name, cfg.train.epochs, o.omega, o.kappa, o.t_interval) == \
+        IMAGENET_MODELS[size]
+    text = preset_path(name).read_text()
+    assert "configs/default.py" in text and ("run_b4.yml" in text) == size.startswith("b4")
 
 
 def test_unknown_preset_lists_the_names():

@@ -178,13 +178,14 @@ def _upsample(x: Tensor, fir: Tensor) -> Tensor:
 class ResBlock(nn.Module):
     """Residual block with an additive per-channel embedding, optional resampling (``"down"``
     or ``"up"``, with a 1x1 projection of the resampled skip) and an optional self-attention
-    after it. ``takes_skip``: the decoder concatenates an encoder output to its input."""
+    after it. ``takes_skip``: the decoder concatenates an encoder output to its input; ``res``:
+    the side of the block's output."""
 
     def __init__(self, cin: int, cout: int, emb_dim: int, dropout: float, attn: bool,
                  heads: int, mode: str, resample: str | None = None,
-                 takes_skip: bool = False) -> None:
+                 takes_skip: bool = False, res: int = 0) -> None:
         super().__init__()
-        self.cin, self.cout = cin, cout
+        self.cin, self.cout, self.res = cin, cout, res   # res: the output's height and width
         self.resample, self.dropout, self.takes_skip = resample, dropout, takes_skip
         self.norm0 = GroupNorm(cin)
         self.conv0 = Conv2d(cin, cout, 3, padding=1)
@@ -251,26 +252,29 @@ class UNet(nn.Module):
         for level, mult in enumerate(cfg.channel_mult):
             res = cfg.input_size >> level
             if level > 0:
-                self.encoder.append(ResBlock(cout, cout, attn=False, resample="down", **kw))
+                self.encoder.append(ResBlock(cout, cout, attn=False, resample="down", res=res,
+                                             **kw))
                 skips.append(cout)
             for _ in range(cfg.blocks_per_res):
                 cin, cout = cout, C0 * mult
                 self.encoder.append(ResBlock(cin, cout, attn=res in cfg.attn_resolutions,
-                                             **kw))
+                                             res=res, **kw))
                 skips.append(cout)
         self.decoder = nn.ModuleList()
         low = len(cfg.channel_mult) - 1
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
             res = cfg.input_size >> level
             if level == low:                               # the bottleneck
-                self.decoder.append(ResBlock(cout, cout, attn=True, **kw))
-                self.decoder.append(ResBlock(cout, cout, attn=False, **kw))
+                self.decoder.append(ResBlock(cout, cout, attn=True, res=res, **kw))
+                self.decoder.append(ResBlock(cout, cout, attn=False, res=res, **kw))
             else:
-                self.decoder.append(ResBlock(cout, cout, attn=False, resample="up", **kw))
+                self.decoder.append(ResBlock(cout, cout, attn=False, resample="up", res=res,
+                                             **kw))
             for index in range(cfg.blocks_per_res + 1):
                 cin, cout = cout + skips.pop(), C0 * mult
                 attn = index == cfg.blocks_per_res and res in cfg.attn_resolutions
-                self.decoder.append(ResBlock(cin, cout, attn=attn, takes_skip=True, **kw))
+                self.decoder.append(ResBlock(cin, cout, attn=attn, takes_skip=True, res=res,
+                                             **kw))
         assert not skips
         self.norm_out = GroupNorm(cout)
         self.conv_out = Conv2d(cout, cfg.in_channels, 3, padding=1)
@@ -298,6 +302,20 @@ class UNet(nn.Module):
                         near_zero.append(block.attn.proj)
             for layer in near_zero:
                 layer.weight.mul_(_NEAR_ZERO)
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Parameters by part: ``mapping`` (the ``map_*`` layers), ``conv_in``, ``encoder RxR``
+        and ``decoder RxR`` (blocks by the side of their output), ``output``."""
+        def count(module: nn.Module) -> int:
+            return sum(p.numel() for p in module.parameters())
+        parts = {"mapping": sum(count(m) for n, m in self.named_children()
+                                if n.startswith("map_")), "conv_in": count(self.conv_in)}
+        for side, blocks in (("encoder", self.encoder), ("decoder", self.decoder)):
+            for block in blocks:
+                key = f"{side} {block.res}x{block.res}"
+                parts[key] = parts.get(key, 0) + count(block)
+        parts["output"] = count(self.norm_out) + count(self.conv_out)
+        return parts
 
     def time_features(self, s: Tensor) -> Tensor:
         """Sinusoidal features of raw times s (B,) -> (B, channels * time_mult): sines, then
