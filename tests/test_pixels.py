@@ -17,9 +17,11 @@ def test_every_level_round_trips_exactly():
 
 
 def test_quantize_clamps_and_rounds_to_the_nearest_level():
-    x = torch.tensor([-3.0, -1.0, 0.0, 0.3, 1.0, 7.0, 1 / 127.5 - 1 + 0.49 / 127.5])
+    x = torch.tensor([-3.0, -1.0, 0.01, 0.3, 1.0, 7.0, 1 / 127.5 - 1 + 0.49 / 127.5])
     q = quantize(x)
     levels = torch.arange(256, dtype=torch.float32) / 127.5 - 1.0
     nearest = levels[(x.clamp(-1, 1)[:, None] - levels[None]).abs().argmin(1)]
     torch.testing.assert_close(q, nearest, rtol=0, atol=0)
     assert q[0] == -1.0 and q[5] == 1.0
+    # 0 lies halfway between levels 127 and 128: rounding goes to the even one
+    assert to_uint8(torch.zeros(1)).item() == 128
