@@ -14,25 +14,29 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from meanflow.data.points import PointCloud, _as_real_array, _check_magic, _refuse_load
-from meanflow.data.toy import _check_batch_args, _check_take_args
-from meanflow.errors import ConfigError, DataError
+from meanflow.data.checks import (check_batch_args, check_labels, check_numpy_file,
+                                  check_real_array, check_scale, check_take_args,
+                                  numpy_load_error)
+from meanflow.errors import DataError
 
 __all__ = ["ArraySamples", "npz_sample_kind"]
+
+_FILE_HINT = "give the path of a .npz file"
 
 
 def _npz_file(path: str | os.PathLike[str]) -> Path:
     """The path of an existing file that starts like a zip (.npz); DataError otherwise."""
     file = Path(os.fspath(path))
     if not file.is_file():
-        raise DataError(f"data file not found: {file}; give the path of a .npz file")
-    _check_magic(file, zipped=True)
+        raise DataError(f"data file not found: {file}; {_FILE_HINT}")
+    check_numpy_file(file, zipped=True, what="samples", hint=_FILE_HINT)
     return file
 
 
 def npz_sample_kind(path: str | os.PathLike[str], key: str = "x") -> str:
     """What the ``.npz`` holds under ``key``: "images" (uint8, 3-D or 4-D), "arrays" (real,
-    3-D or more) or "points" (anything else: left to :class:`PointCloud` to check)."""
+    3-D or more) or "points" (anything else: left to :class:`~meanflow.data.PointCloud` to
+    check)."""
     file = _npz_file(path)
     try:
         with np.load(file, allow_pickle=False) as archive:
@@ -45,7 +49,7 @@ def npz_sample_kind(path: str | os.PathLike[str], key: str = "x") -> str:
                         else np.lib.format.read_array_header_2_0)
                 shape, _, dtype = read(fh)
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as exc:
-        raise _refuse_load(file, exc) from None
+        raise numpy_load_error(file, exc, _FILE_HINT) from None
     if dtype == np.uint8 and len(shape) in (3, 4):
         return "images"
     if len(shape) >= 3:
@@ -68,14 +72,13 @@ class ArraySamples:
         if not isinstance(x, Tensor) or x.dim() < 2 or x.shape[0] < 2:
             raise DataError(f"samples must be an (N, ...) tensor with N >= 2, got "
                             f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
-            raise ConfigError(f"scale={scale!r} must be a positive number, e.g. 0.18215")
+        scale = check_scale(scale)
         data = x.detach().to("cpu", torch.float32).contiguous()
         if not bool(torch.isfinite(data).all()):
             raise DataError("samples contain NaN or infinite values; fix or drop them")
         self.data = data
-        self.labels = None if y is None else PointCloud._check_labels(y, data.shape[0])
-        self.scale = float(scale)
+        self.labels = None if y is None else check_labels(y, data.shape[0], "sample")
+        self.scale = scale
         self.shape: tuple[int, ...] = tuple(data.shape[1:])
         self.num_classes: int | None = (None if self.labels is None
                                         else int(self.labels.max()) + 1)
@@ -91,10 +94,10 @@ class ArraySamples:
                     raise DataError(f"{file} has no array {key!r} (found: "
                                     f"{', '.join(archive.files) or 'none'}); save the samples "
                                     f"under key {key!r}")
-                x = _as_real_array(archive[key], f"{file} key '{key}'")
+                x = check_real_array(archive[key], f"{file} key '{key}'")
                 y = archive[labels_key] if labels_key in archive.files else None
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-            raise _refuse_load(file, exc) from None
+            raise numpy_load_error(file, exc, _FILE_HINT) from None
         try:
             return cls(torch.from_numpy(np.ascontiguousarray(x)),
                        None if y is None else torch.from_numpy(np.asarray(y)), scale=scale)
@@ -107,14 +110,14 @@ class ArraySamples:
     def batch(self, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor | None]:
         """``batch_size`` samples drawn with replacement: (B, *S) float32 and (B,) labels or
         None."""
-        _check_batch_args(batch_size, generator)
+        check_batch_args(batch_size, generator)
         index = torch.randint(0, self.data.shape[0], (batch_size,), generator=generator)
         return self.take(index, generator)
 
     def take(self, indices: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor | None]:
         """Samples ``indices`` (B,) times ``scale``: (B, *S) float32 and (B,) labels or None.
         Nothing is random here; ``generator`` is taken for the protocol's sake."""
-        index = _check_take_args(indices, len(self), generator)
+        index = check_take_args(indices, len(self), generator)
         x = self.data[index]
         if self.scale != 1.0:
             x = x * self.scale

@@ -1,12 +1,13 @@
-"""EDM's geometric augmentation, with the label that tells the network what was done (SPEC §2).
+"""EDM's geometric augmentation, with the label that tells the network what was done.
 
-The MeanFlow CIFAR-10 recipe uses the "non-leaking" augmentation of EDM (Karras et al. 2022,
-"Elucidating the Design Space of Diffusion-Based Generative Models", App. F.2): each image is
-randomly flipped and warped by a random affine map, and the network is conditioned on a label
-that describes the transform, so that it learns the clean distribution too and is sampled with
-the label at zero. :class:`EDMAugment` reproduces that pipeline draw for draw: after
-``torch.manual_seed(s)``, ``EDMAugment(...)(x, torch.default_generator)`` gives the labels and
-(to float32 rounding) the images of the reference implementation with the same settings.
+The MeanFlow CIFAR-10 recipe (docs/method.md §10) uses the "non-leaking" augmentation of EDM
+(Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based Generative Models",
+App. F.2): each image is randomly flipped and warped by a random affine map, and the network is
+conditioned on a label that describes the transform, so that it learns the clean distribution
+too and is sampled with the label at zero. :class:`EDMAugment` reproduces that pipeline draw for
+draw: after ``torch.manual_seed(s)``, ``EDMAugment(...)(x, torch.default_generator)`` gives the
+labels and (to float32 rounding) the images of the reference implementation with the same
+settings.
 
 Only EDM's flips and fractional (resampled) geometric transforms exist here; its integer
 rotations and translations and its colour transforms are not implemented.
@@ -72,6 +73,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from meanflow.data.checks import check_generator
 from meanflow.errors import ConfigError
 
 __all__ = ["EDMAugment"]
@@ -179,9 +181,7 @@ class EDMAugment:
                     else type(x).__name__)
             raise ConfigError(f"augmentation needs a (B, C, H, W) floating tensor, got {what}; "
                               "convert images to float in [-1, 1] first")
-        if not isinstance(generator, torch.Generator):
-            raise ConfigError(f"generator must be a torch.Generator, got "
-                              f"{type(generator).__name__}; pass torch.Generator().manual_seed(s)")
+        check_generator(generator, cpu_only=False)
         B, _, H, W = x.shape
         flips, sampling, labels = self._draw(B, H, W, generator)
         out = x

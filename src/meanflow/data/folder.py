@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from meanflow.data.images import ImageArray, _one_line
+from meanflow.data.checks import one_line
+from meanflow.data.images import ImageArray
 from meanflow.errors import ConfigError, DataError
 
 __all__ = ["load_image_folder", "FolderImages", "adm_center_crop", "IMAGE_SUFFIXES",
@@ -169,10 +170,10 @@ def read_image(file: str | os.PathLike[str], channels: int | None = None,
                 image = adm_center_crop(image, resolution)
             pixels = np.asarray(image, dtype=np.uint8)
     except Image.DecompressionBombError as exc:
-        raise DataError(f"{file} is too large to read safely ({_one_line(exc)}); shrink it "
+        raise DataError(f"{file} is too large to read safely ({one_line(exc)}); shrink it "
                         "or remove it from the folder") from None
     except (OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"cannot read image {file} ({_one_line(exc)}): it is corrupt or not "
+        raise DataError(f"cannot read image {file} ({one_line(exc)}): it is corrupt or not "
                         "an image; replace or remove it") from None
     return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
 

@@ -21,8 +21,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from meanflow.data.toy import _check_batch_args, _check_take_args
+from meanflow.data.checks import check_batch_args, check_labels, check_take_args, one_line
 from meanflow.errors import ConfigError, DataError
+from meanflow.pixels import from_uint8
 
 __all__ = ["ImageArray", "FASHION_MNIST_ROOT", "CIFAR10_TRAIN", "CIFAR10_TEST"]
 
@@ -51,24 +52,19 @@ _GZIP_MAGIC = b"\x1f\x8b"
 _CHANNELS = (1, 3, 4)
 
 
-def _one_line(exc: BaseException) -> str:
-    """Return the message of ``exc`` squeezed onto one line."""
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__
-
-
 class ImageArray:
     """``N`` images of shape ``(C, H, W)``, optionally labelled: a finite
     :class:`~meanflow.data.BatchSource` (``take`` gives chosen images, ``batch`` draws them
     uniformly with replacement).
 
-    Images are stored as ``uint8`` and mapped per batch to float32 ``x / 127.5 - 1`` (so
-    ``0 -> -1`` and ``255 -> 1``).
+    Images are stored as ``uint8`` and mapped per batch to float32 in ``[-1, 1]`` by
+    :func:`meanflow.pixels.from_uint8` (``x / 127.5 - 1``: ``0 -> -1`` and ``255 -> 1``).
 
     Args:
         images: ``(N, C, H, W)`` ``uint8`` tensor, ``N >= 1``.
-        labels: optional ``(N,)`` integer tensor of non-negative class labels; stored as int64.
-            ``num_classes`` is ``max(labels) + 1``.
+        labels: optional ``(N,)`` non-negative class labels (an integer tensor, or a float
+            tensor holding whole numbers); stored as int64. ``num_classes`` is
+            ``max(labels) + 1``.
         hflip: if true, each drawn image is mirrored left-right with probability 1/2 (drawn
             from the generator given to ``batch`` or ``take``).
 
@@ -96,7 +92,7 @@ class ImageArray:
         #: ``(N, C, H, W)`` uint8 images.
         self.images: Tensor = images.detach().cpu().contiguous()
         #: ``(N,)`` int64 labels, or ``None``.
-        self.labels: Tensor | None = None if labels is None else _check_labels(labels, n)
+        self.labels: Tensor | None = None if labels is None else check_labels(labels, n, "image")
         #: Whether batches are randomly mirrored left-right.
         self.hflip: bool = hflip
         #: Shape of one sample, ``(C, H, W)``.
@@ -117,7 +113,7 @@ class ImageArray:
             ``x`` of shape ``(B, C, H, W)`` float32 in ``[-1, 1]`` and ``y`` of shape ``(B,)``
             int64, or ``None`` when there are no labels.
         """
-        _check_batch_args(batch_size, generator)
+        check_batch_args(batch_size, generator)
         index = torch.randint(0, self.images.shape[0], (batch_size,), generator=generator)
         return self.take(index, generator)
 
@@ -129,13 +125,13 @@ class ImageArray:
             ``x`` of shape ``(B, C, H, W)`` float32 in ``[-1, 1]`` and ``y`` of shape ``(B,)``
             int64, or ``None`` when there are no labels.
         """
-        index = _check_take_args(indices, len(self), generator)
+        index = check_take_args(indices, len(self), generator)
         x = self.images[index]
         if self.hflip:
             flip = torch.randint(0, 2, (index.shape[0],), generator=generator).bool()
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         y = None if self.labels is None else self.labels[index]
-        return x.to(torch.float32) / 127.5 - 1.0, y
+        return from_uint8(x), y
 
     def __repr__(self) -> str:
         c, h, w = self.shape
@@ -229,7 +225,7 @@ class ImageArray:
                 y = np.asarray(batch[b"labels"], dtype=np.int64)
             except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError,
                     AttributeError, IndexError) as exc:
-                raise DataError(f"{file} is not a CIFAR-10 batch ({_one_line(exc)}); "
+                raise DataError(f"{file} is not a CIFAR-10 batch ({one_line(exc)}); "
                                 "re-download cifar-10-python.tar.gz") from None
             if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 \
                     or y.shape != (data.shape[0],):
@@ -265,7 +261,7 @@ class ImageArray:
         try:
             loaded = np.load(file, allow_pickle=False)
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-            raise DataError(f"cannot read {file}: {_one_line(exc)}; "
+            raise DataError(f"cannot read {file}: {one_line(exc)}; "
                             "save the images with np.savez") from None
         if not isinstance(loaded, np.lib.npyio.NpzFile):
             raise DataError(f"{file} is a single .npy array, not a .npz archive; "
@@ -282,7 +278,7 @@ class ImageArray:
                 x = archive[key]
                 y = archive[labels_key] if labels_key in keys else None
             except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-                raise DataError(f"cannot read {file}: {_one_line(exc)}; "
+                raise DataError(f"cannot read {file}: {one_line(exc)}; "
                                 "save plain numeric arrays with np.savez") from None
         if x.dtype != np.uint8:
             raise DataError(f"{file}: images {key!r} have dtype {x.dtype}, need uint8; "
@@ -312,23 +308,6 @@ class ImageArray:
             raise DataError(f"{file}: {exc}") from None
 
 
-def _check_labels(y: Tensor, n: int) -> Tensor:
-    """Validate labels for ``n`` images and return them as an ``(n,)`` int64 CPU tensor."""
-    if not isinstance(y, Tensor):
-        raise DataError(f"labels must be a torch.Tensor, got {type(y).__name__}; "
-                        "convert them with torch.as_tensor")
-    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-        raise DataError(f"labels have dtype {y.dtype}; give non-negative integer labels")
-    if y.dim() != 1 or y.shape[0] != n:
-        raise DataError(f"labels have shape {tuple(y.shape)} for {n} images; "
-                        "give one integer label per image")
-    labels = y.detach().cpu().to(torch.int64).contiguous()
-    if bool((labels < 0).any()):
-        raise DataError(f"labels contain negative values (min {int(labels.min())}); "
-                        "give labels in [0, number of classes)")
-    return labels
-
-
 def _read_idx(file: Path, magic: int, what: str) -> np.ndarray:
     """Read an IDX file of ``uint8`` data with the given magic number; return its array."""
     if not file.is_file():
@@ -339,7 +318,7 @@ def _read_idx(file: Path, magic: int, what: str) -> np.ndarray:
         if raw[:2] == _GZIP_MAGIC:
             raw = gzip.decompress(raw)
     except (OSError, EOFError, zlib.error) as exc:
-        raise DataError(f"cannot read {file}: {_one_line(exc)} (truncated or corrupt?); "
+        raise DataError(f"cannot read {file}: {one_line(exc)} (truncated or corrupt?); "
                         "download the file again") from None
     ndim = 3 if magic == _IDX_IMAGES_MAGIC else 1
     header = 4 + 4 * ndim

@@ -1,4 +1,4 @@
-"""VAE latents in shards, resampled from the stored posterior at every draw (SPEC §2).
+"""VAE latents in shards, resampled from the stored posterior at every draw (docs/method.md §10).
 
 A *latent folder* is written by ``meanflow prepare-latents`` (:mod:`meanflow.latents`)::
 
@@ -21,7 +21,7 @@ path or hub id given, ``sha256`` of its weights file, ``config``), ``resolution`
 ``fid_extractor``.
 
 :class:`LatentShards` draws ``x = (mean + std * e) * scale``, e ~ N(0, I), at every batch (the
-paper resamples the posterior each step), with the images' labels.
+ImageNet recipe draws a new latent from the posterior at every step), with the images' labels.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from meanflow.data.toy import _check_batch_args, _check_take_args
+from meanflow.data.checks import check_batch_args, check_scale, check_take_args, one_line
 from meanflow.errors import ConfigError, DataError
 
 __all__ = ["LatentShards", "LATENT_FORMAT", "LATENT_VERSION", "INDEX_NAME", "shard_name",
@@ -78,7 +78,7 @@ def read_latent_index(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise DataError(f"{file} not found: make the latents with meanflow prepare-latents"
                         ) from None
     except (OSError, ValueError) as exc:
-        raise DataError(f"cannot read {file} ({' '.join(str(exc).split())}); rerun meanflow "
+        raise DataError(f"cannot read {file} ({one_line(exc)}); rerun meanflow "
                         "prepare-latents into that folder") from None
     if not isinstance(index, dict) or index.get("format") != LATENT_FORMAT:
         raise DataError(f"{file} is not a latent index (format {LATENT_FORMAT!r}); make one "
@@ -94,7 +94,7 @@ class LatentShards:
 
     Args:
         path: the folder written by ``meanflow prepare-latents``, or its ``index.json``.
-        sample_posterior: draw ``mean + std * e`` (True, the paper) or use ``mean`` only.
+        sample_posterior: draw ``mean + std * e`` (True, the ImageNet recipe) or use ``mean`` only.
         scale: multiplies every draw; default the folder's ``scale`` (0.18215 for SD-VAE).
         in_memory: read every shard's mean and std into memory (True), read the drawn rows
             from the memory-mapped shards (False), or decide by size (None: up to 4 GiB).
@@ -116,10 +116,7 @@ class LatentShards:
         if not self.index.get("complete"):
             raise DataError(f"the latents in {self.root} are incomplete (a preparation was "
                             "stopped): rerun the same meanflow prepare-latents command to finish")
-        scale = self.index["scale"] if scale is None else scale
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
-            raise ConfigError(f"scale={scale!r} must be a positive number, e.g. 0.18215")
-        self.scale = float(scale)
+        self.scale = check_scale(self.index["scale"] if scale is None else scale)
         self.sample_posterior = sample_posterior
         self.shape: tuple[int, ...] = tuple(int(n) for n in self.index["latent_shape"])
         self.vae: dict[str, Any] = dict(self.index.get("vae") or {})
@@ -160,7 +157,7 @@ class LatentShards:
         try:
             return safe_open(str(file), framework="pt")
         except Exception as exc:  # SafetensorError and OSError
-            raise DataError(f"cannot read latent shard {file} ({' '.join(str(exc).split())}); "
+            raise DataError(f"cannot read latent shard {file} ({one_line(exc)}); "
                             "delete it and rerun meanflow prepare-latents") from None
 
     def _handle(self, shard: int) -> Any:
@@ -201,7 +198,7 @@ class LatentShards:
     def batch(self, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor | None]:
         """``(mean + std * e) * scale`` of ``batch_size`` images drawn with replacement, e
         drawn from ``generator`` too; (B, C, h, w) float32 and (B,) labels or None."""
-        _check_batch_args(batch_size, generator)
+        check_batch_args(batch_size, generator)
         index = torch.randint(0, len(self), (batch_size,), generator=generator)
         return self.take(index, generator)
 
@@ -209,7 +206,7 @@ class LatentShards:
         """``(mean + std * e) * scale`` of images ``indices`` (B,), e drawn from ``generator``
         (also without ``sample_posterior``, which then uses ``mean``); (B, C, h, w) float32
         and (B,) labels or None."""
-        index = _check_take_args(indices, len(self), generator)
+        index = check_take_args(indices, len(self), generator)
         noise = torch.randn((index.shape[0], *self.shape), generator=generator)
         mean, std = self.posterior(index)
         x = mean + std * noise if self.sample_posterior else mean

@@ -15,7 +15,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from meanflow.data.toy import _check_batch_args, _check_take_args
+from meanflow.data.checks import (check_batch_args, check_labels, check_numpy_file,
+                                  check_real_array, check_take_args, numpy_load_error,
+                                  one_line)
 from meanflow.errors import ConfigError, DataError
 
 __all__ = ["PointCloud", "POINT_FILE_SUFFIXES"]
@@ -24,22 +26,6 @@ __all__ = ["PointCloud", "POINT_FILE_SUFFIXES"]
 POINT_FILE_SUFFIXES: tuple[str, ...] = (".npy", ".npz", ".csv")
 
 _FILE_HINT = "give the path of a .npy/.npz/.csv file"
-
-
-def _one_line(exc: BaseException) -> str:
-    """Return the message of ``exc`` squeezed onto one line."""
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__
-
-
-def _as_real_array(array: np.ndarray, what: str) -> np.ndarray:
-    """Return ``array`` unchanged if its dtype is real numeric, else raise :class:`DataError`."""
-    kind = array.dtype.kind
-    if kind not in "iuf":
-        raise DataError(
-            f"{what} has dtype {array.dtype}, not real numbers; save a float or int array"
-        )
-    return array
 
 
 class PointCloud:
@@ -75,7 +61,7 @@ class PointCloud:
         if not bool(torch.isfinite(data).all()):
             raise DataError("points contain NaN or infinite values (or values beyond float32 "
                             "range); remove or fix those rows")
-        labels = None if y is None else self._check_labels(y, n)
+        labels = None if y is None else check_labels(y, n, "point")
         #: ``(N, D)`` float32 points.
         self.data: Tensor = data
         #: ``(N,)`` int64 labels, or ``None``.
@@ -84,34 +70,6 @@ class PointCloud:
         self.shape: tuple[int, ...] = (d,)
         #: ``max(labels) + 1``, or ``None`` without labels.
         self.num_classes: int | None = None if labels is None else int(labels.max()) + 1
-
-    @staticmethod
-    def _check_labels(y: Tensor, n: int) -> Tensor:
-        """Validate labels for ``n`` points and return them as a ``(n,)`` int64 CPU tensor."""
-        if not isinstance(y, Tensor):
-            raise DataError(f"labels must be a torch.Tensor, got {type(y).__name__}; "
-                            "convert them with torch.as_tensor")
-        if y.dim() != 1:
-            raise DataError(f"labels must be 1-D (N,), got shape {tuple(y.shape)}; "
-                            "give one integer label per point")
-        if y.shape[0] != n:
-            raise DataError(f"got {y.shape[0]} labels for {n} points; "
-                            "give exactly one label per point")
-        if y.is_complex() or y.dtype == torch.bool:
-            raise DataError(f"labels have dtype {y.dtype}; give non-negative integer labels")
-        y = y.detach().cpu()
-        if y.is_floating_point():
-            y64 = y.to(torch.float64)
-            if not bool(torch.isfinite(y64).all()) or not bool((y64 == y64.round()).all()):
-                raise DataError("labels are not whole numbers; give non-negative integer labels")
-            if bool((y64.abs() > 2**53).any()):
-                raise DataError("labels are too large; give labels in [0, number of classes)")
-            y = y64
-        labels = y.to(torch.int64)
-        if bool((labels < 0).any()):
-            raise DataError(f"labels contain negative values (min {int(labels.min())}); "
-                            "give labels in [0, number of classes)")
-        return labels.contiguous()
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str], labels: str | None = None) -> PointCloud:
@@ -166,14 +124,14 @@ class PointCloud:
             ``x`` of shape ``(B, D)`` float32 and ``y`` of shape ``(B,)`` int64, or ``None``
             when there are no labels.
         """
-        _check_batch_args(batch_size, generator)
+        check_batch_args(batch_size, generator)
         index = torch.randint(0, self.data.shape[0], (batch_size,), generator=generator)
         return self.take(index, generator)
 
     def take(self, indices: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor | None]:
         """Points ``indices`` (B,): ``x`` (B, D) float32 and ``y`` (B,) int64 or ``None``.
         Nothing is random here; ``generator`` is taken for the protocol's sake."""
-        index = _check_take_args(indices, len(self), generator)
+        index = check_take_args(indices, len(self), generator)
         y = None if self.labels is None else self.labels[index]
         return self.data[index], y
 
@@ -182,61 +140,29 @@ class PointCloud:
         return f"PointCloud(N={n}, D={d}, num_classes={self.num_classes})"
 
 
-_NPY_MAGIC = b"\x93NUMPY"
-_ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
-
-
-def _check_magic(file: Path, zipped: bool) -> None:
-    """Raise :class:`DataError` unless ``file`` starts like a ``.npy`` (or a zip, ``.npz``) file.
-
-    numpy treats any other content as a pickle; checking first gives a truthful message.
-    """
-    try:
-        with file.open("rb") as handle:
-            head = handle.read(len(_NPY_MAGIC))
-    except OSError as exc:
-        raise DataError(f"cannot read {file}: {_one_line(exc)}; {_FILE_HINT}") from None
-    kind, save = (".npz", "np.savez") if zipped else (".npy", "np.save")
-    if head.startswith(_ZIP_MAGICS if zipped else (_NPY_MAGIC,)):
-        return
-    if head[:1] == b"\x80":
-        raise DataError(f"{file} looks like a Python pickle, which is never loaded; "
-                        f"save a plain numeric array with {save}")
-    raise DataError(f"{file} is not a numpy {kind} file; save the points with {save}")
-
-
-def _refuse_load(file: Path, exc: BaseException) -> DataError:
-    """Build the :class:`DataError` for a ``.npy``/``.npz`` file numpy could not load."""
-    message = _one_line(exc)
-    if "pickle" in message.lower():
-        return DataError(f"{file} holds pickled Python objects, which are never loaded; "
-                         "save plain numeric arrays (np.save / np.savez)")
-    return DataError(f"cannot read {file}: {message}; {_FILE_HINT} saved by numpy")
-
-
 def _read_npy(file: Path, labels: str | None) -> tuple[np.ndarray, None]:
     """Read the ``(N, D)`` array of a ``.npy`` file."""
     if labels is not None:
         raise ConfigError(f"labels={labels!r} cannot apply to a .npy file ({file}); "
                           "save points and labels as keys 'x' and 'y' of a .npz file")
-    _check_magic(file, zipped=False)
+    check_numpy_file(file, zipped=False, what="points", hint=_FILE_HINT)
     try:
         array = np.load(file, allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:
-        raise _refuse_load(file, exc) from None
+        raise numpy_load_error(file, exc, _FILE_HINT) from None
     if array.ndim != 2:
         raise DataError(f"{file}: points must be a 2-D (N, D) array, got shape {array.shape}; "
                         "reshape them to one row per point")
-    return _as_real_array(array, f"{file}"), None
+    return check_real_array(array, f"{file}"), None
 
 
 def _read_npz(file: Path, labels: str | None) -> tuple[np.ndarray, np.ndarray | None]:
     """Read points (key ``"x"`` or the only array) and labels (``"y"`` or ``labels``)."""
-    _check_magic(file, zipped=True)
+    check_numpy_file(file, zipped=True, what="points", hint=_FILE_HINT)
     try:
         loaded = np.load(file, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise _refuse_load(file, exc) from None
+        raise numpy_load_error(file, exc, _FILE_HINT) from None
     with loaded as archive:
         keys = list(archive.files)
         if "x" in keys:
@@ -259,13 +185,13 @@ def _read_npz(file: Path, labels: str | None) -> tuple[np.ndarray, np.ndarray | 
             x = archive[x_key]
             y = None if y_key is None else archive[y_key]
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-            raise _refuse_load(file, exc) from None
-    x = _as_real_array(x, f"{file} key '{x_key}'")
+            raise numpy_load_error(file, exc, _FILE_HINT) from None
+    x = check_real_array(x, f"{file} key '{x_key}'")
     if x.ndim != 2:
         raise DataError(f"{file}: points '{x_key}' must be 2-D (N, D), got shape {x.shape}; "
                         "reshape them to one row per point")
     if y is not None:
-        y = _as_real_array(y, f"{file} key '{y_key}'")
+        y = check_real_array(y, f"{file} key '{y_key}'")
     return x, y
 
 
@@ -293,7 +219,7 @@ def _read_csv(file: Path, labels: str | None) -> tuple[np.ndarray, np.ndarray | 
     try:
         first_index, first = _first_data_line(file)
     except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"cannot read {file}: {_one_line(exc)}; {_FILE_HINT} in UTF-8") from None
+        raise DataError(f"cannot read {file}: {one_line(exc)}; {_FILE_HINT} in UTF-8") from None
     if first is None:
         raise DataError(f"{file} is empty; give a .csv file with one point per row")
     fields = [field.strip() for field in first.split(",")]
@@ -304,7 +230,7 @@ def _read_csv(file: Path, labels: str | None) -> tuple[np.ndarray, np.ndarray | 
             table = np.loadtxt(file, delimiter=",", dtype=np.float64, ndmin=2,
                                skiprows=first_index + 1 if header else 0, encoding="utf-8-sig")
     except (OSError, ValueError) as exc:
-        raise DataError(f"{file} is not a numeric table: {_one_line(exc)}; "
+        raise DataError(f"{file} is not a numeric table: {one_line(exc)}; "
                         "give comma-separated numbers with an optional header row") from None
     if table.shape[0] == 0:
         raise DataError(f"{file} has a header but no rows; add one point per row")

@@ -15,49 +15,10 @@ import math
 import torch
 from torch import Tensor
 
+from meanflow.data.checks import check_batch_args
 from meanflow.errors import ConfigError
 
 __all__ = ["EightGaussians", "Checkerboard", "TwoMoons", "Spirals"]
-
-
-def _check_batch_args(batch_size: int, generator: torch.Generator) -> None:
-    """Raise :class:`ConfigError` unless ``batch_size`` >= 1 and ``generator`` is a CPU one."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"batch_size must be a positive int, got {batch_size!r}; pass e.g. 256")
-    _check_generator(generator)
-
-
-def _check_take_args(indices: Tensor, size: int, generator: torch.Generator) -> Tensor:
-    """The ``indices`` of a ``take`` as a ``(B,)`` int64 CPU tensor; :class:`ConfigError`
-    unless they are a non-empty 1-D integer tensor with values in ``[0, size)`` and
-    ``generator`` is a CPU generator."""
-    if (not isinstance(indices, Tensor) or indices.dim() != 1 or indices.numel() < 1
-            or indices.is_floating_point() or indices.is_complex()
-            or indices.dtype == torch.bool):
-        shape = tuple(indices.shape) if isinstance(indices, Tensor) else type(indices).__name__
-        raise ConfigError(f"indices must be a non-empty 1-D integer tensor, got {shape}; "
-                          "pass e.g. torch.arange(16)")
-    _check_generator(generator)
-    index = indices.to("cpu", torch.int64)
-    low, high = int(index.min()), int(index.max())
-    if low < 0 or high >= size:
-        raise ConfigError(f"indices {low}..{high} fall outside the {size} samples: pass "
-                          f"indices in [0, {size})")
-    return index
-
-
-def _check_generator(generator: torch.Generator) -> None:
-    """Raise :class:`ConfigError` unless ``generator`` is a CPU :class:`torch.Generator`."""
-    if not isinstance(generator, torch.Generator):
-        raise ConfigError(
-            f"generator must be a torch.Generator, got {type(generator).__name__}; "
-            "pass torch.Generator().manual_seed(seed)"
-        )
-    if generator.device.type != "cpu":
-        raise ConfigError(
-            f"generator is on {generator.device}, batches are drawn on the CPU; "
-            "pass a CPU generator: torch.Generator().manual_seed(seed)"
-        )
 
 
 def _check_non_negative(name: str, value: float) -> float:
@@ -99,7 +60,7 @@ class EightGaussians:
         Returns:
             ``x`` of shape ``(B, 2)`` float32 and ``y`` of shape ``(B,)`` int64 in ``[0, 8)``.
         """
-        _check_batch_args(batch_size, generator)
+        check_batch_args(batch_size, generator)
         y = torch.randint(0, 8, (batch_size,), generator=generator)
         noise = torch.randn(batch_size, 2, generator=generator, dtype=torch.float32)
         x = self.centers[y] + self.std * noise
@@ -136,7 +97,7 @@ class Checkerboard:
         Returns:
             ``x`` of shape ``(B, 2)`` float32 and ``y`` of shape ``(B,)`` int64 in ``[0, 8)``.
         """
-        _check_batch_args(batch_size, generator)
+        check_batch_args(batch_size, generator)
         y = torch.randint(0, 8, (batch_size,), generator=generator)
         offset = 2.0 * torch.rand(batch_size, 2, generator=generator, dtype=torch.float32)
         return self.corners[y] + offset, y
@@ -168,7 +129,7 @@ class TwoMoons:
         Returns:
             ``x`` of shape ``(B, 2)`` float32 and ``y`` of shape ``(B,)`` int64 in ``{0, 1}``.
         """
-        _check_batch_args(batch_size, generator)
+        check_batch_args(batch_size, generator)
         y = torch.randint(0, 2, (batch_size,), generator=generator)
         t = math.pi * torch.rand(batch_size, generator=generator, dtype=torch.float32)
         noise = torch.randn(batch_size, 2, generator=generator, dtype=torch.float32)
@@ -212,7 +173,7 @@ class Spirals:
         Returns:
             ``x`` of shape ``(B, 2)`` float32 and ``y`` of shape ``(B,)`` int64 in ``{0, 1}``.
         """
-        _check_batch_args(batch_size, generator)
+        check_batch_args(batch_size, generator)
         y = torch.randint(0, 2, (batch_size,), generator=generator)
         s = torch.rand(batch_size, generator=generator, dtype=torch.float32).sqrt()
         noise = torch.randn(batch_size, 2, generator=generator, dtype=torch.float32)
