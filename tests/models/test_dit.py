@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from meanflow import JVP_STRATEGIES, ConfigError, MeanFlowLoss, average_velocity, time_derivative
+from meanflow import JVP_STRATEGIES, ConfigError
 from meanflow.models import MODELS, build_model, build_model_for_data
 
 TINY = dict(in_channels=3, input_size=8, num_classes=5, patch=2, depth=2, width=32, heads=2)
@@ -24,7 +24,7 @@ def tiny_dit(**kw) -> torch.nn.Module:
 @pytest.mark.parametrize("name,paper_millions", [
     ("dit-b/4", 131), ("dit-b/2", 131), ("dit-m/2", 308), ("dit-l/2", 459), ("dit-xl/2", 676)])
 def test_parameter_counts_match_the_paper(name, paper_millions):
-    """Within 1 % of SPEC §2's table at 32×32×4 latents, 1000 classes (built on meta)."""
+    """Within 1 % of the paper's Tab. 2 at 32×32×4 latents, 1000 classes (built on meta)."""
     with torch.device("meta"):
         net = build_model(name, in_channels=4, input_size=32, num_classes=1000)
     count = sum(p.numel() for p in net.parameters()) / 1e6

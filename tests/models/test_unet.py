@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from meanflow import JVP_STRATEGIES, ConfigError, MeanFlowLoss, average_velocity, time_derivative
+from meanflow import JVP_STRATEGIES, ConfigError, time_derivative
 from meanflow.models.unet import UNET_PRESETS, UNet, UNetConfig
 
 TINY = dict(in_channels=3, input_size=8, num_classes=5, channels=8, channel_mult=[1, 2],

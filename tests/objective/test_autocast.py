@@ -1,5 +1,5 @@
-"""bf16 autocast: every objective and du/dt strategy runs and back-propagates (SPEC §4 names
-bf16 as the precision path), and du/dt stays close to the fp32 value."""
+"""bf16 autocast: every objective and du/dt strategy runs and back-propagates (bf16 is the
+precision path, docs/design.md, precision), and du/dt stays close to the fp32 value."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Classifier-free guidance trained into the target (SPEC §1, paper Eq. 13-19):
+"""Classifier-free guidance trained into the target (paper Eq. 13-19, docs/method.md §8):
 
     ṽ = ω·v + κ·u(z_t, t, t | y) + (1 - ω - κ)·u(z_t, t, t | ∅),
 
@@ -177,7 +177,7 @@ def test_fixed_point_of_guidance_has_the_effective_scale(omega, kappa):
 
 
 def test_effective_guidance_scale_property():
-    """ω' = ω / (1 - κ) for the paper's settings (SPEC §2)."""
+    """ω' = ω / (1 - κ) for the paper's settings (Tab. 2; docs/method.md §10)."""
     for omega, kappa, expected in [(1.0, 0.0, 1.0), (3.0, 0.0, 3.0), (1.0, 0.5, 2.0),
                                    (0.2, 0.92, 2.5)]:
         loss_fn = MeanFlowLoss(omega=omega, kappa=kappa, num_classes=K)

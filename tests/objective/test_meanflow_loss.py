@@ -84,7 +84,7 @@ def test_oracle_is_the_exact_flow_of_the_marginal_velocity(s, gaussian_oracle):
 @pytest.mark.parametrize("s", [0.5, 1.0, 2.0])
 @pytest.mark.parametrize("strategy", JVP_STRATEGIES)
 def test_oracle_satisfies_the_meanflow_identity(strategy, s, gaussian_oracle):
-    """u = v_marg - (t - r)·du/dt with du/dt along (v_marg, 0, 1) (SPEC §1), for the exact u of
+    """u = v_marg - (t - r)·du/dt with du/dt along (v_marg, 0, 1) (paper §4.1), for the exact u of
     Gaussian data: residual at round-off. The wrong tangent (v_marg, 0, 0) breaks it."""
     oracle = gaussian_oracle(M2, s)
     g = gen(1)

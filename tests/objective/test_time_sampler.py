@@ -1,4 +1,4 @@
-"""The (r, t) sampler against its distribution (SPEC §1, paper §4.3).
+"""The (r, t) sampler against its distribution (paper §4.3, docs/method.md §7).
 
 Statistical tolerances are a few standard errors with a fixed seed, so the tests are both
 deterministic and able to fail for a wrong distribution.

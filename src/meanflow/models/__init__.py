@@ -18,8 +18,8 @@ from meanflow.models.dit import DIT_SIZES, DiT, DiTConfig
 from meanflow.models.mlp import MLP, MLPConfig
 from meanflow.models.unet import UNET_PRESETS, UNet, UNetConfig
 
-__all__ = ["MODELS", "build_model", "build_model_for_data", "MLP", "MLPConfig", "DiT",
-           "DiTConfig", "UNet", "UNetConfig"]
+__all__ = ["MODELS", "build_model", "build_model_for_data", "backbone_family", "MLP",
+           "MLPConfig", "DiT", "DiTConfig", "UNet", "UNetConfig"]
 
 # name -> (config dataclass, module class, preset values of the config)
 MODELS: dict[str, tuple[type, Callable[[Any], nn.Module], dict[str, Any]]] = {
@@ -74,3 +74,19 @@ def build_model_for_data(name: str, sample_shape: tuple[int, ...], num_classes: 
             raise ConfigError(f"model option {key}={options[key]!r} contradicts the data "
                               f"({key}={value!r}): remove it from model.options")
     return build_model(name, **{**options, **derived})
+
+
+def backbone_family(net: object) -> str | None:
+    """"unet", "dit" or "mlp" for a backbone of this package, also inside a DDP/FSDP wrapper
+    (``.module``) or a ``torch.compile``'d module (``._orig_mod``); None for anything else."""
+    for _ in range(4):                                   # wrappers nest a few levels at most
+        for cls, family in ((UNet, "unet"), (DiT, "dit"), (MLP, "mlp")):
+            if isinstance(net, cls):
+                return family
+        inner = getattr(net, "module", None)
+        if not isinstance(inner, nn.Module):
+            inner = getattr(net, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return None
+        net = inner
+    return None

@@ -1,11 +1,11 @@
 """Fused forward-mode (JVP) attention: one Triton kernel for the tangent of softmax attention.
 
-:func:`attention_jvp_triton` has the structure of :func:`meanflow.models.attention.attention_jvp`
-(an ``autograd.Function`` whose primal is the fused ``scaled_dot_product_attention`` and whose
-backward recomputes the attention with grad), but its forward-AD rule launches one Triton
-kernel. For each (batch, head, block of queries) the kernel streams over blocks of keys with an
-online softmax, accumulating in fp32 (m = running row maximum, e_j = exp(s_j − m), rescaled
-whenever m grows)::
+:func:`attention_jvp_triton` has the structure of
+:func:`meanflow.models.attention_jvp.attention_jvp` (it subclasses its ``AttentionJVPFn``: the
+primal is the fused ``scaled_dot_product_attention`` and the backward recomputes the attention
+with grad), but its forward-AD rule launches one Triton kernel. For each (batch, head, block of
+queries) the kernel streams over blocks of keys with an online softmax, accumulating in fp32
+(m = running row maximum, e_j = exp(s_j − m), rescaled whenever m grows)::
 
     s = q·k/√d,  ds = (dq·k + q·dk)/√d
     l = Σ_j e_j,  A = Σ_j e_j v_j,  T = Σ_j e_j dv_j + Σ_j e_j ds_j v_j,  g = Σ_j e_j ds_j
@@ -21,13 +21,15 @@ differentiable (MeanFlow detaches du/dt). ``torch.func.jvp`` hands the rule tens
 its level: the kernel runs on their data with functorch's stack cleared. Under ``vmap`` the rule
 falls back to the chunked one (the kernel takes plain tensors; the chunked rule's torch ops can
 be batched). Not checked under ``torch.compile``, which can drop a custom ``jvp`` silently
-(JVP-NOTES): check compiled code with ``check_attention_jvp(fn=...)``. The default tiles are
-chosen from ptxas' register/spill report, not from timings; pass ``block_m``/``block_n`` to tune.
+(docs/design.md, torch.compile): check compiled code with ``check_attention_jvp(fn=...)``. The
+default tiles are chosen from ptxas' register/spill report, not from timings; pass
+``block_m``/``block_n`` to tune.
 
 triton is imported here, guarded: ``import meanflow`` never imports it (``attention.py`` imports
-this module only when the "triton" JVP attention is used). It needs a CUDA GPU, or Triton's
-interpreter for tests on CPU: set ``TRITON_INTERPRET=1`` before triton is first imported and
-pass CPU tensors (slow; use small sizes).
+this module only when the "triton" JVP attention is chosen or runs). This module imports
+``attention_jvp``, never ``attention``, so the import graph has no cycle. It needs a CUDA GPU,
+or Triton's interpreter for tests on CPU: set ``TRITON_INTERPRET=1`` before triton is first
+imported and pass CPU tensors (slow; use small sizes).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from meanflow.models.attention import _AttentionJVPFn
+from meanflow.models.attention_jvp import AttentionJVPFn, chunked_tangent
 
 try:  # private, but what functorch itself uses to run code below its transforms
     from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack as _no_functorch
@@ -337,7 +339,7 @@ class _Launch:
     saved_out: bool = False
 
 
-class _TritonAttentionJVPFn(_AttentionJVPFn):
+class _TritonAttentionJVPFn(AttentionJVPFn):
     """O = softmax(Q Kᵀ/√d) V through fused SDPA (forward, and the recomputing backward, are the
     chunked function's), with the fused Triton kernel as the forward-AD rule. The last input is
     a :class:`_Launch` instead of the chunk size. Under vmap (batched tensors) the rule falls
@@ -353,11 +355,7 @@ class _TritonAttentionJVPFn(_AttentionJVPFn):
         q, k, v, out = ctx.saved_tensors
         plain = [_plain(t) for t in (q, k, v, out, q_t, k_t, v_t)]
         if any(t is False for t in plain) or _no_functorch is None:
-            launch, ctx.chunk = ctx.chunk, None
-            try:
-                return _AttentionJVPFn.jvp(ctx, q_t, k_t, v_t)
-            finally:
-                ctx.chunk = launch
+            return chunked_tangent(ctx, q_t, k_t, v_t, None)     # default chunk size
         q, k, v, out, q_t, k_t, v_t = plain
         launch = ctx.chunk
         # with functorch's levels cleared, new tensors (the output) are not wrapped again

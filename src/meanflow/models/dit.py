@@ -1,15 +1,16 @@
-"""DiT backbone (Peebles & Xie 2023) as the MeanFlow paper uses it (SPEC §2).
+"""DiT backbone (Peebles & Xie 2023) as the MeanFlow paper uses it (docs/method.md §10).
 
 adaLN-Zero blocks, MLP ratio 4, tanh-GELU, LayerNorm without affine (eps 1e-6), fixed 2-D
 sin-cos positions, zero-initialised modulation and output layers, and separate t and h
 embedders summed with the label embedding (null class = ``num_classes``). Named sizes follow
-SPEC §2: ``dit-s/2`` ... ``dit-xl/8``.
+the DiT paper and the MeanFlow paper's Tab. 2: ``dit-s/2`` ... ``dit-xl/8``.
 
 Contract: ``net(z, t, h, y=None)`` with z (B, C, H, W) and t, h (B,); output (B, C, H, W).
 
 Attention runs through the fused ``scaled_dot_product_attention`` in an ordinary forward, and
-through an explicit softmax when a forward-mode tangent is present (no fused kernel has a JVP
-rule, SPEC §4) or grad mode is off (the split strategies' JVP pass).
+through its JVP-pass implementation (``math`` by default, ``chunked`` or ``triton``) when a
+forward-mode tangent is present: no fused kernel has a JVP rule (see
+:mod:`meanflow.models.forward_mode`).
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ from meanflow.errors import ConfigError
 from meanflow.models.attention import Attention
 from meanflow.models.checks import check_common
 from meanflow.models.embeddings import LabelEmbedder, TimeEmbedder, init_embedders
-from meanflow.models.layers import Linear, layer_norm, use_lean
+from meanflow.models.forward_mode import use_lean
+from meanflow.models.layers import Linear, layer_norm
 
 __all__ = ["DiTConfig", "DiT", "DIT_SIZES", "sincos_2d"]
 
-# name -> (depth, width, heads), SPEC §2 and the DiT paper
+# name -> (depth, width, heads): the DiT paper and the MeanFlow paper's Tab. 2
 DIT_SIZES = {"s": (12, 384, 6), "b": (12, 768, 12), "m": (16, 1024, 16),
              "l": (24, 1024, 16), "xl": (28, 1152, 16)}
 
@@ -73,8 +75,9 @@ def sincos_2d(width: int, grid: int) -> Tensor:
 
 
 def _layer_norm(x: Tensor) -> Tensor:
-    # No affine parameters (SPEC §2); also the form a compiled JVP accepts (JVP-NOTES). JVP
-    # passes and sampling (outside autocast) take the lean forward-AD rule of layers.layer_norm.
+    # No affine parameters (the paper's DiT); also the form a compiled JVP accepts
+    # (docs/design.md, backbones). JVP passes and sampling (outside autocast) take the lean
+    # forward-AD rule of layers.layer_norm.
     if use_lean(x) and not torch.is_autocast_enabled(x.device.type):
         return layer_norm(x, 1e-6)
     return F.layer_norm(x, x.shape[-1:], eps=1e-6)
@@ -106,7 +109,7 @@ class DiT(nn.Module):
         self.grid = cfg.input_size // p
         self.patch_embed = Linear(cfg.in_channels * p * p, D)      # = a stride-p conv
         self.register_buffer("pos", sincos_2d(D, self.grid)[None], persistent=False)
-        # DiT's frequencies (1 down to 1e-4) on raw t and h in [0, 1] (SPEC §1: no ×1000).
+        # DiT's frequencies (1 down to 1e-4) on raw t and h in [0, 1] (docs/method.md §4: no ×1000).
         self.t_embed = TimeEmbedder(D, 256, max_freq=1.0, min_freq=1e-4)
         self.h_embed = TimeEmbedder(D, 256, max_freq=1.0, min_freq=1e-4)
         if cfg.num_classes is not None:

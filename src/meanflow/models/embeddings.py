@@ -13,7 +13,7 @@ __all__ = ["SinusoidalEmbedding", "TimeEmbedder", "LabelEmbedder", "init_embedde
 
 
 class SinusoidalEmbedding(nn.Module):
-    """Raw time s in [0, 1] (no ×1000 scaling, SPEC §1) -> [sin(ω_i s), cos(ω_i s)].
+    """Raw time s in [0, 1] (no ×1000 scaling, docs/method.md §4) -> [sin(ω_i s), cos(ω_i s)].
 
     The angular frequencies ω_i are geometric from ``min_freq`` to ``max_freq``.
     (B,) -> (B, dim).

@@ -2,11 +2,15 @@
 
 PyTorch's forward-AD rule for ``addmm`` multiplies the input by a *materialised zero* tangent
 for the weights even when the weights carry none, so an eager JVP pays an extra GEMM per layer
-(see README, Results, and ``benchmarks/step_cost.py``). :class:`Linear` computes the same
-function through an ``autograd.Function`` whose ``jvp`` skips absent tangents: for an input
-tangent ẋ it is just ẋ·Wᵀ. Values, gradients and tangents are those of ``torch.nn.Linear``.
-:class:`Conv2d` does the same for convolutions, whose native rule costs up to three
-convolutions per layer (JVP-NOTES) where one is needed.
+(measured in docs/design.md, with ``benchmarks/step_cost.py``). :class:`Linear` computes the
+same function through an ``autograd.Function`` whose ``jvp`` skips absent tangents: for an
+input tangent ẋ it is just ẋ·Wᵀ. Values, gradients and tangents are those of
+``torch.nn.Linear``. :class:`Conv2d` does the same for convolutions, whose native rule costs up
+to three convolutions per layer where one is needed; :func:`group_norm` and :func:`layer_norm`
+have exact rules of a few fused passes; :func:`dropout` has a one-multiply rule.
+
+When each layer takes its lean path (:func:`meanflow.models.forward_mode.use_lean`), and why
+they all step aside while torch.compile traces: see :mod:`meanflow.models.forward_mode`.
 """
 
 from __future__ import annotations
@@ -16,39 +20,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd import forward_ad
 
-__all__ = ["Linear", "linear", "Conv2d", "conv2d", "group_norm", "layer_norm", "has_tangent",
-           "use_lean", "in_forward_ad_pass"]
+from meanflow.models.forward_mode import use_lean
 
-
-def has_tangent(x: Tensor) -> bool:
-    """True inside torch.func.jvp (functorch-wrapped) or for a forward-AD dual tensor."""
-    return (torch._C._functorch.is_functorch_wrapped_tensor(x)
-            or forward_ad.unpack_dual(x).tangent is not None)
-
-
-# How many forward-AD JVP passes (objective.jvp's dual-tensor passes) are running. Under
-# torch.compile a dual tensor cannot be recognised while tracing, so layers read this instead.
-FORWARD_AD_PASSES = [0]
-
-
-def in_forward_ad_pass() -> bool:
-    """True inside a dual-tensor JVP pass of ``meanflow.objective.jvp``."""
-    return FORWARD_AD_PASSES[0] > 0
-
-
-def use_lean(x: Tensor) -> bool:
-    """Whether a layer takes its lean ``autograd.Function``: always without grad (the split
-    strategies' JVP pass, sampling), and with grad only when ``x`` carries a forward-mode
-    tangent (the joint strategies' one pass, whose native rules would pay for the parameters'
-    zero tangents). A plain training forward keeps the native kernels and backward.
-
-    Never while ``torch.compile`` traces: it drops a custom Function's ``jvp`` rule (JVP-NOTES),
-    so compiled code takes PyTorch's own rules, which it traces and fuses."""
-    if torch.compiler.is_compiling():
-        return False
-    return not torch.is_grad_enabled() or has_tangent(x)
+__all__ = ["Linear", "linear", "Conv2d", "conv2d", "group_norm", "layer_norm", "dropout"]
 
 
 class _LinearFn(torch.autograd.Function):
@@ -216,7 +191,7 @@ class _GroupNormFn(torch.autograd.Function):
 
     For one group with n elements, y = (x − μ)·ρ (ρ = 1/σ) has the tangent
     ẏ = ρ·ẋ − ρ·mean(ẋ) − y·ρ·mean(y·ẋ): exact, no approximation. PyTorch's own rule for
-    ``native_group_norm`` decomposes into about twenty kernels (JVP-NOTES); this one makes a
+    ``native_group_norm`` decomposes into about twenty kernels (docs/design.md); this one makes a
     sum, a batched dot product, y, and two ``addcmul`` per call. The output tangent is
     A·ẋ + C·y + B with per-(sample, channel) coefficients that fold the weight in.
     """

@@ -49,7 +49,8 @@ from torch import Tensor, nn
 from meanflow.errors import ConfigError
 from meanflow.models.attention import Attention
 from meanflow.models.checks import check_common
-from meanflow.models.layers import Conv2d, Linear, conv2d, dropout, group_norm, use_lean
+from meanflow.models.forward_mode import use_lean
+from meanflow.models.layers import Conv2d, Linear, conv2d, dropout, group_norm
 
 __all__ = ["UNetConfig", "UNet", "UNET_PRESETS", "ResBlock", "fir_filter"]
 

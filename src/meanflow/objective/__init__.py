@@ -1,11 +1,13 @@
 """Training objectives: MeanFlow (average velocity) and its flow-matching baseline."""
 
 from meanflow.objective.flow_matching import FlowMatchingLoss
-from meanflow.objective.jvp import JVP_STRATEGIES, time_derivative, u_and_dudt
+from meanflow.objective.jvp import (JVP_CHOICES, JVP_STRATEGIES, TANGENTS, JVPStrategy,
+                                    resolve_jvp, time_derivative, u_and_dudt)
 from meanflow.objective.meanflow_loss import (MeanFlowLoss, adaptive_weight, average_velocity,
                                               guided_velocity)
 from meanflow.objective.time_sampler import ROW_LAYOUTS, TIME_SAMPLERS, TimeSampler
 
 __all__ = ["MeanFlowLoss", "FlowMatchingLoss", "TimeSampler", "TIME_SAMPLERS", "ROW_LAYOUTS",
-           "JVP_STRATEGIES", "time_derivative", "u_and_dudt", "average_velocity",
-           "guided_velocity", "adaptive_weight"]
+           "JVP_STRATEGIES", "JVP_CHOICES", "TANGENTS", "JVPStrategy", "resolve_jvp",
+           "time_derivative", "u_and_dudt", "average_velocity", "guided_velocity",
+           "adaptive_weight"]

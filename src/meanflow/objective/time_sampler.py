@@ -1,4 +1,4 @@
-"""Sampling of the time pair (r, t) with 0 <= r <= t <= 1 (SPEC §1, paper §4.3).
+"""Sampling of the time pair (r, t) with 0 <= r <= t <= 1 (paper §4.3; docs/method.md §7).
 
 Time convention used everywhere in meanflow: **t = 0 is data, t = 1 is noise**.
 """
@@ -11,27 +11,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from meanflow.errors import ConfigError
+from meanflow.objective.checks import (ROW_LAYOUTS, check_choice, check_number,
+                                       check_row_layout)
 
+# check_row_layout and ROW_LAYOUTS live in objective/checks.py; kept importable from here
 __all__ = ["TimeSampler", "TIME_SAMPLERS", "ROW_LAYOUTS", "check_row_layout"]
 
 TIME_SAMPLERS = ("logit_normal", "uniform", "v1")
-
-# Which rows of a batch get r = t (or a dropped label): "random" decides each sample on its own
-# (the official PyTorch code); "first" gives it to a prefix of the batch (the official JAX code).
-ROW_LAYOUTS = ("random", "first")
-
-
-def check_row_layout(name: str, value: object) -> None:
-    """Raises ConfigError unless ``value`` is one of :data:`ROW_LAYOUTS`."""
-    if not isinstance(value, str) or value not in ROW_LAYOUTS:
-        raise ConfigError(f"{name}={value!r}: choose 'random' (each sample decided on its own) "
-                          "or 'first' (the first rows of the batch, as in the official JAX code)")
-
-
-def _check_fraction(name: str, value: float) -> None:
-    if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
-        raise ConfigError(f"{name}={value!r} is outside [0, 1]: give a fraction such as 0.25")
 
 
 @dataclass(frozen=True)
@@ -66,19 +52,16 @@ class TimeSampler:
     r_eq_t_rows: str = "random"
 
     def __post_init__(self) -> None:
-        if self.kind not in TIME_SAMPLERS:
-            raise ConfigError(
-                f"unknown time sampler {self.kind!r}: choose one of {', '.join(TIME_SAMPLERS)}")
+        check_choice("time_sampler", self.kind, TIME_SAMPLERS,
+                     "logit_normal is the paper's, v1 the improved CIFAR-10 one")
         check_row_layout("r_eq_t_rows", self.r_eq_t_rows)
-        _check_fraction("fraction_r_neq_t", self.fraction_r_neq_t)
+        check_number("fraction_r_neq_t", self.fraction_r_neq_t, lo=0.0, hi=1.0,
+                     hint="give a fraction such as 0.25")
         for name in ("sigma", "sigma_r"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
-                raise ConfigError(f"{name}={value!r} must be > 0: the logit-normal needs a "
-                                  "positive standard deviation such as 1.0")
+            check_number(name, getattr(self, name), lo=0.0, lo_open=True,
+                         hint="the logit-normal needs a positive standard deviation such as 1.0")
         for name in ("mu", "mu_r"):
-            if not math.isfinite(getattr(self, name)):
-                raise ConfigError(f"{name}={getattr(self, name)!r} must be a finite number")
+            check_number(name, getattr(self, name), hint="e.g. -0.4")
 
     def num_r_eq_t(self, batch_size: int) -> int:
         """n_eq = floor(batch_size·(1 - fraction_r_neq_t)), the number of leading rows with
