@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import meanflow
 from meanflow.data import ImageArray
 from meanflow.metrics import FeatureStats
-from meanflow.metrics.fid import score_features
 from meanflow.metrics.classifier import (
     DEFAULT_WEIGHTS,
     fmnist_features,
@@ -32,8 +32,8 @@ from meanflow.metrics.classifier import (
     load_classifier,
     read_record,
 )
-from meanflow.sampling import sample_seeded
-from meanflow.train.loop import load_model
+from meanflow.metrics.fid import score_features
+from meanflow.pixels import from_uint8
 
 CLASSES = ["T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
            "Bag", "Boot"]
@@ -59,24 +59,22 @@ def main() -> None:
     test = ImageArray.fashion_mnist(split="test")
     train = ImageArray.fashion_mnist(split="train")
     n = min(args.n, len(test))
-    real_x = test.images[:n].to(torch.float32) / 127.5 - 1.0
+    real_x = from_uint8(test.images[:n])
     real = fmnist_features(real_x, model=clf)
     real_stats = FeatureStats.from_features(real, keep=n)
 
     rows: list[dict] = []
     gen = torch.Generator().manual_seed(0)
     idx = torch.randperm(len(train), generator=gen)[:n]
-    floor_x = train.images[idx].to(torch.float32) / 127.5 - 1.0
+    floor_x = from_uint8(train.images[idx])
     rows.append({"name": f"floor: {n} train vs {n} test", "steps": None,
                  **score(real_stats, fmnist_features(floor_x, model=clf)), "seconds": 0.0})
 
-    loaded = load_model(args.run)
+    loaded = meanflow.load(args.run)
     hist = None
     for steps in args.steps:
         t0 = time.perf_counter()
-        with torch.no_grad():
-            x = sample_seeded(loaded.net, range(args.n), loaded.shape, steps=steps,
-                              method="meanflow", batch_size=args.batch_size)
+        x = loaded.sample(args.n, steps=steps, batch_size=args.batch_size).samples
         secs = time.perf_counter() - t0
         feats = fmnist_features(x, model=clf)
         rows.append({"name": f"{steps}-step samples", "steps": steps,

@@ -1,4 +1,5 @@
-"""Fashion-MNIST, class-conditional: guidance trained into the target (SPEC §1) at several ω.
+"""Fashion-MNIST, class-conditional: guidance trained into the target at several ω
+(docs/method.md, guidance).
 
 One run per ω (κ = 0, so the effective scale ω′ = ω; ω = 1 is no guidance) with the
 ``fmnist-unet`` preset (1 400 steps at batch 64), ``data.class_conditional=true`` and label
@@ -11,8 +12,8 @@ final call without training scores them all:
     python experiments/fmnist_guidance.py --quick         # smoke test, < 40 s
 
 A run folder that exists with fewer steps is resumed to ``--steps`` (the learning rate is
-constant after warm-up and resuming is exact, so this continues the same run); one with ``--steps`` or more is
-only scored again.
+constant after warm-up and resuming is exact, so this continues the same run); one with
+``--steps`` or more is only scored again.
 
 For each run: N one-step samples (EMA weights, sample i from seed i with label i mod 10, so the
 classes are balanced), the accuracy of the repo's Fashion-MNIST classifier on them against the
@@ -53,21 +54,22 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         args.steps, args.n, args.omegas = 4, 40, args.omegas[:2]
 
+    import meanflow
     from meanflow.data import ImageArray
     from meanflow.metrics import FeatureStats
     from meanflow.metrics.classifier import fmnist_predict
     from meanflow.metrics.extractors import load_extractor
-    from meanflow.metrics.fid import quantize, score_features
+    from meanflow.metrics.fid import score_features
+    from meanflow.pixels import from_uint8, quantize
     from meanflow.presets import preset_path
-    from meanflow.sampling import sample_seeded
-    from meanflow.train.config import load_config
-    from meanflow.train.loop import load_model, train
+    from meanflow.runs import load_config
+    from meanflow.train import train
 
     t_start = time.perf_counter()
     torch.manual_seed(args.seed)
     ext = load_extractor("fmnist")
     test = ImageArray.fashion_mnist(split="test")
-    ref_images = test.images[:args.n].float() / 127.5 - 1.0
+    ref_images = from_uint8(test.images[:args.n])
     ref = FeatureStats.from_features(ext.features(ref_images), keep=args.n)
     rows, pictures = [], []
     for omega in args.omegas:
@@ -83,17 +85,15 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.perf_counter()
         if not (run / "config.json").is_file():
             train(cfg, run)
-        elif load_model(run).step < args.steps:  # a shorter run made before: continue it
+        elif meanflow.load(run).step < args.steps:  # a shorter run made before: continue it
             print(f"omega {omega:g}: resuming {run} to step {args.steps}")
             train(cfg, run, resume=True)
         else:                                    # finished before: score it again
             print(f"omega {omega:g}: reusing {run}")
         train_s = time.perf_counter() - t0
-        loaded = load_model(run)
-        y = torch.arange(args.n) % 10
-        x = sample_seeded(loaded.net, range(args.n), loaded.shape, steps=1, y=y,
-                          batch_size=500)
-        x = quantize(x)
+        loaded = meanflow.load(run)
+        out = loaded.sample(args.n, steps=1, batch_size=500)   # sample i has label i mod 10
+        y, x = out.labels, quantize(out.samples)
         pred = fmnist_predict(x)
         per_class = [float((pred[y == k] == k).double().mean()) for k in range(10)]
         scores = score_features(ext.features(x), ref, kid_subset=min(1000, args.n))

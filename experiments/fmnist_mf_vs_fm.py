@@ -29,13 +29,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import meanflow
 from meanflow.data import ImageArray
 from meanflow.fileio import atomic_write_text
 from meanflow.metrics import FeatureStats
 from meanflow.metrics.extractors import load_extractor
-from meanflow.metrics.fid import quantize, score_features
-from meanflow.sampling import sample_seeded
-from meanflow.train.loop import load_model
+from meanflow.metrics.fid import score_features
+from meanflow.pixels import from_uint8, quantize
 
 
 def main() -> None:
@@ -59,13 +59,13 @@ def main() -> None:
     test = ImageArray.fashion_mnist(split="test")
     train = ImageArray.fashion_mnist(split="train")
     n = min(args.n, len(test))
-    real_x = test.images[:n].to(torch.float32) / 127.5 - 1.0
+    real_x = from_uint8(test.images[:n])
     real = ext.features(real_x, progress=True)
     ref = FeatureStats.from_features(real, keep=n)
 
     rows: list[dict] = []
     idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:n]
-    floor_x = train.images[idx].to(torch.float32) / 127.5 - 1.0
+    floor_x = from_uint8(train.images[idx])
     rows.append({"name": f"floor: {n} train images", "method": "data", "steps": None,
                  **score_features(ext.features(floor_x, progress=True), ref, pr=True),
                  "sample_seconds": 0.0})
@@ -74,19 +74,17 @@ def main() -> None:
     runs = {}
     for kind, run, steps_list in (("meanflow", args.mf, args.mf_steps),
                                   ("euler", args.fm, args.fm_steps)):
-        loaded = load_model(run)
+        loaded = meanflow.load(run)     # flow matching samples with Euler steps
         runs[kind] = {"run": run, "checkpoint": str(loaded.checkpoint),
                       "weights": loaded.weights, "train_step": loaded.step,
                       "objective": loaded.config.objective.kind}
         for steps in steps_list:
             t0 = time.perf_counter()
-            with torch.no_grad():
-                x = sample_seeded(loaded.net, range(n), loaded.shape, steps=steps,
-                                  method=kind, batch_size=args.batch_size, progress=True)
+            out = loaded.sample(n, steps=steps, batch_size=args.batch_size, progress=True)
             secs = time.perf_counter() - t0
-            x = quantize(x)
+            x = quantize(out.samples)
             name = f"{'MeanFlow' if kind == 'meanflow' else 'flow matching'}, {steps} NFE"
-            rows.append({"name": name, "method": kind, "steps": steps,
+            rows.append({"name": name, "method": out.method, "steps": steps,
                          **score_features(ext.features(x, progress=True), ref, pr=True),
                          "sample_seconds": round(secs, 1)})
             pictures.append((name, x[:10]))

@@ -42,8 +42,9 @@ from meanflow.exact import GaussianMixtureFlow
 from meanflow.fileio import atomic_path, atomic_write_text
 from meanflow.metrics import energy_distance
 from meanflow.objective import TimeSampler
+from meanflow.runs import RunConfig, load_model
 from meanflow.sampling import euler_sample, sample, seeded_noise
-from meanflow.train import RunConfig, load_model, train
+from meanflow.train import train
 
 # --- the fixed settings shared by every run (only the ablated field changes) ---------------
 FULL = dict(steps=800, width=128, depth=3, emb_dim=64, batch=256, lr=1e-3, warmup=100,

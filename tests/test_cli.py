@@ -18,7 +18,7 @@ import yaml
 
 from meanflow.cli import main
 from meanflow.sampling import sample_seeded
-from meanflow.train.loop import load_model
+from meanflow.runs.load import load_model
 
 TINY_SET = ["--set", "model.options={width: 16, depth: 1, emb_dim: 8}",
             "--set", "train.progress=false", "--set", "train.checkpoint_every=2",
@@ -405,7 +405,7 @@ def test_more_bad_train_inputs(tmp_path, capsys, args, needle):
 
 def test_float_in_options_written_with_exponent(tmp_path):
     """YAML 1.1 reads 1e-1 as a string; inside model.options it still means 0.1."""
-    from meanflow.train.config import load_config
+    from meanflow.runs.config import load_config
     cfg = load_config(None, ["model.options.dropout=1e-1", "data.options.std=5e-1"])
     assert cfg.model.options["dropout"] == 0.1 and cfg.data.options["std"] == 0.5
 

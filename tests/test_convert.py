@@ -124,7 +124,7 @@ def test_the_converted_network_gives_the_official_networks_outputs(tmp_path):
     read off the weights (here not the official size)."""
     src, nets, io = tiny_checkpoint(tmp_path)
     ckpt = convert_official_checkpoint(src, tmp_path / "run")
-    from meanflow.train.loop import load_model
+    from meanflow.runs.load import load_model
     loaded = load_model(tmp_path / "run", ema=None)
     assert loaded.weights == "model" and loaded.step == 4800 and ckpt.name == "step_0004800"
     assert loaded.config.model.options == {"channels": 8, "channel_mult": [1, 2],
@@ -149,7 +149,7 @@ def test_the_converted_network_gives_the_official_networks_outputs(tmp_path):
 def test_every_ema_lands_under_its_decay_bit_for_bit(tmp_path):
     src, nets, _ = tiny_checkpoint(tmp_path)
     convert_official_checkpoint(src, tmp_path / "run")
-    from meanflow.train.loop import load_model
+    from meanflow.runs.load import load_model
     for decay, prefix in ((0.9999, "net_ema"), (0.99995, "net_ema1"), (0.9996, "net_ema2")):
         loaded = load_model(tmp_path / "run", ema=decay)
         names = official_parameter_names(loaded.net)

@@ -11,7 +11,7 @@ import torch
 from meanflow.data import build_dataset
 from meanflow.demo import DEFAULT_STEPS, _on_mode, demo_config, run_demo
 from meanflow.errors import ConfigError
-from meanflow.train.config import RunConfig
+from meanflow.runs.config import RunConfig
 
 
 @pytest.mark.parametrize("kind", ["meanflow", "flow_matching"])

@@ -1,4 +1,4 @@
-"""Samplers against known fields (SPEC §1): MeanFlow jumps z_{k+1} = z_k - (t_k - t_{k+1})·
+"""Samplers against known fields (docs/method.md, Sampling): MeanFlow jumps z_{k+1} = z_k - (t_k - t_{k+1})·
 u(z_k, r = t_{k+1}, t = t_k) on a schedule 1 = t_0 > ... > t_K = 0, and Euler steps with
 v(z, t) = u(z, t, t). Per-seed noise makes sample i depend only on seeds[i].
 """

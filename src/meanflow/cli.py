@@ -22,7 +22,25 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator
 
-from meanflow.errors import MeanFlowError
+import numpy as np
+import torch
+
+from meanflow import __version__
+from meanflow.convert import convert_official_checkpoint
+from meanflow.demo import DEFAULT_STEPS, run_demo
+from meanflow.errors import ConfigError, MeanFlowError
+from meanflow.fileio import atomic_path, atomic_write_text
+from meanflow.latents.prepare import prepare_latents
+from meanflow.metrics.fid import fid_of, reference_stats
+from meanflow.presets import describe_presets, preset_path
+from meanflow.runs.checkpoint import load_checkpoint
+from meanflow.runs.config import load_config
+from meanflow.runs.folder import new_run_dir
+from meanflow.runs.load import load
+from meanflow.sampling import make_schedule
+from meanflow.train.loop import check_config, train
+from meanflow.viz import save_samples_png
+from meanflow.world import World, resolve_device, setup, teardown
 
 __all__ = ["main", "build_parser"]
 
@@ -67,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--lr", type=float, help="learning rate")
     tr.add_argument("--seed", type=int, help="random seed")
     tr.add_argument("--device", help="auto, cpu, cuda or cuda:N")
-    tr.add_argument("--jvp", help="du/dt strategy: split (default), split_func, func, forward_ad")
+    tr.add_argument("--jvp", help="du/dt strategy: split (default), func, forward_ad")
     tr.add_argument("--set", dest="overrides", action="append", default=[],
                     metavar="KEY=VALUE", help="any config value, e.g. objective.p=0.5 "
                     "(repeatable)")
@@ -198,11 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 @contextlib.contextmanager
-def _joined(device_name: str) -> Iterator[tuple[Any, Any]]:
+def _joined(device_name: str) -> Iterator[tuple[World, torch.device]]:
     """(world, device) of this process: under torchrun it joins the job (NCCL on CUDA, gloo
     on the CPU; rank r gets cuda:LOCAL_RANK) and leaves it afterwards; alone, one process."""
-    from meanflow.train.distributed import setup, teardown
-    from meanflow.train.loop import resolve_device
     world, device, owned = setup(resolve_device(device_name))
     try:
         yield world, device
@@ -211,23 +227,17 @@ def _joined(device_name: str) -> Iterator[tuple[Any, Any]]:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from meanflow.errors import ConfigError
-    from meanflow.train.config import load_config
-    from meanflow.train.loop import new_run_dir, train
-
     overrides = [f"{key}={getattr(args, flag)}" for flag, key in TRAIN_FLAGS.items()
                  if getattr(args, flag) is not None]
     if args.class_conditional:
         overrides.append("data.class_conditional=true")
     if args.preset is not None:
-        from meanflow.presets import preset_path
         if args.config is not None:
             raise ConfigError("give --preset or --config, not both (a preset is a config "
                               "file; copy it to edit it)")
         args.config = preset_path(args.preset)
     cfg = load_config(args.config, overrides + args.overrides)
     if args.dry_run:
-        from meanflow.train.loop import check_config
         check_config(cfg)  # data, model and loss are built too, so a dry run catches all
         print(cfg.to_yaml(), end="")
         return 0
@@ -245,9 +255,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-    from meanflow.errors import ConfigError
-    from meanflow.sampling import make_schedule
-
     if args.n < 1:
         raise ConfigError(f"--n {args.n} must be >= 1")
     if args.batch_size < 1:
@@ -279,7 +286,6 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 def _ema_choice(text: str) -> float | str | None:
     """--ema: "auto" (the run's first EMA), "none" (training weights) or a decay."""
-    from meanflow.errors import ConfigError
     if text in ("auto", "none"):
         return None if text == "none" else text
     try:
@@ -289,86 +295,48 @@ def _ema_choice(text: str) -> float | str | None:
 
 
 def _sample(args: argparse.Namespace, ema: Any, schedule: list[float] | None, sidecar: Path,
-            world: Any, device: Any) -> int:
-    import numpy as np
-    import torch
-
-    from meanflow.errors import ConfigError
-    from meanflow.fileio import atomic_path, atomic_write_text
-    from meanflow.sampling import gather_rows, sample_seeded, sharded_indices
-    from meanflow.train.loop import load_model
-
-    loaded = load_model(args.checkpoint, ema=ema, device=device)
-    y = None
-    if loaded.num_classes is not None:
-        if args.label is not None:
-            if not 0 <= args.label < loaded.num_classes:
-                raise ConfigError(f"--label {args.label} is outside [0, {loaded.num_classes})")
-            y = torch.full((args.n,), args.label, dtype=torch.long)
-        else:
-            y = torch.arange(args.n) % loaded.num_classes
+            world: World, device: torch.device) -> int:
+    model = load(args.checkpoint, ema=ema, device=device, vae=args.vae)
+    if model.num_classes is not None:
+        if args.label is not None and not 0 <= args.label < model.num_classes:
+            raise ConfigError(f"--label {args.label} is outside [0, {model.num_classes})")
     elif args.label is not None:
         raise ConfigError("--label given but the model is unconditional")
-    is_image = len(loaded.shape) == 3
-    if args.png is not None and not is_image and math.prod(loaded.shape) != 2:
+    is_image = len(model.shape) == 3
+    if args.png is not None and not is_image and math.prod(model.shape) != 2:
         raise ConfigError(f"--png draws images or 2-D points; this model's samples have shape "
-                          f"{loaded.shape}: drop --png")
-    method = "euler" if loaded.config.objective.kind == "flow_matching" else "meanflow"
-    seeds = list(range(args.seed, args.seed + args.n))
+                          f"{model.shape}: drop --png")
     # under torchrun rank r draws samples r, r + W, ...; sample i depends on seed i alone
-    mine = sharded_indices(args.n, world)
-    my_seeds, my_y = [seeds[i] for i in mine], None if y is None else y[mine]
-    from meanflow.latents.generate import resolve_vae
-    vae = resolve_vae(args.vae, loaded.config)
-    decoded = None
-    if vae is not None:
-        from meanflow.latents.generate import sample_images
-        from meanflow.viz import to_uint8
-        parts = list(sample_images(loaded, vae, my_seeds, my_y, steps=args.steps,
-                                   schedule=schedule, batch_size=args.batch_size,
-                                   device=device, progress=world.is_main))
-        x = torch.cat([z for z, _ in parts])
-        decoded = torch.cat([to_uint8(images) for _, images in parts])    # (N, 3, H, W)
-        decoded = gather_rows(decoded, args.n, world, device)
-        is_image = True
-    else:
-        x = sample_seeded(loaded.net, my_seeds, loaded.shape, steps=args.steps, y=my_y,
-                          schedule=schedule, method=method, batch_size=args.batch_size,
-                          device=device, progress=world.is_main)
-    x = gather_rows(x, args.n, world, device)
+    out = model.sample(args.n, labels=args.label, steps=args.steps, schedule=schedule,
+                       seed=args.seed, batch_size=args.batch_size, progress=True, world=world)
     if not world.is_main:
         return 0
-    meta = {"checkpoint": str(loaded.checkpoint), "step": loaded.step,
-            "weights": loaded.weights, "method": method, "steps": args.steps,
+    meta = {"checkpoint": str(model.checkpoint), "step": model.step,
+            "weights": model.weights, "method": out.method, "steps": args.steps,
             "schedule": schedule, "seed": args.seed, "n": args.n,
-            "vae": None if vae is None else vae["spec"],
-            "scale": None if vae is None else vae["scale"]}
+            "vae": None if model.vae is None else model.vae["spec"],
+            "scale": None if model.vae is None else model.vae["scale"]}
     for path in (args.out, args.png):
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
     if args.out is not None:
-        extra = {}
-        if decoded is not None:   # 'images' are what `fid calc` scores: no 'samples' key
-            extra["images"] = decoded.permute(0, 2, 3, 1).numpy()        # (N, H, W, 3)
-            extra["latents"] = x.numpy()
-        elif is_image:
-            from meanflow.viz import to_uint8
-            extra["images"] = to_uint8(x).permute(0, 2, 3, 1).numpy()   # (N, H, W, C)
-            extra["samples"] = x.numpy()
+        if out.decoded:   # 'images' are what `fid calc` scores: no 'samples' key
+            extra = {"images": out.images.numpy(), "latents": out.samples.numpy()}
+        elif out.images is not None:                                    # (N, H, W, C) uint8
+            extra = {"images": out.images.numpy(), "samples": out.samples.numpy()}
         else:
-            extra["samples"] = x.numpy()
+            extra = {"samples": out.samples.numpy()}
         with atomic_path(args.out) as tmp:
-            np.savez(tmp, seeds=np.asarray(seeds),
-                     labels=np.asarray([] if y is None else y.numpy()), meta=json.dumps(meta),
-                     **extra)
+            np.savez(tmp, seeds=np.asarray(out.seeds),
+                     labels=np.asarray([] if out.labels is None else out.labels.numpy()),
+                     meta=json.dumps(meta), **extra)
     if args.png is not None:
-        from meanflow.viz import save_samples_png
-        title = f"{method}, {args.steps} step(s), {loaded.weights}, step {loaded.step}"
+        title = f"{out.method}, {args.steps} step(s), {model.weights}, step {model.step}"
         nrow = args.nrow
-        if nrow is None and is_image and y is not None and loaded.num_classes <= 16:
-            nrow = loaded.num_classes  # one class per column
-        shown = x if decoded is None else decoded.float() / 127.5 - 1.0
-        save_samples_png(shown, args.png, labels=y, title=title, nrow=nrow)
+        if nrow is None and is_image and out.labels is not None and model.num_classes <= 16:
+            nrow = model.num_classes  # one class per column
+        shown = out.samples if out.images is None else out.images.permute(0, 3, 1, 2)
+        save_samples_png(shown, args.png, labels=out.labels, title=title, nrow=nrow)
     atomic_write_text(sidecar, json.dumps(meta, indent=2) + "\n")
     print(f"wrote {args.n} samples to " + " and ".join(
         str(p) for p in (args.out, args.png) if p is not None))
@@ -376,8 +344,6 @@ def _sample(args: argparse.Namespace, ema: Any, schedule: list[float] | None, si
 
 
 def _cmd_fid(args: argparse.Namespace) -> int:
-    from meanflow.errors import ConfigError
-    from meanflow.metrics.fid import fid_of, reference_stats
     if args.fid_command is None:
         raise ConfigError("meanflow fid needs a command: ref or calc")
     if args.n is not None and args.n < 2:
@@ -402,29 +368,17 @@ def _cmd_fid(args: argparse.Namespace) -> int:
     if args.source.suffix == ".npz" and args.ema != "auto":
         raise ConfigError("--ema chooses the weights of a run folder or checkpoint; a samples "
                           ".npz is scored as it is: drop --ema")
-    latent_vae = None
-    if args.source.suffix != ".npz" and args.vae != "none":
-        from meanflow.latents.generate import resolve_vae, run_config
-        latent_vae = resolve_vae(args.vae, run_config(args.source))
+    # a samples file: its first 10 000 by default; a run: 10 000 fresh samples, 50 000 of a
+    # latent run decoded by its VAE (fid_of decides, once it knows)
+    n = 10000 if args.n is None and args.source.suffix == ".npz" else args.n
     with _joined(args.device) as (world, device):
-        if latent_vae is not None:
-            from meanflow.latents.generate import fid_of_latent_model
-            record = fid_of_latent_model(args.source, args.ref, vae=args.vae,
-                                         n=50000 if args.n is None else args.n,
-                                         steps=args.steps, seed=args.seed, ema=ema,
-                                         batch_size=args.batch_size, device=str(device),
-                                         extractor=args.extractor, pr=args.precision_recall,
-                                         world=world)
-        else:
-            record = fid_of(args.source, args.ref, n=10000 if args.n is None else args.n,
-                            steps=args.steps, seed=args.seed, ema=ema,
-                            batch_size=args.batch_size, device=str(device),
-                            extractor=args.extractor,
-                            pr=args.precision_recall, world=world)
+        record = fid_of(args.source, args.ref, n=n, steps=args.steps, seed=args.seed, ema=ema,
+                        batch_size=args.batch_size, device=str(device),
+                        extractor=args.extractor, pr=args.precision_recall, world=world,
+                        vae=args.vae)
     if not world.is_main:
         return 0
     if args.out is not None:
-        from meanflow.fileio import atomic_write_text
         atomic_write_text(args.out, json.dumps(record, indent=2) + "\n")
     line = (f"FID ({record['extractor']['extractor']} features, N={record['n']}): "
             f"{record['fid']:.4f}")
@@ -437,7 +391,6 @@ def _cmd_fid(args: argparse.Namespace) -> int:
 
 
 def _cmd_prepare_latents(args: argparse.Namespace) -> int:
-    from meanflow.latents.prepare import prepare_latents
     index = prepare_latents(args.image_dir, args.out_dir, args.vae, resolution=args.resolution,
                             shard_size=args.shard_size, batch_size=args.batch_size,
                             device=args.device, fid_extractor=args.fid_extractor,
@@ -452,8 +405,6 @@ def _cmd_prepare_latents(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from meanflow.convert import convert_official_checkpoint
-    from meanflow.train.checkpoint import load_checkpoint
     ckpt = convert_official_checkpoint(args.checkpoint, args.out_dir)
     _, state = load_checkpoint(ckpt, parts=())
     source = state["converted_from"]
@@ -466,15 +417,12 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_presets(args: argparse.Namespace) -> int:
-    from meanflow.presets import describe_presets
     for name, summary in describe_presets().items():
         print(f"{name:22s} {summary}")
     return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from meanflow.demo import DEFAULT_STEPS, run_demo
-
     steps = DEFAULT_STEPS if args.steps is None else args.steps
     metrics = run_demo(args.out, steps=steps, seed=args.seed,
                        progress=not args.no_progress, overrides=args.overrides)
@@ -490,7 +438,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:
-        from meanflow import __version__
         print(__version__)
         return 0
     if args.command is None:

@@ -45,11 +45,12 @@ import torch
 from torch import Tensor
 
 from meanflow import __version__
+from meanflow.data.augment import EDMAugment
 from meanflow.errors import CheckpointError, ConfigError
 from meanflow.models.unet import UNET_PRESETS, UNet, UNetConfig, fir_filter
-from meanflow.train.checkpoint import save_checkpoint
-from meanflow.train.config import RunConfig, load_config
-from meanflow.train.ema import EMA
+from meanflow.presets import preset_path
+from meanflow.runs.checkpoint import ema_key, save_checkpoint
+from meanflow.runs.config import RunConfig, load_config
 
 __all__ = ["OfficialCheckpoint", "read_official_checkpoint", "unet_config_from_state",
            "official_parameter_names", "to_meanflow_weights", "run_config_from_args",
@@ -299,7 +300,6 @@ def run_config_from_args(args: dict[str, Any], unet: UNetConfig) -> RunConfig:
     """The meanflow recipe of a py-meanflow run: its preset (``cifar10-unet`` for the
     paper's sampler "v0", ``cifar10-unet-v1`` for "v1"), with every value the run's
     arguments set."""
-    from meanflow.presets import preset_path
     sampler = _arg(args, "tr_sampler", str, "v1")
     if sampler not in ("v0", "v1"):
         raise CheckpointError(f"the checkpoint's args.tr_sampler={sampler!r} is not v0 or v1")
@@ -324,7 +324,6 @@ def run_config_from_args(args: dict[str, Any], unet: UNetConfig) -> RunConfig:
                          and getattr(unet, f.name) != getattr(preset, f.name)}
     cfg.model.options["dropout"] = unet.dropout
     cfg.data.augment = cfg.data.augment if _arg(args, "use_edm_aug", bool, False) else 0.0
-    from meanflow.data.augment import EDMAugment
     width = (EDMAugment(p=cfg.data.augment, **cfg.data.augment_options).label_dim
              if cfg.data.augment > 0 else 0)
     if width != unet.augment_dim:
@@ -382,7 +381,7 @@ def convert_official_checkpoint(src: str | os.PathLike[str],
     ema = {}
     for name, decay in zip(ema_names, decays):
         for key, value in to_meanflow_weights(ckpt.nets[name], net).items():
-            ema[f"{EMA.key(decay)}.{key}"] = value
+            ema[f"{ema_key(decay)}.{key}"] = value
     step = ckpt.num_updates if ckpt.num_updates is not None else 0
     shape = [unet.in_channels, unet.input_size, unet.input_size]
     state = {"step": step, "optimizer": None, "config": cfg.to_dict(),

@@ -3,12 +3,16 @@
 Time convention: **t = 1 is noise, t = 0 is data**. A schedule is a decreasing sequence
 1 = t_0 > t_1 > ... > t_K = 0.
 
-- MeanFlow (SPEC §1): z_{k+1} = z_k - (t_k - t_{k+1})·u(z_k, r = t_{k+1}, t = t_k). One step is
-  x = e - u(e, 0, 1): one network call (1 NFE).
+- MeanFlow (docs/method.md, Sampling): z_{k+1} = z_k - (t_k - t_{k+1})·u(z_k, r = t_{k+1},
+  t = t_k). One step is x = e - u(e, 0, 1): one network call (1 NFE).
 - Euler for flow matching: z_{k+1} = z_k - (t_k - t_{k+1})·v(z_k, t_k), with v(z, t) = u(z, t, t).
 
 Seeded sampling: sample i is drawn from its own ``torch.Generator`` seeded with ``seeds[i]`` on the
 CPU, so it depends only on its seed, not on the batch size, the device or the number of GPUs.
+:func:`generate` is the one path from seeds to results that every consumer takes (the CLI's
+``sample`` and ``fid calc``, FID and sample grids during training, ``meanflow.load(run).sample``):
+seeds shared out over the ranks, sampled in batches, optionally decoded batch by batch, and
+gathered back in seed order.
 """
 
 from __future__ import annotations
@@ -17,13 +21,14 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from meanflow.errors import ConfigError
 from meanflow.objective.meanflow_loss import check_output
+from meanflow.world import World, broadcast_object, gather_sharded, shard
 
 __all__ = ["sample", "euler_sample", "make_schedule", "seeded_noise", "sample_seeded",
-           "SAMPLING_METHODS", "sharded_indices",
-           "gather_rows"]
+           "SAMPLING_METHODS", "sampling_method", "generate"]
 
 Net = Callable[..., Tensor]
 SAMPLING_METHODS = ("meanflow", "euler")
@@ -113,7 +118,6 @@ def sample_seeded(net: Net, seeds: Sequence[int], shape: Sequence[int], steps: i
         dtype = first.dtype if first is not None else torch.float32
     chunks = range(0, len(seeds), batch_size)
     if progress:
-        from tqdm.auto import tqdm
         chunks = tqdm(chunks, desc=f"sampling {len(seeds)}", unit="batch", disable=None)
     out = []
     for i in chunks:
@@ -123,24 +127,93 @@ def sample_seeded(net: Net, seeds: Sequence[int], shape: Sequence[int], steps: i
     return torch.cat(out)
 
 
-def sharded_indices(n: int, world: object = None) -> list[int]:
-    """The sample indices this process computes under torchrun (``world`` from
-    :func:`meanflow.train.distributed.setup`): r, r + W, r + 2W, ... for rank r of W; all of
-    ``range(n)`` for one process (``world`` None or a single-process world)."""
-    if world is None or not world.enabled:
-        return list(range(n))
-    if n < world.size:
-        raise ConfigError(f"{n} samples cannot be shared out over {world.size} processes: "
-                          f"raise --n to at least {world.size}, or start fewer processes")
-    from meanflow.train.distributed import shard
-    return shard(range(n), world)
+def sampling_method(kind: str) -> str:
+    """The sampler of a run trained with objective ``kind``: "euler" for "flow_matching" (its
+    network is a velocity field), "meanflow" (the average-velocity jump) otherwise."""
+    return "euler" if kind == "flow_matching" else "meanflow"
 
 
-def gather_rows(local: Tensor, n: int, world: object = None,
-                device: torch.device | str = "cpu") -> Tensor:
-    """Rows computed for :func:`sharded_indices` on each rank, reassembled in sample order on
-    every rank (on the CPU); ``local`` itself for one process."""
-    if world is None or not world.enabled:
-        return local
-    from meanflow.train.distributed import gather_sharded
-    return gather_sharded(local, n, world, torch.device(device))
+def _param_dtype(net: Net) -> torch.dtype:
+    first = next(iter(net.parameters()), None) if isinstance(net, torch.nn.Module) else None
+    return first.dtype if first is not None else torch.float32
+
+
+def _gather(parts: list[Tensor], n: int, world: World | None, device: torch.device | str,
+            empty: tuple[tuple[int, ...], torch.dtype] | None) -> Tensor:
+    """This rank's rows (``parts``, concatenated) gathered to every rank in seed order. A rank
+    without rows sends (0, *row) of ``empty``'s (row shape, dtype), or, when that is None,
+    rank 0's, which it broadcasts (rank 0 always holds row 0)."""
+    local = torch.cat(parts) if parts else None
+    if world is not None and world.enabled and n < world.size and empty is None:
+        mine = None if local is None else (tuple(local.shape[1:]), local.dtype)
+        empty = broadcast_object(mine, world)            # every rank calls it: same n and W
+    if local is None:
+        row, dtype = empty
+        local = torch.zeros((0, *row), dtype=dtype)
+    return gather_sharded(local, n, world, device)
+
+
+def generate(net: Net, seeds: Sequence[int], shape: Sequence[int], *,
+             labels: Tensor | None = None, steps: int = 1,
+             schedule: Sequence[float] | Tensor | None = None, method: str = "meanflow",
+             decode: Callable[[Tensor], Tensor] | None = None, batch_size: int = 500,
+             device: torch.device | str = "cpu", world: World | None = None,
+             progress: bool = False, keep_samples: bool = True,
+             dtype: torch.dtype | None = None) -> tuple[Tensor | None, Tensor | None]:
+    """Samples for N seeds, optionally decoded, computed over the ranks and returned in order.
+
+    Sample i is :func:`sample_seeded` of ``seeds[i]`` (and ``labels[i]``), so it depends on
+    neither the batch size nor the number of processes. Under torchrun (``world`` from
+    :func:`meanflow.world.setup`) rank r computes samples r, r + W, ... and every rank gets
+    all N back. Work goes in batches of ``batch_size`` seeds: each batch is sampled on
+    ``device`` and handed at once to ``decode`` (the VAE of a latent run, or an FID's feature
+    extractor), so that with ``keep_samples=False`` only what ``decode`` returns is held,
+    never all samples or images.
+
+    Args:
+        net: the backbone, ``net(z, t, h, y) -> u``.
+        seeds: N ints; labels: (N,) class labels or None.
+        shape: one sample's shape, e.g. (C, H, W).
+        method: "meanflow" or "euler" (:func:`sampling_method` picks it for a run).
+        decode: maps a batch of samples (b, *shape), on the CPU, to b rows (b, *row) of
+            any tensor: images, features; None keeps the samples alone.
+        keep_samples: False drops the samples once decoded (FID of many images).
+        dtype: of the noise; by default the network's first parameter's.
+
+    Returns:
+        ``(samples, decoded)``: (N, *shape) on the CPU (None with ``keep_samples=False``) and
+        (N, *row) of ``decode`` on the CPU (None without ``decode``), both in seed order.
+    """
+    seeds = [int(s) for s in seeds]
+    n = len(seeds)
+    if n < 1:
+        raise ConfigError("no seeds given: pass at least one seed")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size!r} must be a positive integer")
+    if labels is not None and tuple(labels.shape) != (n,):
+        raise ConfigError(f"labels must hold one label per seed ({n},), got "
+                          f"{tuple(labels.shape)}")
+    if not keep_samples and decode is None:
+        raise ConfigError("keep_samples=False keeps nothing without decode: give decode, or "
+                          "keep the samples")
+    dtype = _param_dtype(net) if dtype is None else dtype
+    world = world if world is not None else World()
+    mine = shard(range(n), world)
+    chunks = range(0, len(mine), batch_size)
+    if progress:
+        what = "sampling + decoding" if decode is not None else "sampling"
+        chunks = tqdm(chunks, desc=f"{what} {len(mine)}", unit="batch", disable=None)
+    samples, decoded = [], []
+    for i in chunks:
+        index = mine[i:i + batch_size]
+        x = sample_seeded(net, [seeds[j] for j in index], shape, steps=steps,
+                          y=None if labels is None else labels[index], schedule=schedule,
+                          method=method, batch_size=batch_size, device=device, dtype=dtype)
+        if decode is not None:
+            decoded.append(decode(x).cpu())
+        if keep_samples:
+            samples.append(x)
+    kept = (_gather(samples, n, world, device, (tuple(shape), dtype)) if keep_samples
+            else None)
+    out = _gather(decoded, n, world, device, None) if decode is not None else None
+    return kept, out

@@ -1,8 +1,9 @@
 """Pictures of samples: image grids (PNG) and 2-D scatter plots.
 
-Images are expected in the training range [-1, 1]; they are mapped to [0, 255] with rounding and
-clipping, laid out row-major with a 2-pixel border, and written with matplotlib (which writes PNG
-through Pillow). Nothing here touches the network.
+Images come as uint8 pixels or in the training range [-1, 1] (mapped to 8 bits by
+:func:`meanflow.pixels.to_uint8`), are laid out row-major with a 2-pixel border, and written with
+matplotlib (which writes PNG through Pillow). Nothing here touches the network. matplotlib is
+imported where a picture is drawn: it picks its non-interactive backend ("Agg") first.
 """
 
 from __future__ import annotations
@@ -17,20 +18,16 @@ from torch import Tensor
 
 from meanflow.errors import ConfigError
 from meanflow.fileio import atomic_path
+from meanflow.pixels import to_uint8
 
-__all__ = ["to_uint8", "image_grid", "save_image_grid", "save_scatter", "save_samples_png"]
-
-
-def to_uint8(x: Tensor) -> Tensor:
-    """(N, C, H, W) floats in [-1, 1] -> uint8 in [0, 255] (round half to even, clipped)."""
-    return ((x.detach().float().cpu() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+__all__ = ["image_grid", "save_image_grid", "save_scatter", "save_samples_png"]
 
 
 def image_grid(x: Tensor, nrow: int | None = None, border: int = 2) -> np.ndarray:
     """Lays N images out in rows of ``nrow`` (default: a square-ish grid).
 
     Args:
-        x: (N, C, H, W) with C in 1, 3 or 4, values in [-1, 1].
+        x: (N, C, H, W) with C in 1, 3 or 4: uint8 pixels, or floats in [-1, 1].
         nrow: images per row.
         border: pixels of white between images.
 
@@ -44,7 +41,8 @@ def image_grid(x: Tensor, nrow: int | None = None, border: int = 2) -> np.ndarra
     n, c, h, w = x.shape
     nrow = nrow or max(1, math.ceil(math.sqrt(n)))
     rows = math.ceil(n / nrow)
-    img = to_uint8(x).permute(0, 2, 3, 1).numpy()                       # (N, H, W, C)
+    pixels = x if x.dtype == torch.uint8 else to_uint8(x)
+    img = pixels.cpu().permute(0, 2, 3, 1).numpy()                       # (N, H, W, C)
     grid = np.full((rows * (h + border) + border, nrow * (w + border) + border, c), 255,
                    dtype=np.uint8)
     for i in range(n):
@@ -107,7 +105,8 @@ def save_scatter(x: Tensor, path: str | os.PathLike[str], labels: Tensor | None 
 
 def save_samples_png(x: Tensor, path: str | os.PathLike[str], labels: Tensor | None = None,
                      title: str = "", nrow: int | None = None) -> Path:
-    """An image grid for (N, C, H, W) samples, a scatter plot for 2-D points."""
+    """An image grid for (N, C, H, W) samples (uint8, or floats in [-1, 1]), a scatter plot
+    for 2-D points."""
     if x.ndim == 4:
         return save_image_grid(x, path, nrow=nrow, scale=2 if x.shape[-1] <= 32 else 1)
     if x[0].numel() == 2:

@@ -225,7 +225,7 @@ train: {{steps: 3, batch_size: 6, device: cpu, ema_decays: [0.9], log_every: 1,
     assert meta["vae"] == str((root / "vae").resolve())
     vae = load_vae(root / "vae")
     redo = decode_latents(vae, torch.from_numpy(latents), meta["scale"])
-    from meanflow.viz import to_uint8
+    from meanflow.pixels import to_uint8
     assert np.array_equal(to_uint8(redo).permute(0, 2, 3, 1).numpy(), images)
     assert (tmp_path / "s.png").stat().st_size > 0
     # --vae none keeps the latents as the samples

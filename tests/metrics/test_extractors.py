@@ -12,7 +12,7 @@ from torch import nn
 from meanflow.errors import DataError
 from meanflow.metrics import FeatureStats, frechet_distance
 from meanflow.metrics import extractors as ex
-from meanflow.metrics.fid import quantize
+from meanflow.pixels import quantize
 
 
 def _inception_installed() -> bool:

@@ -41,12 +41,12 @@ from meanflow.errors import ConfigError
 from meanflow.models import build_model, build_model_for_data
 from meanflow.objective import MeanFlowLoss
 from meanflow.objective.jvp import u_and_dudt
-from meanflow.sampling import sample_seeded
+from meanflow.runs.config import RunConfig
+from meanflow.sampling import generate, sample_seeded
 from meanflow.train import distributed as dist_
 from meanflow.train import loop
-from meanflow.train.config import RunConfig
-from meanflow.train.distributed import World
 from meanflow.train.ema import EMA
+from meanflow.world import World, env_world, gather_sharded, on_every, shard
 from meanflow.train.loop import (build_loss, check_config, draw_times_and_noise, step_seed,
                                  train)
 
@@ -206,7 +206,7 @@ def _worker(rank: int, port: int, root: str) -> None:
 
         # a "compiled" loss whose grad pass bypasses DDP (each rank keeps its own gradient):
         # the start-up check, on a different batch on each rank, refuses it everywhere
-        world = dist_.env_world()
+        world = env_world()
         cfg = make_config(1)
         loss_fn = build_loss(cfg, None)
         torch.manual_seed(SEED)
@@ -216,7 +216,7 @@ def _worker(rank: int, port: int, root: str) -> None:
         def bypass(net, x, y, aug, generator, draws, jvp_net=None):
             return loss_fn(net.module, x, y, generator=generator, jvp_net=jvp_net, **draws)
         try:
-            dist_.on_every(world, loop.check_compiled, model, loss_fn, bypass, x, None,
+            on_every(world, loop.check_compiled, model, loss_fn, bypass, x, None,
                            wrap=lambda m: dist_.wrap_ddp(m, world, torch.device("cpu")))
         except ConfigError as exc:
             out["bypass_error"] = str(exc)
@@ -226,14 +226,13 @@ def _worker(rank: int, port: int, root: str) -> None:
                 raise ConfigError("rank 1 says no")
             return "fine"
         try:
-            dist_.on_every(world, fails_on_rank1)
+            on_every(world, fails_on_rank1)
         except ConfigError as exc:
             out["on_every_error"] = str(exc)
 
         y = torch.arange(len(SAMPLE_SEEDS)) % 3
-        out["samples"] = dist_.sample_seeded_sharded(sampling_net(), SAMPLE_SEEDS, (2,),
-                                                     dist_.env_world(), torch.device("cpu"),
-                                                     y=y, steps=2, batch_size=2)
+        out["samples"] = generate(sampling_net(), SAMPLE_SEEDS, (2,), labels=y, steps=2,
+                                  batch_size=2, device="cpu", world=env_world())[0]
         torch.set_default_dtype(torch.float32)   # the image run: float32 U-Net
         train(image_config(root / "imgs.npz", root / "ref.npz"), root / "image")
     finally:
@@ -488,17 +487,17 @@ def test_a_batch_that_does_not_split_over_the_ranks_is_one_error(ranks, monkeypa
 def test_env_world(monkeypatch):
     for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(k, raising=False)
-    assert dist_.env_world() == World() and not World().enabled
+    assert env_world() == World() and not World().enabled
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("LOCAL_RANK", "1")
-    assert dist_.env_world() == World(3, 4, 1)
+    assert env_world() == World(3, 4, 1)
     monkeypatch.setenv("RANK", "4")
     with pytest.raises(ConfigError, match="torchrun"):
-        dist_.env_world()
+        env_world()
     monkeypatch.setenv("RANK", "x")
     with pytest.raises(ConfigError, match="not an integer"):
-        dist_.env_world()
+        env_world()
 
 
 def test_jvp_net_takes_the_jvp_and_joint_strategies_refuse_it(float64):
@@ -550,8 +549,8 @@ def test_every_parameter_gets_a_gradient(name, shape, options, float64):
 
 def test_gather_sharded_single_process_is_the_identity():
     x = torch.arange(6.0).reshape(3, 2)
-    assert torch.equal(dist_.gather_sharded(x, 3, World(), torch.device("cpu")), x)
-    assert dist_.shard(range(7), World(1, 3)) == [1, 4]
+    assert torch.equal(gather_sharded(x, 3, World(), torch.device("cpu")), x)
+    assert shard(range(7), World(1, 3)) == [1, 4]
 
 
 def test_torchrun_cli_smoke(tmp_path):

@@ -5,8 +5,8 @@ train with the weights, gradients and Adam state sharded over the ranks, and the
 their checkpoints (full tensors, the format DDP and one-process runs write) with
 single-process references from tests/train/test_distributed.py:
 
-- MLP, float64, 4 Adam steps of 2 ranks x 2 micro-batches with the split JVP (slow: split_func,
-  func, and split with guidance): the saved weights equal one process trained on the
+- MLP, float64, 4 Adam steps of 2 ranks x 2 micro-batches with the split JVP (slow: func, and
+  split with guidance): the saved weights equal one process trained on the
   concatenated global batch (~1e-16), and the EMA and Adam state equal a DDP run's;
 - resuming an FSDP checkpoint in one process (no FSDP) continues that reference exactly, and an
   FSDP run resumes a one-process checkpoint exactly;
@@ -28,7 +28,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 from meanflow.errors import ConfigError
-from meanflow.train.config import RunConfig, load_config
+from meanflow.runs.config import RunConfig, load_config
 from meanflow.train.loop import check_config, train
 
 from test_distributed import (F64, WORLD, _free_port, join_gloo,  # noqa: E402
@@ -37,7 +37,6 @@ from test_distributed import (F64, WORLD, _free_port, join_gloo,  # noqa: E402
 # name -> (objective, class-conditional, the test_distributed reference variant)
 STRATEGIES = {
     "split": ({"jvp": "split"}, False, "split"),
-    "split_func": ({"jvp": "split_func"}, False, "split"),
     "func": ({"jvp": "func"}, False, "func"),
     "guided": ({"jvp": "split", "omega": 2.0, "kappa": 0.5, "label_drop": 0.0}, True, "guided"),
 }

@@ -16,8 +16,9 @@ from safetensors.torch import load_file
 from meanflow.data import build_dataset
 from meanflow.errors import CheckpointError, ConfigError
 from meanflow.sampling import sample_seeded
-from meanflow.train.config import RunConfig, load_config
-from meanflow.train.loop import load_model, train
+from meanflow.runs.config import RunConfig, load_config
+from meanflow.runs.load import load_model
+from meanflow.train.loop import train
 
 TINY = {"width": 16, "depth": 1, "emb_dim": 8}
 PARTS = ("model", "ema", "optimizer")
@@ -528,7 +529,7 @@ def test_copying_a_run_folder_keeps_it_loadable(tmp_path):
 
 def test_new_run_dir_is_named_by_content_and_numbered(tmp_path):
     """Without --out, runs get fresh folders runs/NNNNN-<data>[-cond]-<objective>-<model>."""
-    from meanflow.train.loop import new_run_dir
+    from meanflow.runs.folder import new_run_dir
     cfg = RunConfig.from_dict({"data": {"name": str(tmp_path / "my points.npz"),
                                         "class_conditional": True},
                                "objective": {"kind": "flow_matching"}})

@@ -15,7 +15,7 @@ from meanflow.data import build_dataset
 from meanflow.errors import ConfigError
 from meanflow.models import build_model
 from meanflow.presets import preset_names, preset_path
-from meanflow.train.config import RunConfig, load_config
+from meanflow.runs.config import RunConfig, load_config
 from meanflow.train.loop import (WithAugmentLabels, check_compiled, check_config,
                                  draw_times_and_noise, make_loss_call, total_steps, train)
 
@@ -112,7 +112,8 @@ def test_jvp_runs_in_fp32_under_autocast_unless_asked():
 
 
 class _DropsTangents(torch.nn.Module):
-    """Stands in for a compiler that loses forward-mode tangents (JVP-NOTES: #187284)."""
+    """Stands in for a compiler that loses forward-mode tangents (docs/design.md, torch.compile:
+    a compiled graph can drop a custom autograd Function's jvp rule)."""
 
     def __init__(self, net: torch.nn.Module) -> None:
         super().__init__()

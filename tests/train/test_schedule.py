@@ -16,12 +16,14 @@ from safetensors.torch import load_file
 from meanflow.data import EpochOrder, PointCloud, build_dataset
 from meanflow.errors import ConfigError
 from meanflow.models import build_model
+from meanflow.runs.build import build_augment, model_options
+from meanflow.runs.config import RunConfig
+from meanflow.runs.load import load_model
 from meanflow.sampling import sample_seeded
 from meanflow.train import loop
-from meanflow.train.config import RunConfig
 from meanflow.train.ema import EMA
-from meanflow.train.loop import (build_augment, load_model, lr_at, model_options,
-                                 resolve_compile, step_seed, tf32_mode, total_steps, train)
+from meanflow.train.loop import (lr_at, resolve_compile, step_seed, tf32_mode, total_steps,
+                                 train)
 
 TINY = {"width": 16, "depth": 1, "emb_dim": 8}
 TINY_UNET = {"channels": 8, "channel_mult": [1, 2], "blocks_per_res": 1,

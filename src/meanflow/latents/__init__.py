@@ -1,16 +1,16 @@
-"""Latent generation (SPEC §2, ImageNet 256): images -> VAE posterior shards -> MeanFlow in
-latent space -> decoded images.
+"""Latent generation (docs/method.md, the paper's recipes: ImageNet 256): images -> VAE
+posterior shards -> MeanFlow in latent space -> decoded images.
 
 * :func:`prepare_latents` (``meanflow prepare-latents``) encodes an image folder into shards
   (format: :mod:`meanflow.data.latents`) plus FID reference statistics of the same images;
 * :class:`meanflow.data.LatentShards` draws ``(mean + std * e) * scale`` with labels for training;
-* :func:`decode_latents` / :func:`sample_images` turn model samples back into images, and
-  :func:`fid_of_latent_model` scores them.
+* :func:`decode_latents` turns model samples back into images: ``meanflow.load(run).sample(n)``
+  (:mod:`meanflow.runs.load`) decodes a latent run's samples with the VAE recorded with its
+  latents, and ``meanflow fid calc`` (:func:`meanflow.metrics.fid.fid_of`) scores them.
 
 Everything touching the VAE needs the optional dependency ``diffusers``.
 """
 
-from meanflow.latents.generate import fid_of_latent_model, resolve_vae, sample_images
 from meanflow.latents.prepare import (DTYPES, FID_REF_NAME, prepare_latents, read_cropped,
                                       shard_assignment, stats_from_shards)
 from meanflow.latents.vae import (DIFFUSERS_INSTALL, SD_VAE_SCALE, decode_latents,
@@ -18,5 +18,4 @@ from meanflow.latents.vae import (DIFFUSERS_INSTALL, SD_VAE_SCALE, decode_latent
 
 __all__ = ["prepare_latents", "shard_assignment", "read_cropped", "stats_from_shards",
            "FID_REF_NAME", "DTYPES", "load_vae", "vae_identity", "encode_posterior",
-           "decode_latents", "latent_shape", "SD_VAE_SCALE", "DIFFUSERS_INSTALL",
-           "resolve_vae", "sample_images", "fid_of_latent_model"]
+           "decode_latents", "latent_shape", "SD_VAE_SCALE", "DIFFUSERS_INSTALL"]

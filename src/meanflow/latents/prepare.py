@@ -1,10 +1,11 @@
 """``meanflow prepare-latents``: an image folder -> VAE posterior shards + FID reference stats.
 
 Images are read in the sorted order of :func:`meanflow.data.folder` (one class per sub-folder),
-ADM-centre-cropped to ``resolution`` (SPEC §2), encoded by the VAE and written ``shard_size``
-images per shard (format: :mod:`meanflow.data.latents`). Nothing holds more than one shard of
-images in memory. Under torchrun, rank r encodes shards r, r + W, ...; every shard is written
-atomically, so a killed run resumes by rerunning the same command (finished shards are kept).
+ADM-centre-cropped to ``resolution`` (docs/method.md, the paper's recipes), encoded by the VAE
+and written ``shard_size`` images per shard (format: :mod:`meanflow.data.latents`). Nothing
+holds more than one shard of images in memory. Under torchrun, rank r encodes shards r, r + W,
+...; every shard is written atomically, so a killed run resumes by rerunning the same command
+(finished shards are kept).
 When every shard exists, rank 0 computes the FID reference statistics of the same cropped
 images (ADM's reference batches are the training images at the same crop) from the features
 stored in the shards, and marks the index complete.
@@ -20,11 +21,21 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor
+from tqdm.auto import tqdm
 
+from meanflow.data.folder import check_image_args, read_image, scan_image_folder
 from meanflow.data.latents import (INDEX_NAME, LATENT_FORMAT, LATENT_VERSION, shard_name)
 from meanflow.errors import ConfigError, DataError
 from meanflow.fileio import atomic_path, atomic_write_text
+from meanflow.latents.vae import encode_posterior, latent_shape, load_vae, vae_identity
+from meanflow.metrics.extractors import load_extractor
+from meanflow.metrics.frechet import FeatureStats
+from meanflow.pixels import from_uint8
+from meanflow.world import World, resolve_device, setup, teardown
 
 __all__ = ["prepare_latents", "shard_assignment", "read_cropped", "stats_from_shards",
            "FID_REF_NAME", "DTYPES"]
@@ -42,7 +53,6 @@ def shard_assignment(num_shards: int, rank: int, world_size: int) -> list[int]:
 
 def read_cropped(files: Sequence[Path], resolution: int) -> Tensor:
     """uint8 (n, 3, resolution, resolution) RGB images, ADM-centre-cropped, in file order."""
-    from meanflow.data.folder import read_image
     out = np.empty((len(files), 3, resolution, resolution), dtype=np.uint8)
     for i, file in enumerate(files):
         out[i] = read_image(file, 3, resolution)
@@ -59,7 +69,6 @@ def _shard_done(file: Path, plan_id: str, count: int) -> bool:
     """A shard file of this plan with ``count`` images (a foreign or unreadable one is not)."""
     if not file.is_file():
         return False
-    from safetensors import safe_open
     try:
         with safe_open(str(file), framework="pt") as f:
             meta = f.metadata() or {}
@@ -68,14 +77,10 @@ def _shard_done(file: Path, plan_id: str, count: int) -> bool:
     return meta.get("plan_id") == plan_id and meta.get("count") == str(count)
 
 
-def stats_from_shards(files: Sequence[Path], keep: int, meta: dict[str, Any]) -> Any:
+def stats_from_shards(files: Sequence[Path], keep: int, meta: dict[str, Any]) -> FeatureStats:
     """:class:`~meanflow.metrics.frechet.FeatureStats` of the ``features`` of every shard, read
     one shard at a time (two passes: mean, then centred scatter, in float64), keeping the first
     ``keep`` rows for KID. Equals ``FeatureStats.from_features`` of all rows at once."""
-    from safetensors import safe_open
-
-    from meanflow.metrics.frechet import FeatureStats
-
     def rows() -> Any:
         for file in files:
             with safe_open(str(file), framework="pt") as f:
@@ -125,10 +130,6 @@ def prepare_latents(image_dir: str | os.PathLike[str], out_dir: str | os.PathLik
     Returns:
         The final ``index.json`` content (on every rank).
     """
-    from meanflow.data.folder import check_image_args, scan_image_folder
-    from meanflow.latents.vae import encode_posterior, latent_shape, load_vae, vae_identity
-    from meanflow.train import distributed as dist_
-    from meanflow.train.loop import resolve_device
 
     check_image_args(resolution, None)
     if resolution is None:
@@ -147,13 +148,12 @@ def prepare_latents(image_dir: str | os.PathLike[str], out_dir: str | os.PathLik
     if not files:
         raise DataError(f"no .png/.jpg/.jpeg images found in {root}")
     use_fid = fid_extractor != "none"
-    world, dev, owned = dist_.setup(resolve_device(device))
+    world, dev, owned = setup(resolve_device(device))
     try:
         model = load_vae(vae, dev)
         ident = vae_identity(vae, model)
         ext = None
         if use_fid:
-            from meanflow.metrics.extractors import load_extractor
             ext = load_extractor(fid_extractor, dev)
         scale = float(model.config.scaling_factor) if scale is None else float(scale)
         if not scale > 0:
@@ -195,7 +195,6 @@ def prepare_latents(image_dir: str | os.PathLike[str], out_dir: str | os.PathLik
         mine = shard_assignment(num_shards, world.rank, world.size)
         todo = [s for s in mine if not _shard_done(
             out / shard_name(s), plan_id, min(shard_size, n - s * shard_size))]
-        from tqdm.auto import tqdm
         bar = tqdm(total=sum(min(shard_size, n - s * shard_size) for s in todo),
                    desc=f"encoding (rank {world.rank})" if world.enabled else "encoding",
                    unit="img", disable=None if progress else True)
@@ -205,7 +204,7 @@ def prepare_latents(image_dir: str | os.PathLike[str], out_dir: str | os.PathLik
             means, stds, feats = [], [], []
             for b in range(start, stop, batch_size):
                 u8 = read_cropped(files[b:min(b + batch_size, stop)], resolution)
-                x = u8.float() / 127.5 - 1.0                                  # [-1, 1]
+                x = from_uint8(u8)                                            # [-1, 1]
                 mean, std = encode_posterior(model, x)
                 means.append(mean)
                 stds.append(std)
@@ -222,7 +221,6 @@ def prepare_latents(image_dir: str | os.PathLike[str], out_dir: str | os.PathLik
                 tensors["features"] = torch.cat(feats).contiguous()
             meta = {"plan_id": plan_id, "shard": str(s), "start": str(start),
                     "count": str(stop - start)}
-            from safetensors.torch import save_file
             with atomic_path(out / shard_name(s)) as tmp:
                 save_file(tensors, str(tmp), metadata=meta)
         bar.close()
@@ -246,10 +244,9 @@ def prepare_latents(image_dir: str | os.PathLike[str], out_dir: str | os.PathLik
         _barrier(world)
         return json.loads(index_file.read_text())
     finally:
-        dist_.teardown(owned)
+        teardown(owned)
 
 
-def _barrier(world: Any) -> None:
+def _barrier(world: World) -> None:
     if world.enabled:
-        import torch.distributed as dist
         dist.barrier()

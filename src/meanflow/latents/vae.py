@@ -1,4 +1,5 @@
-"""The VAE between pixels and latents: a ``diffusers`` ``AutoencoderKL`` (SPEC §2: sd-vae-ft-mse).
+"""The VAE between pixels and latents: a ``diffusers`` ``AutoencoderKL`` (sd-vae-ft-mse in the
+paper's ImageNet recipe, docs/method.md).
 
 ``diffusers`` is an optional dependency (``pip install 'meanflow[latents]'``). Weights are read
 only from ``.safetensors`` files; nothing is downloaded unless a hub id is given and a network

@@ -5,6 +5,10 @@ standard FID Inception-v3; ``fmnist``, the repo's own Fashion-MNIST classifier (
 speed, its own scale: not comparable with Inception FIDs); or a TorchScript / state-dict file.
 Reference files keep the extractor's identity and 5 000 feature rows, so KID comes with every
 FID. Every result records the extractor, N, NFE, guidance, checkpoint and seed.
+
+Generated images are scored as an 8-bit file would hold them (:func:`meanflow.pixels.quantize`)
+and featurised batch by batch as :func:`meanflow.sampling.generate` makes them
+(:func:`sample_features`), the way ``fid calc`` and FID during training both do it.
 """
 
 from __future__ import annotations
@@ -12,28 +16,33 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from meanflow.data import build_dataset
 from meanflow.errors import ConfigError, DataError
+from meanflow.metrics.extractors import Extractor, load_extractor
 from meanflow.metrics.frechet import FeatureStats, frechet_distance, kid, precision_recall
+from meanflow.pixels import from_uint8, quantize
+from meanflow.runs.load import load
+from meanflow.sampling import generate
+from meanflow.world import World, gather_sharded, resolve_device, sharded_indices
 
 __all__ = ["EXTRACTORS", "load_reference", "reference_stats", "fid_of", "score_features",
-           "quantize", "gather_features"]
+           "sample_features"]
 
 EXTRACTORS = ("inception", "fmnist")   # or the path of a TorchScript / state-dict file
 KID_FEATURES = 5000                   # feature rows kept in stats files for KID
 
 
 def load_reference(ref: str | os.PathLike[str], device: torch.device | str = "cpu",
-                   extractor: str | None = None) -> tuple[FeatureStats, Any]:
+                   extractor: str | None = None) -> tuple[FeatureStats, Extractor]:
     """Reference statistics and the extractor they were made with: the one recorded in the
     file, or ``extractor`` (where its file is now), whose name and checksum must match, so that
     features of two different networks are never compared."""
-    from meanflow.metrics.extractors import _check_identity, load_extractor
     ref_stats = FeatureStats.load(ref)
     made_with = ref_stats.meta.get("extractor", "fmnist")
     ext = load_extractor(extractor or made_with, device)
@@ -42,26 +51,14 @@ def load_reference(ref: str | os.PathLike[str], device: torch.device | str = "cp
         raise ConfigError(f"{ref} holds {made_with!r} features, but the extractor given is "
                           f"{got!r}: compare like with like (drop --extractor, or recompute "
                           "the reference with meanflow fid ref --extractor)")
-    _check_identity(ext.identity, ref_stats.meta)
+    # the same network: checked after the names, whose message says more when they differ
+    for key in ("sha1", "sha256"):
+        if key in ref_stats.meta and ext.identity.get(key) != ref_stats.meta[key]:
+            raise DataError(f"the extractor {got!r} is not the network the reference "
+                            f"statistics were made with ({key} {ext.identity.get(key)} != "
+                            f"{ref_stats.meta[key]}); recompute them with meanflow fid ref, or "
+                            "pass the original extractor file")
     return ref_stats, ext
-
-
-def quantize(images: Tensor) -> Tensor:
-    """Samples as they would be saved as 8-bit images: clamped to [-1, 1], rounded to 256
-    levels, back in [-1, 1]. Reference images are 8-bit, so generated ones are scored so too."""
-    u8 = ((images.float().clamp(-1.0, 1.0) + 1.0) * 127.5).round()
-    return u8 / 127.5 - 1.0
-
-
-def gather_features(local: np.ndarray, n: int, world: Any,
-                    device: torch.device | str = "cpu") -> np.ndarray:
-    """Feature rows computed rank by rank for :func:`meanflow.sampling.sharded_indices`,
-    reassembled in sample order on every rank (the identity for one process)."""
-    if world is None or not world.enabled:
-        return local
-    from meanflow.sampling import gather_rows
-    rows = torch.from_numpy(np.ascontiguousarray(local, dtype=np.float64))
-    return gather_rows(rows, n, world, device).numpy()
 
 
 def score_features(feats: np.ndarray, ref: FeatureStats, kid_subset: int = 1000,
@@ -88,14 +85,13 @@ def score_features(feats: np.ndarray, ref: FeatureStats, kid_subset: int = 1000,
 
 
 def _dataset_images(data: str, options: dict[str, Any], n: int | None) -> Tensor:
-    from meanflow.data import build_dataset
     ds = build_dataset(data, **options)
     images = getattr(ds, "images", None)
     if images is None:
         raise ConfigError(f"{data!r} holds no images (samples of shape {tuple(ds.shape)}): "
                           "give an image dataset, folder or .npz")
     images = images[:n] if n is not None else images
-    return images.to(torch.float32) / 127.5 - 1.0                       # uint8 -> [-1, 1]
+    return from_uint8(images)
 
 
 def reference_stats(data: str, out: str | os.PathLike[str], options: dict[str, Any] | None = None,
@@ -104,8 +100,6 @@ def reference_stats(data: str, out: str | os.PathLike[str], options: dict[str, A
                     progress: bool = True) -> FeatureStats:
     """Feature statistics of the first ``n`` images (all by default) of a dataset, saved with
     the extractor's identity and ``keep`` feature rows (for KID)."""
-    from meanflow.metrics.extractors import load_extractor
-    from meanflow.train.loop import resolve_device
     ext = load_extractor(extractor, resolve_device(device))   # before the slow data loading
     images = _dataset_images(data, options or {}, n)
     stats = FeatureStats.from_features(
@@ -123,7 +117,7 @@ def _load_samples(path: Path, n: int | None) -> tuple[Tensor, dict[str, Any]]:
             if "samples" in f.files:
                 x = torch.from_numpy(np.asarray(f["samples"], dtype=np.float32))
             elif "images" in f.files:                                   # (N, H, W, C) uint8
-                x = torch.from_numpy(f["images"]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+                x = from_uint8(torch.from_numpy(f["images"]).permute(0, 3, 1, 2))
             else:
                 raise DataError(f"{path} has neither 'samples' nor 'images': write it with "
                                 "meanflow sample --out")
@@ -134,21 +128,44 @@ def _load_samples(path: Path, n: int | None) -> tuple[Tensor, dict[str, Any]]:
     return (x[:n] if n is not None else x), meta
 
 
-def fid_of(source: str | os.PathLike[str], ref: str | os.PathLike[str], n: int | None = 10000,
-           steps: int = 1, seed: int = 0, ema: float | str | None = "auto",
-           batch_size: int = 500, device: str = "auto", extractor: str | None = None,
-           pr: bool = False, progress: bool = True, world: Any = None) -> dict[str, Any]:
+def sample_features(net: nn.Module, seeds: list[int], shape: tuple[int, ...], ext: Extractor,
+                    *, labels: Tensor | None = None, steps: int = 1, method: str = "meanflow",
+                    decode: Callable[[Tensor], Tensor] | None = None, batch_size: int = 500,
+                    device: torch.device | str = "cpu", world: World | None = None,
+                    progress: bool = False) -> np.ndarray:
+    """Features (N, D) float64 of the samples of ``seeds`` (:func:`meanflow.sampling.generate`):
+    each batch decoded (``decode``: latents -> images in [-1, 1]; None for pixel models),
+    quantised to 8 bits and featurised at once, so no more than a batch of images is ever
+    held. Under torchrun (``world``) the rows are gathered in seed order on every rank."""
+    def features(x: Tensor) -> Tensor:
+        images = quantize(decode(x) if decode is not None else x)
+        return torch.from_numpy(np.asarray(ext.features(images), dtype=np.float64))
+
+    _, feats = generate(net, seeds, shape, labels=labels, steps=steps, method=method,
+                        decode=features, batch_size=batch_size, device=device, world=world,
+                        progress=progress, keep_samples=False)
+    return feats.numpy()
+
+
+def fid_of(source: str | os.PathLike[str], ref: str | os.PathLike[str],
+           n: int | None = 10000, steps: int = 1, seed: int = 0,
+           ema: float | str | None = "auto", batch_size: int = 500, device: str = "auto",
+           extractor: str | None = None, pr: bool = False, progress: bool = True,
+           world: World | None = None, vae: str | os.PathLike[str] | None = "auto"
+           ) -> dict[str, Any]:
     """FID (and KID) of a samples .npz, or of N fresh samples of a run folder / checkpoint
     (sample i from seed SEED+i, labels balanced over classes), against a reference stats file.
 
-    The extractor is the one recorded in the reference file; ``extractor`` may name where its
-    file now is (its checksum must match). Samples are quantised to 8 bits first. Under
-    torchrun (``world`` from :func:`meanflow.train.distributed.setup`) rank r samples and
-    featurises samples r, r + W, ... and the features are gathered in sample order, so the
-    result does not depend on the number of processes; every rank returns the record.
+    ``n``: samples scored; None takes all of a .npz, and 10 000 fresh samples of a run (50 000
+    of a latent run decoded by its VAE). A latent run's samples are decoded by ``vae``
+    (:func:`meanflow.runs.load.load`: "auto" is the VAE recorded with its latents, "none"
+    scores the latents). The extractor is the one recorded in the reference file;
+    ``extractor`` may name where its file now is (its checksum must match). Samples are
+    quantised to 8 bits first. Under torchrun (``world`` from :func:`meanflow.world.setup`)
+    rank r samples and featurises samples r, r + W, ... and the features are gathered in
+    sample order, so the result does not depend on the number of processes; every rank
+    returns the record.
     """
-    from meanflow.sampling import sample_seeded, sharded_indices
-    from meanflow.train.loop import resolve_device
     dev = resolve_device(device)
     main = world is None or world.is_main
     ref_stats, ext = load_reference(ref, dev, extractor)
@@ -159,29 +176,31 @@ def fid_of(source: str | os.PathLike[str], ref: str | os.PathLike[str], n: int |
         count = int(x.shape[0])
         if count < 2:
             raise ConfigError(f"FID needs at least 2 samples, got {count}: raise --n")
-        x = x[sharded_indices(count, world)]
+        mine = x[sharded_indices(count, world)]
+        local = torch.from_numpy(np.asarray(ext.features(quantize(mine), progress=progress
+                                                         and main), dtype=np.float64))
+        feats = gather_sharded(local, count, world, dev).numpy()
         record.update(samples=str(source), checkpoint=meta.get("checkpoint"),
                       steps=meta.get("steps"), seed=meta.get("seed"))
     else:
-        from meanflow.train.loop import load_model
-        loaded = load_model(source, ema=ema, device=dev)
-        count = 10000 if n is None else n
+        model = load(source, ema=ema, device=dev, vae=vae)
+        count = n if n is not None else (50000 if model.vae is not None else 10000)
         if count < 2:
             raise ConfigError(f"FID needs at least 2 samples, got {count}: raise --n")
-        mine = sharded_indices(count, world)
-        y = (None if loaded.num_classes is None
-             else torch.arange(count) % loaded.num_classes)
-        method = "euler" if loaded.config.objective.kind == "flow_matching" else "meanflow"
-        x = sample_seeded(loaded.net, [seed + i for i in mine], loaded.shape, steps=steps,
-                          y=None if y is None else y[mine], method=method,
-                          batch_size=batch_size, device=dev, progress=progress and main)
-        o = loaded.config.objective
-        record.update(checkpoint=str(loaded.checkpoint), step=loaded.step,
-                      weights=loaded.weights, method=method, steps=steps, seed=seed,
+        y = model.labels_for(count)
+        feats = sample_features(model.net, list(range(seed, seed + count)), model.shape, ext,
+                                labels=y, steps=steps, method=model.method,
+                                decode=model.decode if model.vae is not None else None,
+                                batch_size=batch_size, device=dev, world=world,
+                                progress=progress and main)
+        o = model.config.objective
+        record.update(checkpoint=str(model.checkpoint), step=model.step,
+                      weights=model.weights, method=model.method, steps=steps, seed=seed,
                       guidance={"omega": o.omega, "kappa": o.kappa,
-                                "t_interval": list(o.t_interval)})
-    feats = gather_features(ext.features(quantize(x), progress=progress and main), count,
-                            world, dev)
+                                "t_interval": list(o.t_interval)},
+                      labels="balanced" if y is not None else None)
+        if model.vae is not None:
+            record.update(vae=model.vae["spec"], scale=model.vae["scale"])
     record.update(n=count, quantized=True, **score_features(feats, ref_stats, pr=pr))
     if world is not None and world.enabled:
         record["processes"] = world.size

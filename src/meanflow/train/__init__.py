@@ -1,9 +1,11 @@
-"""Training: typed config, the loop, EMA and checkpoints."""
+"""Training: the loop, the EMA of the weights and data-parallel training.
 
-from meanflow.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
-from meanflow.train.config import RunConfig, load_config
+A run's config, checkpoints and folder, and loading a trained run to sample it, are in
+:mod:`meanflow.runs`; training builds on them, and nothing outside training imports this
+package.
+"""
+
 from meanflow.train.ema import EMA
-from meanflow.train.loop import LoadedModel, load_model, step_seed, train
+from meanflow.train.loop import check_config, step_seed, train
 
-__all__ = ["RunConfig", "load_config", "train", "load_model", "LoadedModel", "EMA",
-           "step_seed", "save_checkpoint", "load_checkpoint", "find_checkpoint"]
+__all__ = ["train", "check_config", "EMA", "step_seed"]

@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from meanflow.runs.checkpoint import ema_key
+
 __all__ = ["EMA"]
 
 
@@ -38,7 +40,8 @@ class EMA:
 
     @staticmethod
     def key(decay: float) -> str:
-        return f"ema_{decay:g}"
+        """The EMA's name in checkpoints, e.g. ``ema_0.9999`` (:func:`ema_key`)."""
+        return ema_key(decay)
 
     def step(self, model: nn.Module, n: int) -> bool:
         """After optimiser step ``n`` (1-based): :meth:`update` when n is a multiple of

@@ -1,7 +1,8 @@
 """The training loop: readable top to bottom, shared by the toy and (later) image runs.
 
-A run folder holds ``config.json``/``config.yaml`` (written before the first step),
-``metrics.jsonl`` (one line per ``log_every`` steps) and ``checkpoints/step_*``.
+A run folder (:mod:`meanflow.runs.folder`) holds ``config.json``/``config.yaml`` (written before
+the first step), ``metrics.jsonl`` (one line per ``log_every`` steps) and ``checkpoints/step_*``
+(:mod:`meanflow.runs.checkpoint`); :func:`meanflow.load` samples a run again.
 
 Under ``torchrun`` the same loop runs data-parallel (:mod:`meanflow.train.distributed`): each of
 the W ranks trains on ``batch_size / W`` images per step, the grad pass goes through DDP and the
@@ -24,67 +25,50 @@ distributions draw fresh points either way.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
-import re
+import shutil
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from meanflow import __version__
 from meanflow.data import BatchSource, EpochOrder, build_dataset
 from meanflow.errors import CheckpointError, ConfigError, DataError
-from meanflow.models import build_model_for_data
+from meanflow.latents.vae import decode_latents, load_vae
+from meanflow.metrics.fid import load_reference, sample_features, score_features
 from meanflow.models.attention import set_jvp_attention
 from meanflow.objective import FlowMatchingLoss, MeanFlowLoss
+from meanflow.runs.build import build_augment, build_network
+from meanflow.runs.checkpoint import (find_checkpoint, list_checkpoints, load_checkpoint,
+                                      load_optimizer_tensors, optimizer_tensors,
+                                      save_checkpoint)
+from meanflow.runs.config import RunConfig
+from meanflow.runs.folder import prepare_run_dir, truncate_metrics
+from meanflow.sampling import generate, sampling_method
 from meanflow.train import distributed as dist_
-from meanflow.train.checkpoint import (atomic_write_text, find_checkpoint, list_checkpoints,
-                                       load_checkpoint, load_optimizer_tensors,
-                                       optimizer_tensors, save_checkpoint)
-from meanflow.train.config import RunConfig
-from meanflow.train.distributed import World
 from meanflow.train.ema import EMA
+from meanflow.viz import image_grid, save_samples_png
+from meanflow.world import (World, all_true, broadcast_object, env_world, mean_across, on_every,
+                            on_main, resolve_device, setup, teardown)
 
-__all__ = ["train", "check_config", "new_run_dir", "build_loss", "step_seed", "resolve_device",
-           "load_model", "LoadedModel", "prepare_run_dir", "total_steps", "check_compiled",
-           "WithAugmentLabels", "make_loss_call", "draw_times_and_noise", "model_options",
-           "build_augment", "epoch_order", "data_position", "resolve_compile", "tf32_mode",
-           "lr_at"]
+__all__ = ["train", "check_config", "build_loss", "step_seed", "total_steps", "check_compiled",
+           "WithAugmentLabels", "make_loss_call", "draw_times_and_noise", "epoch_order",
+           "data_position", "resolve_compile", "tf32_mode", "lr_at", "FIDMonitor",
+           "latent_decoder"]
 
-# Settings that may change between a run and its resumption; anything else must match.
-RESUMABLE_KEYS = {("train", k) for k in (
-    "steps", "epochs", "images", "log_every", "checkpoint_every", "keep_checkpoints", "device",
-    "progress", "compile", "tf32", "sample_every", "sample_count", "sample_steps", "tensorboard",
-    "fid_every", "fid_ref", "fid_n", "fid_steps", "fsdp")} | {("model", "jvp_attention")}
 MAX_NONFINITE_IN_A_ROW = 10
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
     """A 63-bit seed unique to (seed, rank, step); the same on every machine."""
     return ((seed * 1_000_003 + rank) * 1_000_000_007 + step) % (2 ** 63 - 1)
-
-
-def resolve_device(name: str) -> torch.device:
-    """"auto" (CUDA when available, else CPU), "cpu", "mps", "cuda" or "cuda:N", checked."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not isinstance(name, str) or not re.fullmatch(r"cpu|mps|cuda(:\d+)?", name):
-        raise ConfigError(f"device {name!r} is not one of auto, cpu, mps, cuda, cuda:N")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device {name!r} but CUDA is not available: use cpu or auto")
-        index = int(name.split(":")[1]) if ":" in name else 0
-        if index >= torch.cuda.device_count():
-            raise ConfigError(f"device {name!r} but only {torch.cuda.device_count()} CUDA "
-                              "device(s) exist")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("device 'mps' is not available here: use cpu or auto")
-    return torch.device(name)
 
 
 def resolve_compile(value: bool | str, device: torch.device, fsdp: bool = False) -> bool:
@@ -139,81 +123,6 @@ def build_loss(cfg: RunConfig, num_classes: int | None) -> Callable:
                         r_eq_t_rows=o.r_eq_t_rows, label_drop_rows=o.label_drop_rows)
 
 
-def _differences(a: dict, b: dict, prefix: tuple = ()) -> list[tuple]:
-    keys = set(a) | set(b)
-    out = []
-    for k in sorted(keys):
-        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
-            out += _differences(a[k], b[k], prefix + (k,))
-        elif a.get(k) != b.get(k):
-            out.append(prefix + (k,))
-    return out
-
-
-def prepare_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> None:
-    """Creates the run folder, or checks that ``resume`` continues the same run.
-
-    Never overwrites another run: a folder that holds a different run, or any files but a
-    run's, is refused with a ConfigError.
-    """
-    run_dir = Path(run_dir)
-    saved = run_dir / "config.json"
-    if saved.is_file():
-        if not resume:
-            raise ConfigError(f"output folder {run_dir} already holds a run: pass --resume to "
-                              "continue it, or choose a new --out")
-        try:
-            old = json.loads(saved.read_text())
-        except json.JSONDecodeError:
-            raise CheckpointError(f"{saved} is corrupt: restore it, or start a new run in "
-                                  "another folder") from None
-        if isinstance(old, dict) and isinstance(old.get("data"), dict):
-            # a run saved before data.order existed drew its batches with replacement
-            old["data"].setdefault("order", "random")
-        try:  # other settings added to meanflow after the run was made take their defaults
-            old = RunConfig.from_dict(old).to_dict()
-        except ConfigError:
-            pass  # compare as saved; the differences are reported below
-        diff = [d for d in _differences(old, cfg.to_dict()) if d not in RESUMABLE_KEYS]
-        if diff:
-            keys = ", ".join(".".join(d) for d in diff)
-            raise ConfigError(f"cannot resume {run_dir}: its config differs in {keys}; use "
-                              "the same settings, or choose a new --out")
-    elif run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"output path {run_dir} is a file, not a folder: choose a new --out")
-    elif run_dir.exists() and any(run_dir.iterdir()):
-        raise ConfigError(f"output folder {run_dir} is not empty and holds no meanflow run: "
-                          "choose a new or empty --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.json", cfg.to_json() + "\n")
-    atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
-
-
-def new_run_dir(cfg: RunConfig, root: str | Path = "runs") -> Path:
-    """A fresh run folder named by its content, e.g. ``runs/00003-8gaussians-meanflow-mlp``."""
-    root = Path(root)
-    taken = [int(p.name.split("-", 1)[0]) for p in root.glob("[0-9][0-9][0-9][0-9][0-9]-*")
-             if p.name.split("-", 1)[0].isdigit()] if root.is_dir() else []
-    data = re.sub(r"[^A-Za-z0-9_.]+", "_", Path(cfg.data.name).stem)
-    cond = "-cond" if cfg.data.class_conditional else ""
-    name = f"{max(taken, default=0) + 1:05d}-{data}{cond}-{cfg.objective.kind}-{cfg.model.name}"
-    return root / name
-
-
-def _truncate_metrics(path: Path, last_step: int) -> None:
-    """Drops log lines written after the checkpoint we resume from (they will be redone)."""
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= last_step:
-                keep.append(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by a kill
-    atomic_write_text(path, "".join(f"{line}\n" for line in keep))
-
-
 def lr_at(cfg: RunConfig, step: int) -> float:
     """The learning rate of 0-based step ``step``: a linear warm-up over W = ``warmup_steps``
     steps from lr·s, s = 1e-8 / lr, then constant (the official PyTorch code's LinearLR with
@@ -243,7 +152,6 @@ def _save(run_dir: Path, step: int, model: nn.Module, ema: EMA, opt: torch.optim
                            model=model_sd, ema=ema_sd, optimizer=opt_tensors, state=state)
     keep = cfg.train.keep_checkpoints
     if keep > 0:
-        import shutil
         for old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     return path
@@ -359,33 +267,6 @@ def total_steps(cfg: RunConfig, ds: BatchSource) -> int:
     return tr.steps
 
 
-def build_augment(cfg: RunConfig) -> Any:
-    """The run's EDM augmentation, ``EDMAugment(p=data.augment, **data.augment_options)``, or
-    None when ``data.augment`` is 0."""
-    if cfg.data.augment <= 0:
-        return None
-    from meanflow.data.augment import EDMAugment
-    return EDMAugment(p=cfg.data.augment, **cfg.data.augment_options)
-
-
-def model_options(cfg: RunConfig, shape: tuple[int, ...]) -> dict[str, Any]:
-    """The backbone options of a run on samples of ``shape``: ``model.options``, plus
-    ``augment_dim`` (the augmentation's ``label_dim``) when EDM augmentation is on. Training
-    and :func:`load_model` build the network from these."""
-    options = dict(cfg.model.options)
-    augment = build_augment(cfg)
-    if augment is not None:
-        if len(shape) != 3:
-            raise ConfigError(f"data.augment is for images (C, H, W); {cfg.data.name!r} has "
-                              f"samples of shape {shape}: set data.augment=0")
-        if not cfg.model.name.startswith("unet"):
-            raise ConfigError(f"data.augment feeds the augmentation label to the network, and "
-                              f"only unet-* backbones take it (model {cfg.model.name!r}): set "
-                              "data.augment=0 or use a U-Net")
-        options["augment_dim"] = int(augment.label_dim)
-    return options
-
-
 def _tensorboard_writer(run_dir: Path | None):  # noqa: ANN202 (SummaryWriter is optional)
     try:
         from torch.utils.tensorboard import SummaryWriter
@@ -402,7 +283,7 @@ def check_config(cfg: RunConfig) -> None:
     """
     cfg.validate()
     resolve_device(cfg.train.device)
-    _check_world(cfg, dist_.env_world())
+    _check_world(cfg, env_world())
     ds = build_dataset(cfg.data.name, **cfg.data.options)
     num_classes = ds.num_classes if cfg.data.class_conditional else None
     if cfg.data.class_conditional and num_classes is None:
@@ -410,8 +291,7 @@ def check_config(cfg: RunConfig) -> None:
                           "labels: give labelled data or set it to false")
     total_steps(cfg, ds)                  # and the data order's checks
     with torch.device("meta"):
-        build_model_for_data(cfg.model.name, tuple(ds.shape), num_classes,
-                             model_options(cfg, tuple(ds.shape)))
+        build_network(cfg, tuple(ds.shape), num_classes)
     build_loss(cfg, num_classes)
     if cfg.train.tensorboard:
         _tensorboard_writer(None)
@@ -437,14 +317,13 @@ class FIDMonitor:
     def __init__(self, cfg: RunConfig, shape: tuple[int, ...], num_classes: int | None,
                  device: torch.device,
                  decode: Callable[[Tensor], Tensor] | None = None) -> None:
-        from meanflow.metrics.fid import load_reference
         tr = cfg.train
         self.ref, self.extractor = load_reference(tr.fid_ref, device)
         if len(shape) != 3:
             raise ConfigError(f"train.fid_every needs image data; this data has samples of shape "
                               f"{shape}: set train.fid_every=0")
-        self.decode = decode if decode is not None else (lambda x: x)
-        probe = self.decode(torch.zeros(2, *shape))
+        self.decode = decode
+        probe = torch.zeros(2, *shape) if decode is None else decode(torch.zeros(2, *shape))
         try:
             dim = self.extractor.features(probe).shape[1]
         except ConfigError as exc:
@@ -459,31 +338,21 @@ class FIDMonitor:
         """The record for metrics.jsonl. Under torchrun every rank samples and extracts the
         features of its share of the seeds; rank 0 gets them all and returns the record, the
         others None. Sample i depends only on seed i, so the rank count does not matter."""
-        import numpy as np
-        from meanflow.metrics.fid import quantize, score_features
-        from meanflow.sampling import sample_seeded
         tr = self.cfg.train
         sampler_net.load_state_dict(ema.shadows[EMA.key(ema.decays[0])])
         y = None if self.num_classes is None else torch.arange(tr.fid_n) % self.num_classes
-        method = "euler" if self.cfg.objective.kind == "flow_matching" else "meanflow"
         record: dict[str, Any] = {"step": step, "eval": "fid", "fid_n": tr.fid_n,
                                   "fid_extractor": self.extractor.name,
                                   "fid_weights": EMA.key(ema.decays[0])}
-        mine = dist_.shard(range(tr.fid_n), world)
         for k in tr.fid_steps:
-            if mine:
-                x = sample_seeded(sampler_net, mine, self.shape, steps=k,
-                                  y=None if y is None else y[mine], method=method,
-                                  batch_size=500, device=self.device)
-                images = quantize(self.decode(x))
-                local = torch.from_numpy(np.asarray(self.extractor.features(images),
-                                                    dtype=np.float64))
-            else:
-                local = torch.zeros((0, self.ref.dim), dtype=torch.float64)
-            feats = dist_.gather_sharded(local, tr.fid_n, world, self.device)
+            feats = sample_features(sampler_net, list(range(tr.fid_n)), self.shape,
+                                    self.extractor, labels=y, steps=k,
+                                    method=sampling_method(self.cfg.objective.kind),
+                                    decode=self.decode, batch_size=500, device=self.device,
+                                    world=world)
             if not world.is_main:
                 continue
-            scores = score_features(feats.numpy(), self.ref)
+            scores = score_features(feats, self.ref)
             for name, value in scores.items():
                 if name != "kid_subset":
                     record[f"{name}_nfe{k}"] = value
@@ -551,18 +420,18 @@ def check_compiled(model: nn.Module, loss_fn: Callable, compiled_call: Callable,
                    wrap: Callable[[nn.Module], nn.Module] | None = None) -> float:
     """Checks a compiled loss evaluation against eager before training starts.
 
-    JVP-NOTES: compiled code can drop forward-mode tangents silently. A fresh network's
-    zero-initialised output makes du/dt zero, which would hide that, so the check runs on a
-    copy of the network with perturbed weights, in eval mode, with r = 0 and t in [0.5, 1] so
-    that every target leans on du/dt. It compares the raw squared error and the gradient.
-    Returns the larger relative error; raises ConfigError above ``rtol`` or on any failure.
+    Compiled code can drop forward-mode tangents silently (docs/design.md, torch.compile). A
+    fresh network's zero-initialised output makes du/dt zero, which would hide that, so the
+    check runs on a copy of the network with perturbed weights, in eval mode, with r = 0 and
+    t in [0.5, 1] so that every target leans on du/dt. It compares the raw squared error and
+    the gradient. Returns the larger relative error; raises ConfigError above ``rtol`` or on
+    any failure.
 
     ``wrap`` (under torchrun with a split strategy: the DDP wrapper) wraps the probe for the
     grad pass, as in training (the probe itself takes the JVP, ``jvp_net``). With a different
     batch on each rank the compared gradients are then the averages over the ranks, so a
     compiled grad pass that skipped DDP's all-reduce would fail the check too.
     """
-    import copy
     probe = copy.deepcopy(model).eval()
     gen = torch.Generator().manual_seed(12345)
     with torch.no_grad():
@@ -619,7 +488,6 @@ def latent_decoder(ds: Any, device: torch.device) -> Callable[[Tensor], Tensor] 
     vae = getattr(ds, "vae", None)
     if not (isinstance(vae, dict) and vae.get("spec")):
         return None
-    from meanflow.latents.vae import decode_latents, load_vae
     model = load_vae(vae["spec"], device)
     scale = float(getattr(ds, "scale"))
     return lambda z: decode_latents(model, z, scale)
@@ -638,28 +506,26 @@ def _sample_pngs(run_dir: Path, step: int, sampler_net: nn.Module, ema: EMA, cfg
                  writer: Any, world: World = World(),
                  decode: Callable[[Tensor], Tensor] | None = None) -> None:
     """PNGs of samples from fixed seeds with the first EMA's weights, one per NFE (sampled by
-    all ranks, drawn by rank 0)."""
-    from meanflow.viz import save_samples_png
+    all ranks, drawn by rank 0); latents are decoded by ``decode`` (the VAE) first."""
     if len(shape) != 3 and math.prod(shape) != 2:
         return  # neither images nor 2-D points: nothing to draw
     sampler_net.load_state_dict(ema.shadows[EMA.key(ema.decays[0])])
     n = cfg.train.sample_count
     y = None if num_classes is None else torch.arange(n) % num_classes
-    method = "euler" if cfg.objective.kind == "flow_matching" else "meanflow"
+    method = sampling_method(cfg.objective.kind)
     for k in cfg.train.sample_steps:
-        x = dist_.sample_seeded_sharded(sampler_net, range(n), shape, world, device, y=y,
-                                        steps=k, method=method, batch_size=256)
+        x, decoded = generate(sampler_net, range(n), shape, labels=y, steps=k, method=method,
+                              decode=decode, batch_size=256, device=device, world=world,
+                              keep_samples=decode is None)
         if not world.is_main:
             continue
-        if decode is not None:
-            x = decode(x)
+        x = x if decoded is None else decoded
         path = run_dir / "samples" / f"step_{step:07d}-nfe{k}.png"
         title = f"{method}, {k} step(s), EMA {ema.decays[0]:g}, step {step}"
         # a class-conditional image grid gets one class per column
         nrow = num_classes if (num_classes and len(shape) == 3 and num_classes <= 16) else None
         save_samples_png(x, path, labels=y, title=title, nrow=nrow)
         if writer is not None and len(shape) == 3:
-            from meanflow.viz import image_grid
             grid = torch.from_numpy(image_grid(x, nrow))
             grid = grid[None] if grid.ndim == 2 else grid.permute(2, 0, 1)
             writer.add_image(f"samples/nfe{k}", grid, step)
@@ -676,12 +542,12 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False,
     error. A process group the caller made already is used as it is and left open.
     """
     cfg.validate()
-    world, device, owned = dist_.setup(resolve_device(cfg.train.device))
+    world, device, owned = setup(resolve_device(cfg.train.device))
     try:
         with tf32_mode(cfg.train.tf32, device):
             return _train(cfg, Path(run_dir), resume, dataset, world, device)
     finally:
-        dist_.teardown(owned)
+        teardown(owned)
 
 
 def _train(cfg: RunConfig, run_dir: Path, resume: bool, dataset: BatchSource | None,
@@ -693,18 +559,21 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, dataset: BatchSource | N
         raise ConfigError(f"data.class_conditional is true but {cfg.data.name!r} has no "
                           "labels: give labelled data or set it to false")
     shape = tuple(ds.shape)
-    data_info = {"shape": list(shape), "num_classes": num_classes}
+    data_info: dict[str, Any] = {"shape": list(shape), "num_classes": num_classes}
+    class_names = getattr(ds, "class_names", None)
+    if num_classes is not None and class_names is not None and len(class_names) == num_classes:
+        # what meanflow.load names the classes of its samples by (image folders' sub-folders)
+        data_info["class_names"] = [str(name) for name in class_names]
     steps = total_steps(cfg, ds)
     order = epoch_order(cfg, ds)
     tr = cfg.train
     compile_ = resolve_compile(tr.compile, device, tr.fsdp)   # the one place "auto" is decided
     # One run folder for every rank: rank 0's (a CLI without --out names one on each rank).
-    run_dir = Path(dist_.broadcast_object(str(run_dir), world))
+    run_dir = Path(broadcast_object(str(run_dir), world))
 
     # Everything that can reject the config is built before the run folder is written.
     torch.manual_seed(tr.seed)
-    model = build_model_for_data(cfg.model.name, shape, num_classes,
-                                 model_options(cfg, shape)).to(device)
+    model = build_network(cfg, shape, num_classes).to(device)
     # the JVP pass's attention: not a weight, so a resumed run may choose another one
     set_jvp_attention(model, cfg.model.jvp_attention)
     if tr.fsdp:   # before the optimiser and the EMA, which then hold shards too
@@ -729,7 +598,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, dataset: BatchSource | N
             pngs = False
     fid_monitor = (FIDMonitor(cfg, shape, num_classes, device, decode) if tr.fid_every > 0
                    else None)
-    dist_.on_main(world, prepare_run_dir, cfg, run_dir, resume)
+    on_main(world, prepare_run_dir, cfg, run_dir, resume)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                            weight_decay=cfg.optim.weight_decay, foreach=True)
     ema = EMA(model, tr.ema_decays, every=tr.ema_every)
@@ -741,8 +610,8 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, dataset: BatchSource | N
         # of ranks may differ from the run's); the run folder must be shared by every node.
         found = list_checkpoints(run_dir)
         name = found[-1].name if found else None
-        main_name = dist_.broadcast_object(name, world)
-        if not dist_.all_true(name == main_name, world, device):
+        main_name = broadcast_object(name, world)
+        if not all_true(name == main_name, world, device):
             raise ConfigError(f"the ranks see different checkpoints in {run_dir} (rank 0: "
                               f"{main_name}): put the run folder on a file system that every "
                               "node shares")
@@ -764,7 +633,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, dataset: BatchSource | N
         _check_position(state.get("data_position"), data_position(ds, order, start), ckpt,
                         run_dir)
     if resume and world.is_main:
-        _truncate_metrics(metrics_path, start)  # drop lines the resumed steps will redo
+        truncate_metrics(metrics_path, start)  # drop lines the resumed steps will redo
     if start >= steps:
         return find_checkpoint(run_dir)
 
@@ -783,13 +652,11 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, dataset: BatchSource | N
                 else None)
         wrap = ((lambda m: dist_.wrap_ddp(m, world, device)) if world.enabled and not joint
                 else None)
-        dist_.on_every(world, check_compiled, model, loss_fn, loss_call, x0, y0, aug0,
+        on_every(world, check_compiled, model, loss_fn, loss_call, x0, y0, aug0,
                        rtol=3e-2 if tr.amp == "bf16" else 1e-3, autocast=autocast, wrap=wrap)
     sampler_net = None
     if pngs or fid_monitor is not None:
-        import copy
-        sampler_net = (build_model_for_data(cfg.model.name, shape, num_classes,
-                                            model_options(cfg, shape)).to(device).eval()
+        sampler_net = (build_network(cfg, shape, num_classes).to(device).eval()
                        if tr.fsdp else copy.deepcopy(model).eval())
     writer = _tensorboard_writer(run_dir) if (tr.tensorboard and world.is_main) else None
 
@@ -804,7 +671,6 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, dataset: BatchSource | N
 
     bar = None
     if tr.progress and world.is_main:
-        from tqdm.auto import tqdm
         bar = tqdm(total=steps, initial=start, desc=f"{cfg.objective.kind}",
                    unit="step", dynamic_ncols=True, disable=None)  # None: off when not a tty
     sums: dict[str, Tensor] = {}  # summed on the device; read back only when logging
@@ -862,7 +728,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, dataset: BatchSource | N
                     v = v.detach().float() / tr.grad_accumulation
                     step_stats[k] = step_stats[k] + v if k in step_stats else v
             if world.enabled:
-                finite = dist_.all_true(all_finite, world, device)
+                finite = all_true(all_finite, world, device)
                 if finite and sync_by_hand:
                     dist_.all_reduce_grads_(list(model.parameters()), world)
             if finite:
@@ -897,7 +763,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, dataset: BatchSource | N
                                     mse=f"{float(step_stats['mse']):.4g}",
                                     img_s=f"{rate * tr.batch_size:.0f}", refresh=False)
             if done % tr.log_every == 0 or done == steps:
-                sums = dist_.mean_across(sums, world, device)   # the mean over the ranks
+                sums = mean_across(sums, world, device)   # the mean over the ranks
                 now = time.perf_counter()
                 record: dict[str, Any] = {"step": done, "images": done * tr.batch_size}
                 record.update({k: float(v) / max(count, 1) for k, v in sums.items()})
@@ -919,7 +785,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, dataset: BatchSource | N
                 if not tr.fsdp:
                     dist_.check_replicas_equal(model, world, device, done)
                 # rank 0 writes; the others wait for it (on_main's broadcast is the barrier)
-                last_ckpt = dist_.on_main(world, _save, run_dir, done, model, ema, opt, cfg,
+                last_ckpt = on_main(world, _save, run_dir, done, model, ema, opt, cfg,
                                           data_info, world.size, full,
                                           data_position(ds, order, done))
             if fid_monitor is not None and (done == steps or done % tr.fid_every == 0):
@@ -952,61 +818,3 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, dataset: BatchSource | N
         if writer is not None:
             writer.close()
     return last_ckpt if last_ckpt is not None else find_checkpoint(run_dir)
-
-
-@dataclass
-class LoadedModel:
-    """A backbone restored from a checkpoint, in eval mode, with what is needed to sample it."""
-    net: nn.Module
-    config: RunConfig
-    step: int
-    shape: tuple[int, ...]
-    num_classes: int | None
-    weights: str            # "model" or the EMA key used, e.g. "ema_0.999"
-    checkpoint: Path
-
-
-def load_model(path: str | Path, ema: float | str | None = "auto",
-               device: torch.device | str = "cpu") -> LoadedModel:
-    """Restores a backbone from a run folder (newest checkpoint) or a checkpoint folder.
-
-    ``ema="auto"`` takes the first EMA decay of the run (samplers should use EMA weights);
-    a float picks that decay; None takes the raw training weights. The backbone is built as
-    in training (:func:`model_options`: with the augmentation label's width when the run
-    used ``data.augment``).
-    """
-    ckpt = find_checkpoint(Path(path))
-    tensors, state = load_checkpoint(ckpt, device, parts=("model", "ema"))
-    try:
-        cfg = RunConfig.from_dict(state["config"])
-        shape = tuple(int(n) for n in state["data"]["shape"])
-        num_classes = state["data"]["num_classes"]
-        if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
-            raise TypeError
-        decays = [float(d) for d in state["ema_decays"]]
-        step = int(state["step"])
-    except (KeyError, TypeError, ValueError, ConfigError):
-        raise CheckpointError(f"{ckpt / 'state.json'} lacks the config, data or EMA fields of a "
-                              "meanflow checkpoint: restore it or use another checkpoint") from None
-    net = build_model_for_data(cfg.model.name, shape, num_classes, model_options(cfg, shape))
-    if ema is None:
-        weights, sd = "model", tensors["model"]
-    elif ema == "auto" and not decays:
-        weights, sd = "model", tensors["model"]
-    else:
-        decay = decays[0] if ema == "auto" else float(ema)
-        key = EMA.key(decay)
-        if decay not in decays:
-            raise ConfigError(f"checkpoint {ckpt} has no EMA with decay {ema}: choose one of "
-                              f"{', '.join(map(str, decays))} or none")
-        prefix = key + "."
-        sd = {k[len(prefix):]: v for k, v in tensors["ema"].items() if k.startswith(prefix)}
-        weights = key
-    try:
-        net.load_state_dict(sd)
-    except RuntimeError as exc:
-        raise CheckpointError(f"weights in {ckpt} do not fit the configured model "
-                              f"({str(exc).splitlines()[0]})") from None
-    net.to(device).eval()
-    return LoadedModel(net=net, config=cfg, step=step, shape=shape,
-                       num_classes=num_classes, weights=weights, checkpoint=ckpt)

@@ -7,6 +7,7 @@ A config is built from defaults, then a YAML/JSON file, then dotted overrides su
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 import re
@@ -16,7 +17,9 @@ from typing import Any
 
 import yaml
 
+from meanflow.data.augment import EDMAugment
 from meanflow.errors import ConfigError
+from meanflow.models import attention
 from meanflow.objective.jvp import JVP_STRATEGIES, TANGENTS
 from meanflow.objective.time_sampler import TIME_SAMPLERS
 
@@ -262,22 +265,20 @@ def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
 
 def _jvp_attention(value: Any) -> None:
     # read at call time: the tuple of implementations may grow (e.g. a GPU kernel)
-    from meanflow.models.attention import JVP_ATTENTION_IMPLS
-    if value is not None and value not in JVP_ATTENTION_IMPLS:
+    impls = attention.JVP_ATTENTION_IMPLS
+    if value is not None and value not in impls:
         raise ConfigError(f"unknown model.jvp_attention {value!r}: choose one of "
-                          f"{', '.join(JVP_ATTENTION_IMPLS)}, or null for the default (math)")
+                          f"{', '.join(impls)}, or null for the default (math)")
 
 
 def _augment_options(p: float, options: Any) -> None:
     """data.augment_options are EDMAugment's keyword arguments; it checks their values."""
-    from meanflow.data.augment import EDMAugment
     if not isinstance(options, dict):
         raise ConfigError("data.augment_options must be a mapping of EDMAugment settings, "
                           "e.g. {yflip: 1, rotate_frac: 1}")
     try:
         EDMAugment(p=p, **options)
     except TypeError:
-        import inspect
         accepted = [n for n in inspect.signature(EDMAugment).parameters if n != "p"]
         unknown = sorted(set(options) - set(accepted))
         raise ConfigError(f"unknown data.augment_options {', '.join(unknown)}: choose from "
@@ -366,7 +367,7 @@ def _validate(cfg: RunConfig) -> None:
         raise ConfigError("objective.jvp=forward_ad fails under train.fsdp (FSDP2's post-backward "
                           "hook has no forward-mode rule that torch accepts: 'A custom Function's "
                           "forward is returning a view ... but the jvp is not returning a view'): "
-                          "use objective.jvp=split, split_func or func")
+                          "use objective.jvp=split or func")
     if not isinstance(tr.tensorboard, bool):
         raise ConfigError("train.tensorboard must be true or false")
     _number("train.sample_every", tr.sample_every, lo=0, integer=True)

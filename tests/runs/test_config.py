@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from meanflow.errors import ConfigError
-from meanflow.train.config import RunConfig, apply_overrides, load_config
+from meanflow.runs.config import RunConfig, apply_overrides, load_config
 
 
 def test_defaults_validate():

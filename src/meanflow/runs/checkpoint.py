@@ -3,7 +3,7 @@
 Layout of one checkpoint folder ``checkpoints/step_000100/``:
 
     model.safetensors       training weights
-    ema.safetensors         every EMA copy, keys ``ema_<decay>.<param>``
+    ema.safetensors         every EMA copy, keys ``ema_<decay>.<param>`` (:func:`ema_key`)
     optimizer.safetensors   the optimiser's per-parameter tensors, keys ``<index>.<name>``
     state.json              step, optimiser scalars, config, library version, where the data
                             order stands (``data_position``: epoch and batch within it), and
@@ -29,13 +29,18 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from meanflow.errors import CheckpointError
-from meanflow.fileio import atomic_write_text, file_sha256
+from meanflow.fileio import file_sha256
 
 __all__ = ["save_checkpoint", "load_checkpoint", "find_checkpoint", "list_checkpoints",
-           "optimizer_tensors", "load_optimizer_tensors", "atomic_write_text"]
+           "optimizer_tensors", "load_optimizer_tensors", "ema_key"]
 
 TENSOR_FILES = ("model.safetensors", "ema.safetensors", "optimizer.safetensors")
 FORMAT_VERSION = 1
+
+
+def ema_key(decay: float) -> str:
+    """The name of the EMA with ``decay`` in checkpoints and logs, e.g. ``ema_0.9999``."""
+    return f"ema_{decay:g}"
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict]:

@@ -11,14 +11,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import meanflow.train.checkpoint as ckpt_mod
+import meanflow.runs.checkpoint as ckpt_mod
 from meanflow.errors import CheckpointError, ConfigError
+from meanflow.fileio import atomic_write_text
 from meanflow.models import build_model_for_data
-from meanflow.train.checkpoint import (atomic_write_text, find_checkpoint, list_checkpoints,
-                                       load_checkpoint, load_optimizer_tensors,
-                                       optimizer_tensors, save_checkpoint)
-from meanflow.train.config import RunConfig
-from meanflow.train.loop import load_model, train
+from meanflow.runs.checkpoint import (find_checkpoint, list_checkpoints, load_checkpoint,
+                                      load_optimizer_tensors, optimizer_tensors,
+                                      save_checkpoint)
+from meanflow.runs.config import RunConfig
+from meanflow.runs.load import load_model
+from meanflow.train.loop import train
 
 TINY = {"width": 16, "depth": 1, "emb_dim": 8}
 
@@ -396,7 +398,7 @@ def test_loading_never_unpickles(trained_run, tmp_path, monkeypatch):
 def test_atomic_text_files_get_ordinary_permissions(tmp_path):
     """mkstemp creates 0600 files; written text files get what open() would give."""
     import os
-    from meanflow.train.checkpoint import atomic_write_text
+    from meanflow.fileio import atomic_write_text
     umask = os.umask(0o022)
     try:
         atomic_write_text(tmp_path / "a.json", "{}\n")

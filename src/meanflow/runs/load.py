@@ -1,0 +1,312 @@
+"""Trained runs back for inference: ``meanflow.load(run).sample(n)``.
+
+:func:`load` restores a run folder's newest checkpoint (or a given ``checkpoints/step_*``
+folder): the backbone built as in training (:mod:`meanflow.runs.build`), its EMA (or raw)
+weights, what the data recorded (sample shape, classes and their names) and, for a run on a
+latent folder, the VAE that decodes its samples (loaded on first use). :meth:`Model.sample`
+then gives what the run makes: 2-D or N-D points, uint8 images, or decoded images of a latent
+run, with the class of each sample. Every sample goes through
+:func:`meanflow.sampling.generate`, the path the CLI, FID and training take too, so sample i
+(from seed i) is the same here, in ``meanflow sample`` and under torchrun.
+
+:func:`load_model` is the lower level: the network and its record, without the VAE.
+"""
+
+from __future__ import annotations
+
+import numbers
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from meanflow.data.latents import is_latent_folder, read_latent_index
+from meanflow.errors import CheckpointError, ConfigError, DataError
+from meanflow.latents.vae import SD_VAE_SCALE, decode_latents, load_vae
+from meanflow.pixels import to_uint8
+from meanflow.runs.build import build_network
+from meanflow.runs.checkpoint import ema_key, find_checkpoint, load_checkpoint
+from meanflow.runs.config import RunConfig
+from meanflow.sampling import generate, sampling_method
+from meanflow.world import World, resolve_device
+
+__all__ = ["LoadedModel", "load_model", "Model", "Samples", "load", "resolve_vae"]
+
+
+@dataclass
+class LoadedModel:
+    """A backbone restored from a checkpoint, in eval mode, with what is needed to sample it."""
+    net: nn.Module
+    config: RunConfig
+    step: int
+    shape: tuple[int, ...]
+    num_classes: int | None
+    weights: str            # "model" or the EMA key used, e.g. "ema_0.999"
+    checkpoint: Path
+    class_names: tuple[str, ...] | None = None   # name of class k, where the data named them
+
+
+def _class_names(data: dict[str, Any], num_classes: int | None) -> tuple[str, ...] | None:
+    """The class names a checkpoint's data record holds (runs trained before they were
+    recorded have none: None), checked against its number of classes."""
+    names = data.get("class_names")
+    if names is None or num_classes is None:
+        return None
+    if (not isinstance(names, list) or len(names) != num_classes
+            or not all(isinstance(s, str) for s in names)):
+        raise TypeError
+    return tuple(names)
+
+
+def load_model(path: str | os.PathLike[str], ema: float | str | None = "auto",
+               device: torch.device | str = "cpu") -> LoadedModel:
+    """Restores a backbone from a run folder (newest checkpoint) or a checkpoint folder.
+
+    ``ema="auto"`` takes the first EMA decay of the run (samplers should use EMA weights);
+    a float picks that decay; None takes the raw training weights. The backbone is built as
+    in training (:func:`meanflow.runs.build.model_options`: with the augmentation label's
+    width when the run used ``data.augment``).
+    """
+    ckpt = find_checkpoint(Path(path))
+    tensors, state = load_checkpoint(ckpt, device, parts=("model", "ema"))
+    try:
+        cfg = RunConfig.from_dict(state["config"])
+        shape = tuple(int(n) for n in state["data"]["shape"])
+        num_classes = state["data"]["num_classes"]
+        if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
+            raise TypeError
+        class_names = _class_names(state["data"], num_classes)
+        decays = [float(d) for d in state["ema_decays"]]
+        step = int(state["step"])
+    except (KeyError, TypeError, ValueError, ConfigError):
+        raise CheckpointError(f"{ckpt / 'state.json'} lacks the config, data or EMA fields of a "
+                              "meanflow checkpoint: restore it or use another checkpoint") from None
+    net = build_network(cfg, shape, num_classes)
+    if ema is None:
+        weights, sd = "model", tensors["model"]
+    elif ema == "auto" and not decays:
+        weights, sd = "model", tensors["model"]
+    else:
+        decay = decays[0] if ema == "auto" else float(ema)
+        key = ema_key(decay)
+        if decay not in decays:
+            raise ConfigError(f"checkpoint {ckpt} has no EMA with decay {ema}: choose one of "
+                              f"{', '.join(map(str, decays))} or none")
+        prefix = key + "."
+        sd = {k[len(prefix):]: v for k, v in tensors["ema"].items() if k.startswith(prefix)}
+        weights = key
+    try:
+        net.load_state_dict(sd)
+    except RuntimeError as exc:
+        raise CheckpointError(f"weights in {ckpt} do not fit the configured model "
+                              f"({str(exc).splitlines()[0]})") from None
+    net.to(device).eval()
+    return LoadedModel(net=net, config=cfg, step=step, shape=shape, num_classes=num_classes,
+                       weights=weights, checkpoint=ckpt, class_names=class_names)
+
+
+def _latent_index(config: RunConfig) -> dict[str, Any] | None:
+    """The index of the latent folder a run trained on, or None (other data, or the folder is
+    no longer where the run found it)."""
+    data = config.data.name
+    return read_latent_index(data) if isinstance(data, str) and is_latent_folder(data) else None
+
+
+def resolve_vae(spec: str | os.PathLike[str] | None, config: RunConfig) -> dict[str, Any] | None:
+    """Which VAE decodes a run's samples: ``{"spec", "scale", "auto"}``, or None for none.
+
+    ``spec`` "none" -> None; None or "auto" -> the VAE recorded in the run's latent folder
+    (``config.data.name``) when it trained on one, else None; a path or hub id -> that VAE.
+    The scale is the latent folder's when known, else the SD-VAE 0.18215.
+    """
+    if spec == "none":
+        return None
+    index = _latent_index(config)
+    scale = float(index["scale"]) if index is not None else SD_VAE_SCALE
+    if spec in (None, "auto"):
+        if index is None or not (index.get("vae") or {}).get("spec"):
+            return None
+        return {"spec": index["vae"]["spec"], "scale": scale, "auto": True}
+    return {"spec": os.fspath(spec), "scale": scale, "auto": False}
+
+
+def _one_label(labels: Any) -> bool:
+    """Whether ``labels`` is one class for all samples (a number or a name), not a sequence."""
+    return (isinstance(labels, (numbers.Integral, str))
+            or (isinstance(labels, Tensor) and labels.ndim == 0))
+
+
+@dataclass
+class Samples:
+    """What :meth:`Model.sample` gives, sample i from ``seeds[i]``, all on the CPU.
+
+    ``samples`` (N, *shape) float: what the network makes (points, pixels in [-1, 1], or
+    latents in model space). ``images`` (N, H, W, C) uint8: the pictures, for image runs and
+    for latent runs decoded by their VAE; None for points and kept latents. ``labels`` (N,)
+    int64 for class-conditional runs, else None; ``classes`` the name of each sample's class
+    where the data named them, else None.
+    """
+    samples: Tensor
+    images: Tensor | None
+    labels: Tensor | None
+    classes: list[str] | None
+    seeds: list[int]
+    method: str                       # "meanflow" or "euler"
+    steps: int
+    schedule: list[float] | None
+    decoded: bool                     # whether ``images`` come from the VAE
+
+    def __len__(self) -> int:
+        return len(self.seeds)
+
+
+@dataclass
+class Model(LoadedModel):
+    """A trained run ready to sample (see :func:`load`). Besides the fields of
+    :class:`LoadedModel`: ``device``, ``latent`` (whether it trained on VAE latents) and
+    ``vae`` (``{"spec", "scale", "auto"}`` of the VAE that decodes its samples, or None),
+    which is loaded at the first decode."""
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    latent: bool = False              # trained on a latent folder: samples are VAE latents
+    vae: dict[str, Any] | None = None
+    _vae_net: Any = field(default=None, init=False, repr=False)
+
+    @property
+    def method(self) -> str:
+        """The sampler of the run's objective: "meanflow", or "euler" for flow matching."""
+        return sampling_method(self.config.objective.kind)
+
+    def labels_for(self, n: int, labels: Any = None) -> Tensor | None:
+        """(n,) int64 labels for a class-conditional run, None for an unconditional one.
+
+        ``labels``: None (balanced: sample i gets class i mod K), one class for all (an int,
+        or a name from ``class_names``), or one per sample (ints or names)."""
+        if self.num_classes is None:
+            if labels is not None:
+                raise ConfigError("labels given but the model is unconditional: drop them")
+            return None
+        if labels is None:
+            return torch.arange(n) % self.num_classes
+        if _one_label(labels):
+            labels = [self._class_index(labels)] * n
+        else:
+            labels = [self._class_index(k) for k in labels]
+        if len(labels) != n:
+            raise ConfigError(f"{len(labels)} labels for {n} samples: give one label per "
+                              "sample, or one for all")
+        return torch.tensor(labels, dtype=torch.long)
+
+    def _class_index(self, label: Any) -> int:
+        if isinstance(label, str):
+            if self.class_names is None:
+                raise ConfigError(f"class {label!r} given by name, but this run's data named "
+                                  "no classes: give class numbers")
+            if label not in self.class_names:
+                raise ConfigError(f"class {label!r} is not a class of this run: choose one of "
+                                  f"{', '.join(self.class_names)}")
+            return self.class_names.index(label)
+        k = int(label)
+        if not 0 <= k < self.num_classes:
+            raise ConfigError(f"label {k} is outside [0, {self.num_classes}): give a class "
+                              f"number below {self.num_classes}")
+        return k
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Latents (b, C, h, w) in model space -> images (b, 3, H, W) in [-1, 1] (float32,
+        CPU) by the run's VAE, ``vae.decode(z / scale)`` in one batch; loads the VAE at the
+        first call."""
+        if self.vae is None:
+            raise ConfigError("this run has no VAE to decode its samples: load it with "
+                              "vae=PATH (a diffusers AutoencoderKL folder)")
+        if self._vae_net is None:
+            try:
+                self._vae_net = load_vae(self.vae["spec"], self.device)
+            except DataError as exc:
+                if not self.vae["auto"]:
+                    raise
+                raise DataError(f"{exc} [it is the VAE recorded with the run's latents: pass "
+                                "--vae PATH (load(..., vae=PATH)) where it is now, or --vae "
+                                "none to keep the latents]") from None
+        return decode_latents(self._vae_net, z, self.vae["scale"], batch_size=max(1, len(z)))
+
+    def sample(self, n: int | None = None, *, labels: Any = None, steps: int = 1,
+               schedule: Sequence[float] | None = None, seed: int = 0,
+               seeds: Sequence[int] | None = None, batch_size: int = 500, decode: bool = True,
+               progress: bool = False, world: World | None = None) -> Samples:
+        """``n`` samples, sample i from seed ``seed + i`` (or ``seeds[i]``) with label
+        ``labels[i]`` (see :meth:`labels_for`; default balanced over the classes), in
+        ``steps`` network calls on the ``schedule`` (default uniform).
+
+        Sample i depends on its seed and label alone, not on ``n``, ``batch_size`` or the
+        number of processes: under torchrun (``world`` from :func:`meanflow.world.setup`) the
+        seeds are shared out over the ranks and every rank gets all samples back. A latent
+        run's samples are decoded by its VAE batch by batch (``decode=False`` keeps the
+        latents). ``progress`` shows a bar (on rank 0).
+        """
+        if seeds is not None:
+            seeds = [int(s) for s in seeds]
+            if n is not None and n != len(seeds):
+                raise ConfigError(f"n={n} but {len(seeds)} seeds given: give one of them")
+            n = len(seeds)
+        elif n is None and labels is not None and not _one_label(labels):
+            n = len(labels)
+        if n is None:
+            raise ConfigError("give n (how many samples) or seeds")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ConfigError(f"n={n!r} must be a positive number of samples")
+        seeds = seeds if seeds is not None else list(range(seed, seed + n))
+        y = self.labels_for(n, labels)
+        decoder = self._to_images if decode and self.vae is not None else None
+        main = world is None or world.is_main
+        x, decoded = generate(self.net, seeds, self.shape, labels=y, steps=steps,
+                              schedule=schedule, method=self.method, decode=decoder,
+                              batch_size=batch_size, device=self.device, world=world,
+                              progress=progress and main)
+        if decoded is not None:
+            images = decoded.permute(0, 2, 3, 1).contiguous()          # (N, H, W, 3)
+        elif len(self.shape) == 3 and not self.latent and self.vae is None:
+            images = to_uint8(x).permute(0, 2, 3, 1).contiguous()      # (N, H, W, C)
+        else:
+            images = None
+        classes = (None if y is None or self.class_names is None
+                   else [self.class_names[k] for k in y.tolist()])
+        return Samples(samples=x, images=images, labels=y, classes=classes, seeds=seeds,
+                       method=self.method, steps=steps,
+                       schedule=None if schedule is None else [float(t) for t in schedule],
+                       decoded=decoded is not None)
+
+    def _to_images(self, z: Tensor) -> Tensor:
+        """A batch of latents as the uint8 images (b, 3, H, W) a file would hold."""
+        return to_uint8(self.decode(z))
+
+
+def load(run_or_checkpoint: str | os.PathLike[str], ema: float | str | None = "auto",
+         device: torch.device | str = "cpu",
+         vae: str | os.PathLike[str] | None = "auto") -> Model:
+    """A trained run, ready to sample: ``meanflow.load("runs/00001-...").sample(16)``.
+
+    Args:
+        run_or_checkpoint: a run folder (its newest checkpoint) or a ``checkpoints/step_*``
+            folder.
+        ema: "auto" (the run's first EMA decay), a decay (e.g. 0.9999), or None for the raw
+            training weights.
+        device: "cpu", "auto", "cuda", "cuda:N", "mps" or a ``torch.device``.
+        vae: for a latent run, "auto" (the VAE recorded with its latents), a diffusers
+            AutoencoderKL folder or hub id, or "none" to keep latents.
+    """
+    dev = resolve_device(device) if isinstance(device, str) else torch.device(device)
+    loaded = load_model(run_or_checkpoint, ema=ema, device=dev)
+    class_names = loaded.class_names
+    index = _latent_index(loaded.config)
+    if class_names is None and index is not None and loaded.num_classes is not None:
+        # runs trained before checkpoints kept the class names: the latent folder's
+        names = index.get("class_names")
+        if isinstance(names, list) and len(names) == loaded.num_classes:
+            class_names = tuple(str(s) for s in names)
+    return Model(net=loaded.net, config=loaded.config, step=loaded.step, shape=loaded.shape,
+                 num_classes=loaded.num_classes, weights=loaded.weights,
+                 checkpoint=loaded.checkpoint, class_names=class_names, device=dev,
+                 latent=index is not None, vae=resolve_vae(vae, loaded.config))
