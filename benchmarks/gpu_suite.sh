@@ -2,24 +2,27 @@
 # The GPU benchmark suite: MeanFlow/FM training-step cost per du/dt strategy (step_cost.py) and
 # 1-NFE sampling throughput (sample_speed.py), most important first, within a time budget.
 #
-#   OUT=/some/dir bash benchmarks/gpu_suite.sh [BUDGET_S]     # from the repository root
+#   OUT=DIR bash benchmarks/gpu_suite.sh [BUDGET_S]     # from the repository root
 #
 # BUDGET_S (default 500, so that one 9-minute device call also covers start-up and the final
 # table) bounds the whole run: every item runs in its own process under
 # `timeout`, an item is skipped when too little budget is left for it, and the skipped items
 # are listed at the end. Results: $OUT/bench.jsonl (one JSON object per measurement, written as
 # it finishes), $OUT/bench.log (everything printed), $OUT/table.txt (the final table).
-# OUT defaults to /tmp/out. REPEATS (10) and WARMUP (3) set the timed and untimed steps.
+# OUT defaults to runs/gpu-suite (in the repository). PYTHON (default: python on PATH) runs the
+# scripts. REPEATS (10) and WARMUP (3) set the timed and untimed steps.
 #
 # Order: (a) eager fp32 unet-cifar10 b128, all strategies; (a2) the attention-JVP
 # microbenchmark (math path vs the chunked JVP function vs the Triton JVP kernel, 256/1024/4096
 # tokens, bf16 and fp32; then the Triton kernel's time as a multiple of the fused SDPA forward,
-# bf16, against JVP-NOTES' ≤ 3× target; triton is skipped with a note where it is missing);
+# bf16, against the target of at most 3× that forward; triton is skipped with a note where it
+# is missing);
 # (b) unet eager bf16; (c) eager fp32 and bf16 dit-b/2 b64, then split/forward_ad with the
 # chunked JVP attention (--jvp-attention chunked); (d) compiled bf16 unet-cifar10 and dit-b/2:
 # flow matching, then one strategy per process, torch.compile(model) and the whole loss
 # compiled (order and reasons below); (e) 1-NFE sampling speed, eager then bf16 compiled;
-# (f) dit-b/2 at batch 256, eager, if time is left.
+# (f) dit-b/2 at batch 256, eager, if time is left. It ends with the table of
+# benchmarks/summarize.py.
 #
 # Without CUDA it stops with a message; SUITE_CPU_SMOKE=1 instead runs the same items on toy
 # CPU sizes (to test this script; SMOKE_UNET=mlp SMOKE_DIT=mlp makes that quicker).
@@ -27,7 +30,7 @@
 set -u -o pipefail
 
 BUDGET=${1:-${BUDGET:-500}}
-OUT=${OUT:-/tmp/out}
+OUT=${OUT:-runs/gpu-suite}
 mkdir -p "$OUT"
 JSON=$OUT/bench.jsonl
 LOG=$OUT/bench.log
@@ -135,8 +138,8 @@ fi
 # strategy); flow matching first, then the strategies reuse its record (--fm-ref; a
 # loss-scope strategy compares with the model-scope FM). On CPU, passing forward-AD duals into
 # a compiled *model* raised or lost the tangent (split, forward_ad) or ran eagerly (func),
-# while compiling the whole loss (--compile-scope loss) ran split and split_func compiled, so
-# the loss scope comes early.
+# while compiling the whole loss (--compile-scope loss) ran split compiled, so the loss scope
+# comes early.
 C_UNET=($PY "${STEP[@]}" --model $CUNET --amp bf16 --compile --fm-ref "$JSON")
 C_DIT=($PY "${STEP[@]}" --model $CDIT --amp bf16 --compile --fm-ref "$JSON")
 [ "$CUNET" = mlp ] || C_UNET+=(--batch $UNET_B)
@@ -169,5 +172,5 @@ say ""
 say "# done in $((SECONDS - START))s of ${BUDGET}s"
 ((${#SKIPPED[@]})) && say "# skipped (budget): ${SKIPPED[*]}"
 for p in "${PROBLEMS[@]}"; do say "# problem: $p"; done
-$PY benchmarks/step_cost.py --summarize "$JSON" 2>&1 | tee "$OUT/table.txt" | tee -a "$LOG"
+$PY benchmarks/summarize.py "$JSON" 2>&1 | tee "$OUT/table.txt" | tee -a "$LOG"
 exit 0

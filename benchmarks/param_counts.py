@@ -1,10 +1,13 @@
-"""Parameter counts of the registered backbones at the sizes the README quotes.
+"""Parameter counts of the registered backbones at the sizes docs/benchmarks.md quotes.
 
-Models are built on the meta device, so even XL/2 costs no memory or time. The U-Nets are
-also broken down by part: the mapping network, the input convolution, the encoder and
-decoder blocks by the resolution they output, and the output layers. The official CIFAR-10
-network (py-meanflow's SongUNet with its scripts' settings) has 55,932,419 parameters with
-its 6-wide augmentation label (docs/fidelity.md).
+Measures the parameters of each backbone built with ``meanflow.models.build_model`` on the meta
+device (so even XL/2 costs no memory or time) and its difference in percent from the reference
+count (the paper's, or the official network's): the demo's MLP, ``unet-small`` at 28×28×1,
+``unet-cifar10`` with and without the 6-wide augmentation label, and DiT B/4 to XL/2 at
+32×32×4 with 1000 classes. The U-Net with the augmentation label is also broken down by part
+(``UNet.parameter_counts``: the mapping network, the input convolution, the encoder and decoder
+blocks by the resolution they output, the output layers) against the official CIFAR-10 network
+(py-meanflow's SongUNet with its scripts' settings: 55,932,419 parameters, docs/fidelity.md).
 
     python benchmarks/param_counts.py
 """
@@ -33,9 +36,10 @@ def count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def main() -> None:
+def main() -> list[tuple[str, dict, int]]:
+    """Prints the table and the breakdown; returns (name, options, parameters) per case."""
     print(f"{'model':14s} {'options':28s} {'parameters':>14s} {'ref.':>10s} {'diff':>8s}")
-    breakdowns = []
+    breakdowns, rows = [], []
     for name, options, paper in CASES:
         with torch.device("meta"):
             net = build_model(name, **options)
@@ -45,6 +49,7 @@ def main() -> None:
         ref = f"{paper:g}M" if paper else "-"
         diff = f"{(n / (paper * 1e6) - 1) * 100:+.2f}%" if paper else "-"
         print(f"{name:14s} {extra[:28]:28s} {n:14,d} {ref:>10s} {diff:>8s}")
+        rows.append((name, options, n))
         if name.startswith("unet-") and "augment_dim" in options:
             breakdowns.append((name, options, net, n))
     for name, options, net, n in breakdowns:
@@ -53,6 +58,7 @@ def main() -> None:
             print(f"  {part:18s} {k:12,d}")
         print(f"  {'total':18s} {n:12,d}   official network: {OFFICIAL_CIFAR10:,d} "
               f"({'equal' if n == OFFICIAL_CIFAR10 else 'DIFFERENT'})")
+    return rows
 
 
 if __name__ == "__main__":

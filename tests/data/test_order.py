@@ -79,7 +79,7 @@ def test_too_few_samples_for_one_batch_is_refused():
 
 
 def test_epoch_seeds_are_not_step_seeds():
-    from meanflow.train.loop import step_seed
+    from meanflow.train.schedule import step_seed
     steps = {step_seed(s, r, k) for s in range(3) for r in range(4) for k in range(50)}
     epochs = {epoch_seed(s, e) for s in range(3) for e in range(50)}
     assert not steps & epochs and len(epochs) == 150

@@ -1,4 +1,4 @@
-"""Lean forward-AD rules (issue 5): GroupNorm, the chunked attention JVP, and the lean
+"""Lean forward-AD rules: GroupNorm, the chunked attention JVP, and the lean
 Linear/Conv2d in the joint strategies' grad-carrying pass. Every rule is exact: tangents equal
 PyTorch's own rules and float64 central differences, under torch.func.jvp and forward_ad."""
 

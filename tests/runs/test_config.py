@@ -124,6 +124,18 @@ INVALID = [
     (["objective.label_drop=1.5"], "label_drop"),
     (["objective.p=nan"], "objective.p"),
     (["objective.tangent=v02"], "objective.tangent"),
+    (["objective.tangent=v11"], "objective.tangent"),
+    (["objective.jvp=split_func"], "objective.jvp"),
+    (["objective.jvp_precision=fp16"], "objective.jvp_precision"),
+    (["objective.r_eq_t_rows=last"], "objective.r_eq_t_rows"),
+    (["objective.label_drop_rows=last"], "objective.label_drop_rows"),
+    (["objective.sigma_r=-1"], "objective.sigma_r"),
+    (["objective.mu=inf"], "objective.mu"),
+    (["objective.kind=flow_matching", "objective.p=-1"], "objective.p"),
+    (["data.augment=1.5"], "data.augment="),
+    (["data.augment=true"], "data.augment="),
+    (["data.augment_options={xflip: -1}"], "data.augment_options.xflip"),
+    (["data.augment_options={flip: 1}"], "data.augment_options"),
     (["objective.p=true"], "objective.p"),
     (["optim.lr=0"], "optim.lr"),
     (["optim.lr=-1e-3"], "optim.lr"),
@@ -180,6 +192,9 @@ def test_validate_checks_a_config_built_in_python():
     ["objective.t_interval=[0.3, 0.3]"], ["optim.betas=[0, 0.5]"],
     ["objective.kind=flow_matching", "objective.time_sampler=uniform"],
     ["train.device=cuda:1"], ["optim.grad_clip=1.0"],
+    ["objective.jvp=auto"], ["objective.jvp=split"], ["objective.jvp=func"],
+    ["objective.jvp=forward_ad"], ["objective.jvp_precision=amp"],
+    ["data.augment=1", "data.augment_options={yflip: 1}"],
 ])
 def test_boundary_values_are_accepted(overrides):
     """Values on the edge of each valid range are accepted (the checks are not too strict)."""
@@ -191,6 +206,45 @@ def test_guidance_with_class_conditional_is_valid():
     cfg = load_config(None, ["objective.omega=1.5", "objective.kappa=0.2",
                              "data.class_conditional=true"])
     assert (cfg.objective.omega, cfg.objective.kappa) == (1.5, 0.2)
+
+
+def test_the_objective_is_validated_by_its_constructors():
+    """objective.* is checked by building the loss (MeanFlowLoss / FlowMatchingLoss), whose
+    one-line messages are given with the setting's full name; build() gives that loss, with
+    the du/dt strategy and other constructor arguments replaceable."""
+    from meanflow.objective import FlowMatchingLoss, MeanFlowLoss
+    from meanflow.objective.jvp import JVP_CHOICES
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["objective.c=0"])
+    assert str(info.value).startswith("objective.c=0")
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["objective.time_sampler=gamma"])
+    assert str(info.value).startswith("unknown objective.time_sampler 'gamma'")
+    assert RunConfig().objective.jvp == "auto"
+    for jvp in JVP_CHOICES:
+        assert load_config(None, [f"objective.jvp={jvp}"]).objective.jvp == jvp
+    cfg = load_config(None, ["objective.p=0.5", "objective.fraction_r_neq_t=0.75"])
+    loss = cfg.objective.build(3, jvp="func", tangent="v10")
+    assert isinstance(loss, MeanFlowLoss) and (loss.p, loss.num_classes) == (0.5, 3)
+    assert (loss.jvp, loss.tangent, loss.sampler.fraction_r_neq_t) == ("func", "v10", 0.75)
+    assert cfg.objective.build().jvp == "auto"
+    fm = load_config(None, ["objective.kind=flow_matching"]).objective.build(jvp="split")
+    assert isinstance(fm, FlowMatchingLoss)
+    with pytest.raises(ConfigError, match="unknown objective.tangent 'v02'"):
+        cfg.objective.build(tangent="v02")
+
+
+def test_the_removed_tangent_setting_reads_as_its_default():
+    """objective.tangent left the config (the wrong tangents are MeanFlowLoss(tangent=...));
+    a saved config that holds its default "v01" still loads, any other value is refused."""
+    d = RunConfig().to_dict()
+    assert "tangent" not in d["objective"]
+    d["objective"]["tangent"] = "v01"
+    assert RunConfig.from_dict(d) == RunConfig()
+    d["objective"]["tangent"] = "v10"
+    with pytest.raises(ConfigError, match="objective.tangent='v10' is no longer a config "
+                                          r"setting.*MeanFlowLoss\(tangent=\.\.\.\)"):
+        RunConfig.from_dict(d)
 
 
 def test_malformed_override_raises():

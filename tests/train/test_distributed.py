@@ -45,10 +45,11 @@ from meanflow.runs.config import RunConfig
 from meanflow.sampling import generate, sample_seeded
 from meanflow.train import distributed as dist_
 from meanflow.train import loop
+from meanflow.train import step as step_mod
 from meanflow.train.ema import EMA
+from meanflow.train.loop import check_config, train
+from meanflow.train.schedule import step_seed
 from meanflow.world import World, env_world, gather_sharded, on_every, shard
-from meanflow.train.loop import (build_loss, check_config, draw_times_and_noise, step_seed,
-                                 train)
 
 WORLD = 2
 BATCH, ACCUM, SEED = 16, 2, 3
@@ -208,15 +209,15 @@ def _worker(rank: int, port: int, root: str) -> None:
         # the start-up check, on a different batch on each rank, refuses it everywhere
         world = env_world()
         cfg = make_config(1)
-        loss_fn = build_loss(cfg, None)
+        loss_fn = cfg.objective.build(None)
         torch.manual_seed(SEED)
         model = build_model_for_data("mlp", (2,), None, cfg.model.options)
         x = F64().batch(8, torch.Generator().manual_seed(rank))[0]
 
-        def bypass(net, x, y, aug, generator, draws, jvp_net=None):
-            return loss_fn(net.module, x, y, generator=generator, jvp_net=jvp_net, **draws)
+        def bypass(net, x, y, aug=None, *, draws=None, generator=None, jvp_net=None):
+            return loss_fn(net.module, x, y, generator=generator, draws=draws, jvp_net=jvp_net)
         try:
-            on_every(world, loop.check_compiled, model, loss_fn, bypass, x, None,
+            on_every(world, step_mod.check_compiled, model, loss_fn, bypass, x, None,
                            wrap=lambda m: dist_.wrap_ddp(m, world, torch.device("cpu")))
         except ConfigError as exc:
             out["bypass_error"] = str(exc)
@@ -248,7 +249,7 @@ def _compile_worker(rank: int, port: int, root: str) -> None:
     """train.compile under 2 ranks; results to root/compiled<r>.pt."""
     root = join_gloo(rank, port, root, 300)
     loop.EMA = RecordingEMA
-    loop.COMPILE_BACKEND = "aot_eager"
+    step_mod.COMPILE_BACKEND = "aot_eager"
     out: dict = {}
     try:
         for variant in COMPILED:
@@ -270,23 +271,21 @@ def reference(variant: str, world_sizes: list[int],
     num_classes = 8 if cfg.data.class_conditional else None
     torch.manual_seed(SEED)
     model = build_model_for_data("mlp", (2,), num_classes, cfg.model.options)
-    loss_fn = build_loss(cfg, num_classes)
+    loss_fn = cfg.objective.build(num_classes)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas))
     ds = F64()
     for step, world in enumerate(world_sizes):
-        parts: dict[str, list] = {"x": [], "y": [], "r": [], "t": [], "e": []}
+        parts: dict[str, list] = {}
         for rank in range(world):
             gen = torch.Generator().manual_seed(step_seed(SEED, rank, step))
             x, y = ds.batch(BATCH // world, gen)
             for xi, yi in zip(x.chunk(ACCUM), y.chunk(ACCUM)):
-                draws = draw_times_and_noise(loss_fn, xi, gen)
-                if num_classes is not None:
-                    torch.rand(yi.shape, generator=gen)      # label dropout's draw (p = 0)
+                draws = loss_fn.draw(xi, gen)        # r, t, e (and label dropout's uniforms)
                 for k, v in [("x", xi), ("y", yi), *draws.items()]:
-                    parts[k].append(v)
+                    parts.setdefault(k, []).append(v)
         cat = {k: torch.cat(v) for k, v in parts.items()}
-        loss, step_stats = loss_fn(model, cat["x"], cat["y"] if num_classes else None,
-                                   r=cat["r"], t=cat["t"], e=cat["e"])
+        x, y = cat.pop("x"), cat.pop("y")
+        loss, step_stats = loss_fn(model, x, y if num_classes else None, draws=cat)
         if stats is not None:
             stats.append({k: float(v) for k, v in step_stats.items()})
         opt.zero_grad()

@@ -49,10 +49,11 @@ def fsdp_config(steps: int, name: str = "split", **train_opts) -> RunConfig:
 
 
 def dit_config(data: Path, fsdp: bool) -> RunConfig:
+    # jvp "split" for both: "auto" would take forward_ad for the DiT on the CPU without FSDP
     return RunConfig.from_dict({
         "model": {"name": "dit-s/2", "options": dict(DIT)},
         "data": {"name": str(data)},
-        "objective": {"fraction_r_neq_t": 0.5, "p": 0.5},
+        "objective": {"fraction_r_neq_t": 0.5, "p": 0.5, "jvp": "split"},
         "optim": {"lr": 1e-2},
         "train": {"steps": 3, "batch_size": 8, "log_every": 1, "checkpoint_every": 100,
                   "progress": False, "device": "cpu", "ema_decays": [0.5], "fsdp": fsdp,

@@ -313,12 +313,41 @@ def test_resume_of_a_run_made_before_a_setting_existed(tmp_path):
     run = tmp_path / "run"
     train(make_config(4), run)
     saved = json.loads((run / "config.json").read_text())
-    del saved["objective"]["tangent"]
+    del saved["objective"]["label_drop_rows"]
     (run / "config.json").write_text(json.dumps(saved))
-    with pytest.raises(ConfigError, match="objective.tangent"):
-        train(make_config(8, objective={"tangent": "v11"}), run, resume=True)
+    with pytest.raises(ConfigError, match="objective.label_drop_rows"):
+        train(make_config(8, objective={"label_drop_rows": "first"}), run, resume=True)
     train(make_config(8), run, resume=True)
     assert (run / "checkpoints" / "step_0000008").is_dir()
+
+
+def _add_tangent(path: Path, value: str, key: str | None = None) -> None:
+    """Writes objective.tangent (a setting since removed) into a saved config, as runs made
+    before the removal hold it."""
+    d = json.loads(path.read_text())
+    (d[key] if key else d)["objective"]["tangent"] = value
+    path.write_text(json.dumps(d))
+
+
+def test_resume_of_a_run_saved_with_the_removed_tangent_setting(tmp_path):
+    """objective.tangent left the config; a run whose config.json (and checkpoint) hold its
+    old default "v01" still resumes (continuing bit-exactly) and loads; any other value is
+    refused naming the setting, and the run folder is left as it was."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    train(make_config(8), a)
+    train(make_config(4), b)
+    _add_tangent(b / "config.json", "v01")
+    _add_tangent(b / "checkpoints" / "step_0000004" / "state.json", "v01", key="config")
+    assert load_model(b).step == 4
+    train(make_config(8), b, resume=True)
+    assert_same_checkpoint(a / "checkpoints" / "step_0000008", b / "checkpoints" / "step_0000008")
+    c = tmp_path / "c"
+    train(make_config(4), c)
+    _add_tangent(c / "config.json", "v11")
+    before = snapshot(c)
+    with pytest.raises(ConfigError, match="objective.tangent"):
+        train(make_config(8), c, resume=True)
+    assert snapshot(c) == before
 
 
 def test_resume_with_corrupt_config_json(tmp_path):
@@ -328,6 +357,62 @@ def test_resume_with_corrupt_config_json(tmp_path):
     (run / "config.json").write_text("{oops")
     with pytest.raises(CheckpointError, match="config.json"):
         train(make_config(4), run, resume=True)
+
+
+# ---------------------------------------------------------------------------- the loss
+
+def test_the_resolved_jvp_strategy_is_recorded(tmp_path):
+    """objective.jvp "auto" is resolved once ("split" for the MLP on the CPU): the first line
+    that each call of train writes to metrics.jsonl names it, and so does every checkpoint."""
+    run = tmp_path / "run"
+    train(make_config(4, checkpoint_every=2), run)
+    assert [r.get("jvp") for r in records(run)] == ["split", None, None, None]
+    state = json.loads((run / "checkpoints" / "step_0000004" / "state.json").read_text())
+    assert state["loss"] == {"class": "MeanFlowLoss", "given": False, "jvp": "split",
+                             "tangent": "v01"}
+    train(make_config(6, checkpoint_every=2), run, resume=True)
+    assert [r.get("jvp") for r in records(run)] == ["split", None, None, None, "split", None]
+    fm = tmp_path / "fm"
+    train(make_config(2, "flow_matching"), fm)
+    state = json.loads((fm / "checkpoints" / "step_0000002" / "state.json").read_text())
+    assert state["loss"] == {"class": "FlowMatchingLoss", "given": False}
+    assert "jvp" not in records(fm)[0]
+
+
+def test_a_given_loss_trains_instead_of_the_objective(tmp_path):
+    """train(loss_fn=...) trains with that loss, here a wrong tangent of paper Tab. 1b (which
+    the config does not offer): the config's own loss given so equals the plain run, the
+    wrong tangent does not; the checkpoints record the loss, and resuming needs the same."""
+    cfg = make_config(4)
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    train(cfg, a)
+    train(cfg, b, loss_fn=cfg.objective.build(None))
+    assert_same_checkpoint(a / "checkpoints" / "step_0000004", b / "checkpoints" / "step_0000004")
+    train(cfg, c, loss_fn=cfg.objective.build(None, tangent="v10"))
+    wa = load_file(str(a / "checkpoints" / "step_0000004" / "model.safetensors"))
+    wc = load_file(str(c / "checkpoints" / "step_0000004" / "model.safetensors"))
+    assert any(not torch.equal(wa[k], wc[k]) for k in wa)
+    state = json.loads((c / "checkpoints" / "step_0000004" / "state.json").read_text())
+    assert state["loss"] == {"class": "MeanFlowLoss", "given": True, "jvp": "auto",
+                             "tangent": "v10"}
+    before = snapshot(c)
+    with pytest.raises(ConfigError, match="tangent 'v10'"):
+        train(make_config(6), c, resume=True)
+    assert {k: v for k, v in snapshot(c).items() if k.startswith("checkpoints")} == \
+        {k: v for k, v in before.items() if k.startswith("checkpoints")}
+    train(make_config(6), c, resume=True, loss_fn=cfg.objective.build(None, tangent="v10"))
+    assert (c / "checkpoints" / "step_0000006").is_dir()
+
+
+def test_a_given_loss_that_does_not_fit_the_run_is_refused(tmp_path):
+    """A loss of the other kind, or for another number of classes, is a ConfigError before
+    the run folder is made."""
+    from meanflow.objective import FlowMatchingLoss, MeanFlowLoss
+    cases = [(FlowMatchingLoss(), "objective.kind"), (MeanFlowLoss(num_classes=8), "num_classes=8")]
+    for loss, needle in cases:
+        with pytest.raises(ConfigError, match=needle):
+            train(make_config(2), tmp_path / "run", loss_fn=loss)
+    assert not (tmp_path / "run").exists()
 
 
 # ---------------------------------------------------------------------------- output folders

@@ -20,10 +20,12 @@ from meanflow.runs.build import build_augment, model_options
 from meanflow.runs.config import RunConfig
 from meanflow.runs.load import load_model
 from meanflow.sampling import sample_seeded
+from meanflow.objective import MeanFlowLoss
 from meanflow.train import loop
 from meanflow.train.ema import EMA
-from meanflow.train.loop import (lr_at, resolve_compile, step_seed, tf32_mode, total_steps,
-                                 train)
+from meanflow.train.loop import train
+from meanflow.train.schedule import lr_at, step_seed, total_steps
+from meanflow.train.step import resolve_compile, tf32_mode
 
 TINY = {"width": 16, "depth": 1, "emb_dim": 8}
 TINY_UNET = {"channels": 8, "channel_mult": [1, 2], "blocks_per_res": 1,
@@ -405,7 +407,7 @@ def test_tf32_under_the_newer_per_backend_flags():
     import sys
     code = (
         "import torch\n"
-        "from meanflow.train.loop import tf32_mode\n"
+        "from meanflow.train.step import tf32_mode\n"
         "m, c = torch.backends.cuda.matmul, torch.backends.cudnn.conv\n"
         "m.fp32_precision, c.fp32_precision = 'tf32', 'ieee'\n"
         "try:\n"
@@ -443,7 +445,7 @@ def test_compile_auto_is_resolved_once_by_the_device(tmp_path, monkeypatch):
 
     monkeypatch.setattr(loop, "make_loss_call", recording)
     monkeypatch.setattr(loop, "check_compiled", no_check)
-    monkeypatch.setattr(loop, "draw_times_and_noise", no_check)
+    monkeypatch.setattr(MeanFlowLoss, "draw", no_check)      # the compiled path's draws
     train(config(2, compile="auto", device="cpu"), tmp_path / "run")
     assert asked == [False]
 

@@ -1,6 +1,6 @@
 """A small in-repo Fashion-MNIST classifier used as a fast feature extractor for FID / KID.
 
-Inception-v3 features (SPEC §5) are slow on a CPU and were never trained on 28x28 grey images.
+Inception-v3 features (docs/method.md §12) are slow on a CPU and were never trained on 28x28 grey images.
 For Fashion-MNIST (and MNIST-like data) this module provides a ~130K-parameter CNN that the
 repository trains reproducibly in a few CPU minutes; its 128-d penultimate activations
 (:meth:`FMNISTClassifier.features`) replace Inception pool3 features in

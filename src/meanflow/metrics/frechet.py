@@ -1,7 +1,7 @@
 """Feature-space sample-quality metrics: Fréchet distance (FID), KID and precision/recall.
 
 All three compare two sets of feature vectors (for FID: Inception-v3 pool3 features, see
-SPEC §5). Everything is computed in float64.
+docs/method.md §12). Everything is computed in float64.
 
 * :class:`FeatureStats` holds the mean and covariance of a feature set and saves / loads them
   as a ``.npz`` file, so reference statistics are computed once.

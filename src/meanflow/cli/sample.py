@@ -1,0 +1,99 @@
+"""``meanflow sample``: checks the flags, loads the run (:func:`meanflow.runs.load.load`),
+samples it and writes the files (:func:`meanflow.runs.export.write_samples`)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from meanflow.cli.common import Subparsers, ema_choice, joined, refuse_existing
+from meanflow.errors import ConfigError
+from meanflow.runs.export import can_draw, record_path, write_samples
+from meanflow.runs.load import load
+from meanflow.sampling import make_schedule
+
+__all__ = ["add_parser", "run", "parse_schedule"]
+
+
+def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
+    sa = subparsers.add_parser("sample", help="sample a trained model",
+                               description="Draw samples from a run folder or checkpoint. "
+                               "Sample i uses seed SEED+i, so results do not depend on the "
+                               "batch size.")
+    sa.add_argument("checkpoint", type=Path, help="run folder or checkpoints/step_* folder")
+    sa.add_argument("--n", "--num-samples", dest="n", type=int, default=1000,
+                    help="number of samples (default 1000; under torchrun write --num-samples: "
+                    "torchrun reads --n as one of its own options)")
+    sa.add_argument("--steps", type=int, default=1, help="network calls (default 1)")
+    sa.add_argument("--schedule", help="comma-separated decreasing times from 1 to 0, e.g. "
+                    "1,0.6,0 (default: uniform)")
+    sa.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+    sa.add_argument("--label", type=int, help="class of every sample (class-conditional "
+                    "models; default: balanced over classes)")
+    sa.add_argument("--ema", default="auto", help="EMA decay to use, 'auto' (the run's first) "
+                    "or 'none' for the raw weights")
+    sa.add_argument("--batch-size", type=int, default=1024, help="samples per network call")
+    sa.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    sa.add_argument("--out", type=Path, default=None,
+                    help="output .npz: 'samples' in model space, plus 'images' as uint8 "
+                    "(N, H, W, C) for image models (default samples.npz unless only --png)")
+    sa.add_argument("--png", type=Path, help="draw an image grid (images) or a scatter plot "
+                    "(2-D points)")
+    sa.add_argument("--nrow", type=int, help="images per row of the --png grid")
+    sa.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    sa.add_argument("--vae", default="auto", help="decode latents with this diffusers "
+                    "AutoencoderKL folder (x = vae.decode(z / 0.18215)); 'auto' (default): the "
+                    "VAE recorded with the run's latents, if any; 'none': keep latents. With a "
+                    "VAE the .npz holds 'images' (decoded, uint8) and 'latents', no 'samples'")
+    return sa
+
+
+def parse_schedule(text: str | None) -> list[float] | None:
+    """--schedule "1,0.5,0" -> [1.0, 0.5, 0.0]; None or empty -> None (uniform)."""
+    if not text:
+        return None
+    try:
+        return [float(s) for s in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"--schedule {text!r} must be comma-separated numbers, "
+                          "e.g. 1,0.5,0") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.n < 1:
+        raise ConfigError(f"--n {args.n} must be >= 1")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size {args.batch_size} must be >= 1")
+    out = Path("samples.npz") if args.out is None and args.png is None else args.out
+    if out is not None and out.suffix != ".npz":
+        raise ConfigError(f"--out {out} must end in .npz")
+    if args.nrow is not None and args.nrow < 1:
+        raise ConfigError(f"--nrow {args.nrow} must be >= 1")
+    for path in (out, record_path(out, args.png), args.png):
+        refuse_existing(path, args.overwrite)
+    if args.png is not None and args.png.suffix.lower() != ".png":
+        raise ConfigError(f"--png {args.png} must end in .png")
+    schedule = parse_schedule(args.schedule)
+    make_schedule(args.steps, schedule)  # bad --steps/--schedule fail before any work
+    ema = ema_choice(args.ema)
+    with joined(args.device) as (world, device):
+        model = load(args.checkpoint, ema=ema, device=device, vae=args.vae)
+        if model.num_classes is not None:
+            if args.label is not None and not 0 <= args.label < model.num_classes:
+                raise ConfigError(f"--label {args.label} is outside [0, {model.num_classes})")
+        elif args.label is not None:
+            raise ConfigError("--label given but the model is unconditional")
+        if args.png is not None and not can_draw(model.shape):
+            raise ConfigError(f"--png draws images or 2-D points; this model's samples have "
+                              f"shape {model.shape}: drop --png")
+        # under torchrun rank r draws samples r, r + W, ...; sample i depends on seed i alone
+        samples = model.sample(args.n, labels=args.label, steps=args.steps, schedule=schedule,
+                               seed=args.seed, batch_size=args.batch_size, progress=True,
+                               world=world)
+        if not world.is_main:
+            return 0
+        write_samples(model, samples, npz=out, png=args.png, nrow=args.nrow,
+                      overwrite=args.overwrite)
+        print(f"wrote {args.n} samples to " + " and ".join(
+            str(p) for p in (out, args.png) if p is not None))
+    return 0
