@@ -240,9 +240,10 @@ class JVPStrategy:
 
     def time_derivative(self, net: Net, z: Tensor, r: Tensor, t: Tensor, v: Tensor,
                         y: Tensor | None = None, *, cond: Cond | None = None) -> Tensor:
-        """du/dt alone, (B, *S), detached; see :func:`time_derivative`."""
+        """du/dt alone, (B, *S), detached; see :func:`time_derivative`. Under an enclosing
+        autocast it runs in fp32 unless ``autocast`` is set, as in :meth:`u_and_dudt`."""
         jvp = _jvp_func if self.resolve(net, z) == "func" else _jvp_forward_ad
-        with torch.no_grad():
+        with torch.no_grad(), _jvp_precision(z.device, self.autocast):
             return jvp(_fn(net, y, cond), z, r, t, v, TANGENTS[self.tangent])[1]
 
 
@@ -282,11 +283,14 @@ def u_and_dudt(net: Net, z: Tensor, r: Tensor, t: Tensor, v: Tensor, y: Tensor |
 
 def time_derivative(net: Net, z: Tensor, r: Tensor, t: Tensor, v: Tensor,
                     y: Tensor | None = None, strategy: str = "split",
-                    tangent: str = "v01", cond: Cond | None = None) -> Tensor:
+                    tangent: str = "v01", cond: Cond | None = None,
+                    jvp_autocast: bool = False) -> Tensor:
     """du/dt = v · ∂_z u(z, r, t) + ∂_t u(z, r, t), shape (B, *S), detached.
 
     Runs only the JVP (no grad pass): ``torch.func.jvp`` for "func", forward-mode dual tensors
-    for "split" and "forward_ad" ("auto" as :meth:`JVPStrategy.resolve` picks). ``cond`` as in
-    :func:`u_and_dudt`.
+    for "split" and "forward_ad" ("auto" as :meth:`JVPStrategy.resolve` picks). ``cond`` and
+    ``jvp_autocast`` as in :func:`u_and_dudt` (under an enclosing autocast the JVP runs in fp32
+    unless ``jvp_autocast``).
     """
-    return JVPStrategy(strategy, tangent).time_derivative(net, z, r, t, v, y, cond=cond)
+    return JVPStrategy(strategy, tangent, jvp_autocast).time_derivative(net, z, r, t, v, y,
+                                                                         cond=cond)
