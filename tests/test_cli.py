@@ -526,3 +526,26 @@ def test_presets_command_and_preset_flag(tmp_path, capsys):
     assert_one_line_error(capsys, code, "unknown preset", "fmnist-unet")
     code = cli("train", "--preset", "fmnist-unet", "--config", tmp_path / "x.yaml")
     assert_one_line_error(capsys, code, "not both")
+
+
+def test_sample_label_takes_a_class_name_of_a_folder_run(tmp_path):
+    """`--label NAME` picks a class by the name of its image sub-folder; an unknown name is
+    one line naming the classes."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for name in ("circles", "squares"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(
+                tmp_path / "data" / name / f"{i}.png")
+    run = tmp_path / "run"
+    assert cli("train", "--out", run, "--steps", 1, "--data", tmp_path / "data", "--model",
+               "unet-small", "--class-conditional", "--batch-size", 4,
+               "--set", "model.options={channels: 8, channel_mult: [1, 2], blocks_per_res: 1, "
+               "attn_resolutions: [], emb_mult: 2}",
+               "--set", "train.progress=false", "--set", "train.sample_count=0") == 0
+    assert cli("sample", run, "--n", 3, "--label", "squares", "--out", tmp_path / "s.npz") == 0
+    with np.load(tmp_path / "s.npz") as f:
+        assert f["labels"].tolist() == [1, 1, 1]
+    assert cli("sample", run, "--n", 3, "--label", "triangles", "--out", tmp_path / "t.npz") == 2
+    assert not (tmp_path / "t.npz").exists()

@@ -393,7 +393,8 @@ def test_a_given_loss_trains_instead_of_the_objective(tmp_path):
     wc = load_file(str(c / "checkpoints" / "step_0000004" / "model.safetensors"))
     assert any(not torch.equal(wa[k], wc[k]) for k in wa)
     state = json.loads((c / "checkpoints" / "step_0000004" / "state.json").read_text())
-    assert state["loss"] == {"class": "MeanFlowLoss", "given": True, "jvp": "auto",
+    # a given loss with jvp "auto" is resolved like the config's (split for the MLP on the CPU)
+    assert state["loss"] == {"class": "MeanFlowLoss", "given": True, "jvp": "split",
                              "tangent": "v10"}
     before = snapshot(c)
     with pytest.raises(ConfigError, match="tangent 'v10'"):
@@ -402,6 +403,21 @@ def test_a_given_loss_trains_instead_of_the_objective(tmp_path):
         {k: v for k, v in before.items() if k.startswith("checkpoints")}
     train(make_config(6), c, resume=True, loss_fn=cfg.objective.build(None, tangent="v10"))
     assert (c / "checkpoints" / "step_0000006").is_dir()
+
+
+def test_the_jvp_strategy_may_change_on_resume(tmp_path):
+    """The strategies are exact, so objective.jvp may change between a run and its resumption
+    (a run made when split was the default resumes under auto); the new one is recorded."""
+    run = tmp_path / "run"
+    cfg = make_config(2)
+    cfg.objective.jvp = "split"
+    train(cfg, run)
+    cfg = make_config(4)
+    cfg.objective.jvp = "forward_ad"
+    train(cfg, run, resume=True)
+    assert [r.get("jvp") for r in records(run)][-2:] == ["forward_ad", None]
+    state = json.loads((run / "checkpoints" / "step_0000004" / "state.json").read_text())
+    assert state["loss"]["jvp"] == "forward_ad"
 
 
 def test_a_given_loss_that_does_not_fit_the_run_is_refused(tmp_path):

@@ -15,6 +15,14 @@ from meanflow.sampling import make_schedule
 __all__ = ["add_parser", "run", "parse_schedule"]
 
 
+def _label(text: str) -> int | str:
+    """--label: a class number, or a class name (checked against the run once it is loaded)."""
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
 def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
     sa = subparsers.add_parser("sample", help="sample a trained model",
                                description="Draw samples from a run folder or checkpoint. "
@@ -28,7 +36,8 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
     sa.add_argument("--schedule", help="comma-separated decreasing times from 1 to 0, e.g. "
                     "1,0.6,0 (default: uniform)")
     sa.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
-    sa.add_argument("--label", type=int, help="class of every sample (class-conditional "
+    sa.add_argument("--label", type=_label, help="class of every sample, a number or, for "
+                    "data with named classes (image folders), a name (class-conditional "
                     "models; default: balanced over classes)")
     sa.add_argument("--ema", default="auto", help="EMA decay to use, 'auto' (the run's first) "
                     "or 'none' for the raw weights")
@@ -79,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     with joined(args.device) as (world, device):
         model = load(args.checkpoint, ema=ema, device=device, vae=args.vae)
         if model.num_classes is not None:
-            if args.label is not None and not 0 <= args.label < model.num_classes:
+            if isinstance(args.label, int) and not 0 <= args.label < model.num_classes:
                 raise ConfigError(f"--label {args.label} is outside [0, {model.num_classes})")
         elif args.label is not None:
             raise ConfigError("--label given but the model is unconditional")

@@ -31,13 +31,15 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
     tr.add_argument("--preset", help="a shipped config by name (list them: meanflow presets), "
                     "e.g. fmnist-unet")
     tr.add_argument("--out", type=Path, default=None,
-                    help="run folder (default: a new runs/NNNNN-<data>-<objective>-<model>)")
+                    help="run folder (default: a new runs/NNNNN-<data>[-cond]-<objective>-"
+                    "<model>)")
     tr.add_argument("--resume", action="store_true",
                     help="continue the run in --out from its newest checkpoint")
     tr.add_argument("--dry-run", action="store_true",
                     help="print the resolved config and exit without training")
-    tr.add_argument("--data", help="toy dataset name (8gaussians, checkerboard, moons, spirals) "
-                    "or a .npy/.npz/.csv file of points")
+    tr.add_argument("--data", help="a toy set (8gaussians, checkerboard, moons, spirals), "
+                    "fashion-mnist, cifar10 (with data.options.root), a folder of images, a "
+                    "latent folder of prepare-latents, or a .npy/.npz/.csv file")
     tr.add_argument("--class-conditional", action="store_true",
                     help="condition on the data's labels (enables guidance)")
     tr.add_argument("--objective", help="meanflow (default) or flow_matching")

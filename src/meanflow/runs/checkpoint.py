@@ -5,10 +5,12 @@ Layout of one checkpoint folder ``checkpoints/step_000100/``:
     model.safetensors       training weights
     ema.safetensors         every EMA copy, keys ``ema_<decay>.<param>`` (:func:`ema_key`)
     optimizer.safetensors   the optimiser's per-parameter tensors, keys ``<index>.<name>``
-    state.json              step, optimiser scalars, config, library version, where the data
+    state.json              step, optimiser scalars, config, data shape/classes, EMA decays,
+                            library and torch versions, world size, the loss that ran
+                            (``loss``: class, tangent, resolved du/dt strategy), where the data
                             order stands (``data_position``: epoch and batch within it), and
                             the SHA-256 of each tensor file (a truncated or tampered file is
-                            refused)
+                            refused); docs/design.md lists every field
 
 The folder is written under a temporary name and renamed into place, so a kill mid-write leaves
 either the old set of checkpoints or the new one, never half of one.

@@ -92,7 +92,8 @@ class ObjectiveConfig:
                                   # (forward_ad on the CPU for U-Net/DiT, else split; resolved
                                   # once when training starts), "split", "func", "forward_ad"
     jvp_precision: str = "fp32"   # under train.amp: "fp32" keeps the JVP pass out of autocast,
-                                  # "amp" runs it in bf16 too (split strategies only)
+                                  # "amp" runs it in bf16 too (a joint strategy's one pass
+                                  # then stays under autocast as a whole)
 
     def build(self, num_classes: int | None = None, *, jvp: str | None = None,
               **changes: Any) -> MeanFlowLoss | FlowMatchingLoss:

@@ -22,7 +22,8 @@ __all__ = ["RESUMABLE_KEYS", "config_differences", "prepare_run_dir", "new_run_d
 RESUMABLE_KEYS = {("train", k) for k in (
     "steps", "epochs", "images", "log_every", "checkpoint_every", "keep_checkpoints", "device",
     "progress", "compile", "tf32", "sample_every", "sample_count", "sample_steps", "tensorboard",
-    "fid_every", "fid_ref", "fid_n", "fid_steps", "fsdp")} | {("model", "jvp_attention")}
+    "fid_every", "fid_ref", "fid_n", "fid_steps", "fsdp")} | {("model", "jvp_attention"),
+                                                            ("objective", "jvp")}
 
 
 def config_differences(a: dict, b: dict, prefix: tuple = ()) -> list[tuple]:

@@ -9,9 +9,10 @@ How the gradients are synchronised (docs/design.md, Multi-process training: ``to
 cannot run through ``DistributedDataParallel``, and calling ``.module`` instead trains each
 rank alone, silently):
 
-- The split JVP strategy ("split", the default): the grad-carrying forward goes
-  through the DDP wrapper, so DDP's hooks all-reduce the gradients during backward; du/dt (and
-  the guidance forwards) run without grad on the unwrapped module, which DDP never needs to see.
+- The split JVP strategy ("split"; what "auto" picks except for U-Net/DiT on the CPU): the
+  grad-carrying forward goes through the DDP wrapper, so DDP's hooks all-reduce the gradients
+  during backward; du/dt (and the guidance forwards) run without grad on the unwrapped module,
+  which DDP never needs to see.
 - Joint strategies ("func", "forward_ad": one pass gives u and du/dt): they run on the unwrapped
   module and the gradients are averaged by hand (:func:`all_reduce_grads_`) before the step.
 

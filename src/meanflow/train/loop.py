@@ -26,6 +26,7 @@ run stopped.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -130,7 +131,11 @@ def resolve_loss(cfg: RunConfig, num_classes: int | None, device: torch.device,
                           f"{num_classes} (data.class_conditional={cfg.data.class_conditional}): "
                           f"build the loss with num_classes={num_classes}")
     if isinstance(given, MeanFlowLoss):
-        _strategy(given.jvp, cfg, device, compiled)   # refuses what cannot run here
+        jvp = _strategy(given.jvp, cfg, device, compiled)   # refuses what cannot run here
+        if jvp != given.jvp:      # "auto": resolved as for the config's loss, on a copy
+            given = copy.copy(given)
+            given.dudt = dataclasses.replace(given.dudt, strategy=jvp)
+            given.jvp = jvp
     return given
 
 
