@@ -24,3 +24,62 @@ def test_successful_write_replaces_and_hashes(tmp_path):
     atomic_write_text(dest, "hello\n")
     assert dest.read_text() == "hello\n"
     assert file_sha256(dest) == "5891b5b522d5df086d0ff0b110fbd9d21bb4fc7163af34d08286a2e846f6be03"
+
+
+def test_a_second_writer_is_refused_in_one_line_and_the_lock_dies_with_its_holder(tmp_path):
+    """exclusive(): another process asking for the same folder gets a ConfigError naming the
+    holder; after the holder is killed (-9) the lock is free again: flock dies with it."""
+    import signal
+    import subprocess
+    import sys
+
+    from meanflow.errors import ConfigError
+    from meanflow.fileio import exclusive, lock_path
+
+    code = ("import sys, time\nfrom meanflow.fileio import exclusive\n"
+            "with exclusive(sys.argv[1], 'meanflow train'):\n"
+            "    print('held', flush=True)\n    time.sleep(60)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ConfigError, match=rf"in use by process {holder.pid} \(meanflow "
+                           r"train\): wait for it"):
+            with exclusive(tmp_path, "meanflow sample"):
+                pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with exclusive(tmp_path, "meanflow train --resume") as lock:
+        assert lock == lock_path(tmp_path) == tmp_path / ".meanflow.lock"
+        assert lock.read_text().startswith(f"{__import__('os').getpid()} meanflow train")
+    # a file's lock sits beside it, and the file need not exist
+    out = tmp_path / "samples.npz"
+    with exclusive(out, "meanflow sample"):
+        assert lock_path(out) == tmp_path / ".samples.npz.lock"
+        assert not out.exists()
+
+
+def test_stale_temporaries_are_removed_and_nothing_else(tmp_path):
+    from meanflow.fileio import (atomic_path, is_temporary, remove_stale_temporaries,
+                                 temporary_dir)
+
+    keep = ["a.npz", ".hidden", "x.tmp", ".a.npz.tmp", "notes.txt", "step_0000010.bak"]
+    for name in keep:
+        (tmp_path / name).write_text("user")
+    # what a killed writer leaves: a temporary file of atomic_path, a temporary folder
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_path(tmp_path / "a.npz") as tmp:
+            stale_file = tmp.name
+            raise KeyboardInterrupt
+    assert not (tmp_path / stale_file).exists()    # atomic_path cleans up after itself ...
+    (tmp_path / stale_file).write_text("partial")  # ... a kill -9 does not
+    stale_dir = temporary_dir(tmp_path / "step_0000020")
+    (stale_dir / "model.safetensors").write_bytes(b"partial")
+    assert is_temporary(stale_file) and is_temporary(stale_dir.name)
+    assert not any(is_temporary(n) for n in keep)
+    # only the named destinations' temporaries when asked
+    assert remove_stale_temporaries(tmp_path, dests=("b.npz",)) == []
+    removed = remove_stale_temporaries(tmp_path)
+    assert sorted(removed) == sorted([stale_file, stale_dir.name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(keep)

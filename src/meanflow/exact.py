@@ -37,6 +37,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from meanflow.data import EightGaussians
 from meanflow.errors import ConfigError
 
 __all__ = ["GaussianMixtureFlow", "DEFAULT_STEPS"]
@@ -96,7 +97,6 @@ class GaussianMixtureFlow:
         eight equally weighted components at radius·(cos 2πk/8, sin 2πk/8). The means are
         recomputed in float64 from the dataset's radius (its ``centers`` are float32)."""
         if dataset is None:
-            from meanflow.data import EightGaussians
             dataset = EightGaussians()
         radius, std = float(dataset.radius), float(dataset.std)
         angles = torch.arange(8, dtype=torch.float64) * (2 * math.pi / 8)

@@ -1,20 +1,43 @@
-"""Writing files so that a crash never leaves a half-written one, and hashing them.
+"""Writing files so that a crash never leaves a half-written one, one writer at a time, and
+hashing them.
 
 Every output file of the package (configs, metrics, checkpoints' records, sample arrays and
 PNGs, feature statistics, classifier weights) goes through :func:`atomic_path`: the content is
 written to a temporary file beside the destination, flushed to disk, then renamed into place.
+Temporaries are named ``.<destination>.<random>.tmp<suffix>`` (files) and
+``.<destination>.tmp-<random>`` (folders), so :func:`remove_stale_temporaries` can find the
+ones a killed process left, and only those.
+
+:func:`exclusive` is the advisory lock that gives a run folder or an output file one writer.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
+import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["atomic_path", "atomic_write_text", "file_sha256"]
+from meanflow.errors import ConfigError
+
+try:
+    import fcntl
+except ImportError:          # Windows: the lock falls back to a PID file
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = ["atomic_path", "atomic_write_text", "file_sha256", "exclusive", "lock_path",
+           "remove_stale_temporaries", "is_temporary", "temporary_dir"]
+
+#: Names of our temporaries: ``.<name>.<random>.tmp<suffix>`` and ``.<name>.tmp-<random>``.
+_TEMP_FILE = re.compile(r"^\.(?P<dest>.+)\.[A-Za-z0-9_]{6,}\.tmp(\.[A-Za-z0-9]+)?$")
+_TEMP_DIR = re.compile(r"^\.(?P<dest>.+)\.tmp-[A-Za-z0-9_]{6,}$")
+#: The lock file of a folder (inside it) and of a file (beside it).
+FOLDER_LOCK = ".meanflow.lock"
 
 
 @contextlib.contextmanager
@@ -54,3 +77,114 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def temporary_dir(dest: str | os.PathLike[str]) -> Path:
+    """A new empty folder beside ``dest``, named as :func:`remove_stale_temporaries` expects;
+    fill it, then rename it onto ``dest``."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-"))
+
+
+def is_temporary(name: str) -> bool:
+    """Whether a file or folder name is one of our temporaries."""
+    return bool(_TEMP_FILE.match(name) or _TEMP_DIR.match(name))
+
+
+def remove_stale_temporaries(folder: str | os.PathLike[str],
+                             dests: tuple[str, ...] | None = None) -> list[str]:
+    """Removes the temporaries a killed writer left in ``folder`` and returns their names.
+
+    Only names of our own making are touched (:func:`is_temporary`), and with ``dests`` only
+    those of these destination names. Call it while holding :func:`exclusive` on what the
+    temporaries belong to: then no live writer can own them.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for entry in sorted(folder.iterdir()):
+        match = _TEMP_FILE.match(entry.name) or _TEMP_DIR.match(entry.name)
+        if not match or (dests is not None and match["dest"] not in dests):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry.name)
+    return removed
+
+
+def lock_path(target: str | os.PathLike[str]) -> Path:
+    """The lock file of ``target``: ``<folder>/.meanflow.lock`` for a folder, else
+    ``.<name>.lock`` beside the file (which need not exist yet)."""
+    target = Path(target)
+    return target / FOLDER_LOCK if target.is_dir() else target.with_name(f".{target.name}.lock")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _holder(lock: Path) -> tuple[int | None, str]:
+    try:
+        text = lock.read_text(errors="replace").strip()
+    except OSError:
+        return None, ""
+    pid, _, what = text.partition(" ")
+    return (int(pid) if pid.isdigit() else None), what[:80]
+
+
+@contextlib.contextmanager
+def exclusive(target: str | os.PathLike[str], what: str) -> Iterator[Path]:
+    """Holds an advisory lock on ``target`` (a run folder or an output file) while the block
+    runs; another ``meanflow`` process that asks for it meanwhile gets a ConfigError naming
+    this one (PID and ``what``, e.g. "meanflow train").
+
+    The lock is ``flock`` on :func:`lock_path`, so the kernel releases it on any exit, kill -9
+    included; the file itself stays (deleting it would let two writers lock two files). Where
+    the filesystem has no ``flock``, a PID file is used instead, and a lock whose PID is no
+    longer alive is stale and taken over.
+    """
+    target = Path(target)
+    lock = lock_path(target)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                locked = True
+            except BlockingIOError:
+                pid, holder = _holder(lock)
+                who = f"process {pid} ({holder})" if pid else "another process"
+                raise ConfigError(f"{target} is in use by {who}: wait for it to finish or stop "
+                                  "it, then run this again") from None
+            except OSError as err:
+                if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+                locked = False
+        else:
+            locked = False
+        if not locked:        # no flock here: a PID file, stale when its process is gone
+            pid, holder = _holder(lock)
+            if pid not in (None, os.getpid()) and _pid_alive(pid):
+                raise ConfigError(f"{target} is in use by process {pid} ({holder}): wait for "
+                                  "it to finish or stop it, then run this again")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {what}\n".encode(), 0)
+        try:
+            yield lock
+        finally:
+            if not locked:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)

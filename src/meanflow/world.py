@@ -18,6 +18,7 @@ checks) lives in :mod:`meanflow.train.distributed`.
 from __future__ import annotations
 
 import datetime
+import gc
 import math
 import os
 import pickle
@@ -128,9 +129,18 @@ def setup(device: torch.device) -> tuple[World, torch.device, bool]:
 
 
 def teardown(owned: bool) -> None:
-    """Leaves the process group when :func:`setup` made it (``owned``)."""
-    if owned and dist.is_initialized():
-        dist.destroy_process_group()
+    """Leaves the process group when :func:`setup` made it (``owned``).
+
+    First, under any process group, it collects garbage: an FSDP-wrapped model (and what else
+    holds the group's pending work) lives on in reference cycles after training returns. Left to
+    the interpreter's exit, their destruction runs after the interpreter has begun tearing
+    down, and a gloo rank can then abort ("terminate called without an active exception",
+    SIGABRT) after all its work succeeded.
+    """
+    if dist.is_available() and dist.is_initialized():
+        gc.collect()
+        if owned:
+            dist.destroy_process_group()
 
 
 def collective_device(device: torch.device) -> torch.device:

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from meanflow.data import ImageArray
 from meanflow.errors import ConfigError, DataError
 from meanflow.fileio import atomic_path, file_sha256
 
@@ -230,8 +231,6 @@ def train_classifier(out_path: str | os.PathLike, seed: int = 0, epochs: int = 3
     AdamW with a one-cycle (warm-up then cosine) learning rate. With the same seed, data and
     thread count the saved weights are bit-identical.
     """
-    from meanflow.data import ImageArray
-
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ConfigError(f"epochs must be a positive integer, got {epochs!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:

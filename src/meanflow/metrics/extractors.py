@@ -38,6 +38,7 @@ from torch import Tensor
 
 from meanflow.errors import ConfigError, DataError
 from meanflow.fileio import file_sha256
+from meanflow.metrics.classifier import DEFAULT_WEIGHTS, FMNISTClassifier, load_classifier
 
 __all__ = ["Extractor", "load_extractor", "inception_file", "INCEPTION_SHA1",
            "INCEPTION_BYTES", "inception_preprocess"]
@@ -175,7 +176,6 @@ def _classifier_extractor(net: Any, device: torch.device, identity: dict[str, An
 
 
 def _state_dict_extractor(path: Path, device: torch.device) -> Extractor:
-    from meanflow.metrics.classifier import FMNISTClassifier
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -214,7 +214,6 @@ def load_extractor(spec: str, device: torch.device | str = "cpu",
     if not isinstance(spec, str) or not spec:
         raise ConfigError("extractor must be 'inception', 'fmnist' or a file path")
     if spec == "fmnist":
-        from meanflow.metrics.classifier import DEFAULT_WEIGHTS, load_classifier
         identity = {"extractor": "fmnist", "sha256": file_sha256(DEFAULT_WEIGHTS)}
         ext = _classifier_extractor(load_classifier(device=device), device, identity)
     elif spec == "inception":
