@@ -80,28 +80,19 @@ def main() -> None:
                       "objective": loaded.config.objective.kind}
         for steps in steps_list:
             t0 = time.perf_counter()
-            out = loaded.sample(n, steps=steps, batch_size=args.batch_size, progress=True)
+            drawn = loaded.sample(n, steps=steps, batch_size=args.batch_size, progress=True)
             secs = time.perf_counter() - t0
-            x = quantize(out.samples)
+            x = quantize(drawn.samples)
             name = f"{'MeanFlow' if kind == 'meanflow' else 'flow matching'}, {steps} NFE"
-            rows.append({"name": name, "method": out.method, "steps": steps,
+            rows.append({"name": name, "method": drawn.method, "steps": steps,
                          **score_features(ext.features(x, progress=True), ref, pr=True),
                          "sample_seconds": round(secs, 1)})
             pictures.append((name, x[:10]))
             print(f"{name}: FID {rows[-1]['fid']:.4f}", flush=True)
+            _write(out, _record(n, ext, runs, rows, t_start))   # every row kept as it comes
 
-    result = {
-        "n": n, "sample_seeds": f"0..{n - 1}", "reference": f"first {n} Fashion-MNIST test "
-        "images", "floor": f"{n} train images drawn with torch.randperm seed 0",
-        "extractor": ext.identity, "runs": runs, "rows": rows,
-        "kid": "unbiased MMD² (cubic kernel), 100 subsets of min(1000, N)",
-        "precision_recall": "k-NN manifolds, k = 3",
-        "torch": torch.__version__, "machine": platform.machine(),
-        "threads": torch.get_num_threads(),
-        "seconds_total": round(time.perf_counter() - t_start, 1),
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+    result = _record(n, ext, runs, rows, t_start)
+    _write(out, result)
 
     if args.figure:
         _figure(pictures, Path(args.figure))
@@ -112,6 +103,24 @@ def main() -> None:
         print(f"| {r['name']} | {r['fid']:.3f} | {1e3 * r['kid']:.2f} ± {1e3 * r['kid_se']:.2f}"
               f" | {r['precision']:.3f} | {r['recall']:.3f} | {r['sample_seconds']} |")
     print(f"\nwrote {out} ({result['seconds_total']} s)")
+
+
+def _record(n: int, ext, runs: dict, rows: list[dict], t_start: float) -> dict:
+    return {
+        "n": n, "sample_seeds": f"0..{n - 1}", "reference": f"first {n} Fashion-MNIST test "
+        "images", "floor": f"{n} train images drawn with torch.randperm seed 0",
+        "extractor": ext.identity, "runs": runs, "rows": rows,
+        "kid": "unbiased MMD² (cubic kernel), 100 subsets of min(1000, N)",
+        "precision_recall": "k-NN manifolds, k = 3",
+        "torch": torch.__version__, "machine": platform.machine(),
+        "threads": torch.get_num_threads(),
+        "seconds_total": round(time.perf_counter() - t_start, 1),
+    }
+
+
+def _write(path: Path, result: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(result, indent=2) + "\n")
 
 
 def _figure(pictures: list[tuple[str, torch.Tensor]], path: Path) -> None:

@@ -17,6 +17,7 @@ import torch
 import yaml
 
 from meanflow.cli import main
+from meanflow.fileio import exclusive
 from meanflow.sampling import sample_seeded
 from meanflow.runs.load import load_model
 
@@ -87,10 +88,13 @@ def test_version(capsys):
     assert capsys.readouterr().out.strip() == __version__
 
 
-def test_no_command_prints_help_and_fails(capsys):
-    """Without a subcommand the help is printed and the exit code is 2."""
+def test_no_command_is_one_error_line(capsys):
+    """Without a subcommand: one `meanflow: error:` line on stderr naming the commands, exit 2."""
     assert cli() == 2
-    assert "usage: meanflow" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.count("\n") == 1 and captured.err.startswith("meanflow: error: no command")
+    assert "prepare-latents" in captured.err
 
 
 # ---------------------------------------------------------------------------- train
@@ -549,3 +553,53 @@ def test_sample_label_takes_a_class_name_of_a_folder_run(tmp_path):
         assert f["labels"].tolist() == [1, 1, 1]
     assert cli("sample", run, "--n", 3, "--label", "triangles", "--out", tmp_path / "t.npz") == 2
     assert not (tmp_path / "t.npz").exists()
+
+
+# ---------------------------------------------------------------------------- one writer
+
+def test_sample_has_one_writer_and_removes_only_its_own_stale_temporaries(run_dir, tmp_path,
+                                                                          capsys):
+    """While another process holds the output, sample refuses in one line naming it; at its
+    next start it removes the temporaries a killed sample left for this output, and nothing
+    else."""
+    out = tmp_path / "s.npz"
+    with exclusive(out, "meanflow sample"):
+        assert_one_line_error(capsys, cli("sample", run_dir, "--n", 4, "--out", out),
+                              "is in use by process", "meanflow sample")
+    assert not out.exists()
+    stale = tmp_path / ".s.npz.a1b2c3d4.tmp.npz"          # a killed run's, for this output
+    other = tmp_path / ".t.npz.a1b2c3d4.tmp.npz"           # another output's
+    mine = tmp_path / ".s.npz.notes"                       # not of our naming
+    for path in (stale, other, mine):
+        path.write_bytes(b"x")
+    assert cli("sample", run_dir, "--n", 4, "--out", out) == 0
+    assert not stale.exists() and other.exists() and mine.exists() and out.exists()
+
+
+def test_fid_calc_out_is_not_replaced_without_overwrite(run_dir, tmp_path, capsys):
+    ref = tmp_path / "ref.npz"
+    np.savez(tmp_path / "imgs.npz", x=np.random.default_rng(0).integers(0, 256, (8, 28, 28),
+                                                                         dtype=np.uint8))
+    assert cli("fid", "ref", tmp_path / "imgs.npz", "-o", ref) == 0
+    np.savez(tmp_path / "s.npz", samples=np.zeros((8, 1, 28, 28), np.float32))
+    out = tmp_path / "fid.json"
+    out.write_text("mine")
+    capsys.readouterr()
+    assert_one_line_error(capsys, cli("fid", "calc", tmp_path / "s.npz", "--ref", ref, "--out",
+                                      out), "fid.json exists", "--overwrite")
+    assert out.read_text() == "mine"
+    with exclusive(out, "meanflow fid calc"):
+        assert_one_line_error(capsys, cli("fid", "calc", tmp_path / "s.npz", "--ref", ref,
+                                          "--out", out, "--overwrite"), "is in use")
+    assert cli("fid", "calc", tmp_path / "s.npz", "--ref", ref, "--out", out,
+               "--overwrite") == 0
+    assert json.loads(out.read_text())["n"] == 8
+
+
+def test_sizes_are_checked_against_memory_before_any_work(run_dir, tmp_path, capsys):
+    """--n 1e12 would build a 10^12-element list; --batch-size 1e12 a 10^12-row batch."""
+    assert_one_line_error(capsys, cli("sample", run_dir, "--n", "1e12", "--out",
+                                      tmp_path / "s.npz"), "lower --n", "needs at least")
+    assert_one_line_error(capsys, cli("train", "--batch-size", "1e12", "--dry-run"),
+                          "lower train.batch_size")
+    assert not (tmp_path / "s.npz").exists()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from meanflow.fileio import atomic_path, atomic_write_text, file_sha256
+from meanflow.errors import ConfigError
+from meanflow.fileio import (OWNER_MARK, atomic_path, atomic_write_text, claim_folder,
+                             file_sha256, folder_owner, refuse_existing)
 
 
 def test_failed_write_keeps_the_old_file_and_no_temporary(tmp_path):
@@ -83,3 +85,55 @@ def test_stale_temporaries_are_removed_and_nothing_else(tmp_path):
     removed = remove_stale_temporaries(tmp_path)
     assert sorted(removed) == sorted([stale_file, stale_dir.name])
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(keep)
+
+
+def test_a_folder_is_claimed_by_one_command_and_foreign_files_are_refused(tmp_path):
+    """claim_folder: a new folder is made and marked; the same command reuses it; another
+    command, or files without a marker, are refused in one line naming the folder; a folder
+    the legacy test recognises is marked; write=False makes nothing."""
+    out = tmp_path / "demo"
+    claim_folder(out, "meanflow demo", write=False)
+    assert not out.exists()
+    claim_folder(out, "meanflow demo")
+    assert folder_owner(out) == "meanflow demo"
+    (out / "figure.png").write_bytes(b"ours")
+    claim_folder(out, "meanflow demo")                     # reused by the same command
+    with pytest.raises(ConfigError, match="made by `meanflow demo`, not `meanflow x`"):
+        claim_folder(out, "meanflow x")
+
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "figure.png").write_bytes(b"mine")
+    (user / ".figure.png.abc123.tmp.png").write_bytes(b"a temporary of ours")
+    with pytest.raises(ConfigError, match=r"user holds files that are not `meanflow demo`'s "
+                       r"\(figure.png\): choose a new or empty folder"):
+        claim_folder(user, "meanflow demo")
+    assert not (user / OWNER_MARK).exists() and (user / "figure.png").read_bytes() == b"mine"
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / ".meanflow.lock").write_text("")              # our lock alone: still empty
+    claim_folder(empty, "meanflow prepare-latents")
+    assert folder_owner(empty) == "meanflow prepare-latents"
+
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "index.json").write_text("{}")
+    claim_folder(old, "meanflow prepare-latents", lambda f: (f / "index.json").is_file())
+    assert folder_owner(old) == "meanflow prepare-latents"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="is a file, not a folder"):
+        claim_folder(tmp_path / "file", "meanflow demo")
+
+
+def test_an_existing_output_file_needs_overwrite(tmp_path):
+    mine = tmp_path / "s.npz"
+    refuse_existing(mine)                                   # absent: fine
+    mine.write_bytes(b"mine")
+    with pytest.raises(ConfigError, match=r"s.npz exists: choose another file, or pass "
+                       r"--overwrite to replace it"):
+        refuse_existing(mine)
+    refuse_existing(mine, overwrite=True)
+    (tmp_path / "d.npz").mkdir()
+    with pytest.raises(ConfigError, match="is a folder"):
+        refuse_existing(tmp_path / "d.npz", overwrite=True)

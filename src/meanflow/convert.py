@@ -80,10 +80,18 @@ class OfficialCheckpoint:
 
 def _refusal(message: str) -> tuple[str | None, str]:
     """(the global torch's weights-only reader refused, or None; its one-line reason)."""
-    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", message)
+    found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", message)
     reason = re.search(r"WeightsUnpickler error:\s*(.+)", message)
-    detail = reason.group(1).strip() if reason else (message.strip().splitlines() or ["?"])[0]
-    return (found.group(1) if found else None), detail[:160]
+    if reason:
+        detail = reason.group(1).strip()
+    elif "trusted source." in message:   # torch's paragraph on its defaults, then the reason
+        detail = message.split("trusted source.", 1)[1]
+    else:
+        detail = (message.strip().splitlines() or ["?"])[0]
+    detail = " ".join(detail.split()).split(" Check the doc")[0].rstrip(".")
+    if len(detail) > 160:       # cut at a word, and say so
+        detail = detail[:detail.rfind(" ", 0, 160)] + " ..."
+    return (found.group(1) if found else None), detail
 
 
 def read_official_checkpoint(path: str | os.PathLike[str]) -> OfficialCheckpoint:

@@ -6,6 +6,11 @@ writes ``figure.png`` (data, MeanFlow 1- and 2-step samples, flow matching with 
 learned one-step map) and ``metrics.json`` (energy distance of each sample set to the data, next
 to the floor of two independent data samples of the same size, and the share of samples on a
 mode). Re-running it in the same folder reuses the finished runs and only redraws.
+
+The folder is the demo's own (docs/design.md, "What meanflow may overwrite"): a new or empty
+one is marked for ``meanflow demo`` (:func:`meanflow.fileio.claim_folder`), a marked one is
+reused, and any other (a user's ``figure.png`` and ``metrics.json`` included) is refused before
+anything is trained. A demo folder made before the marker is recognised by its two runs.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import torch
 
 from meanflow.data import build_dataset
 from meanflow.errors import ConfigError
-from meanflow.fileio import atomic_write_text
+from meanflow.fileio import atomic_write_text, claim_folder, exclusive
 from meanflow.metrics import energy_distance
 from meanflow.runs.config import RunConfig, apply_overrides
 from meanflow.runs.load import load
@@ -32,6 +37,7 @@ __all__ = ["demo_config", "run_demo", "DEFAULT_STEPS"]
 
 DEFAULT_STEPS = 2000
 DEMO_FILES = {"meanflow", "flow_matching", "figure.png", "metrics.json"}
+COMMAND = "meanflow demo"      # the owner marked in the output folder
 NUM_SAMPLES = 4000
 SAMPLE_SEED0 = 1_000_000      # sampling seeds, disjoint from the data seeds below
 DATA_SEEDS = (7, 8)           # reference data and the independent copy for the floor
@@ -112,15 +118,25 @@ def run_demo(out_dir: str | Path = "demo", steps: int = DEFAULT_STEPS, seed: int
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"demo output {out_dir} is a file: choose a folder with --out")
-    foreign = sorted(p.name for p in out_dir.iterdir()
-                     if p.name not in DEMO_FILES and not p.name.startswith(".")) \
-        if out_dir.is_dir() else []
-    if foreign:
-        raise ConfigError(f"{out_dir} holds files that are not the demo's ({', '.join(foreign)}):"
-                          " choose another --out")
+    claim_folder(out_dir, COMMAND, _is_old_demo, write=False)
     cfgs = {kind: demo_config(kind, steps, seed, overrides)
             for kind in ("meanflow", "flow_matching")}
     out_dir.mkdir(parents=True, exist_ok=True)
+    with exclusive(out_dir, COMMAND):
+        claim_folder(out_dir, COMMAND, _is_old_demo)
+        return _run(out_dir, cfgs, steps, progress)
+
+
+def _is_old_demo(folder: Path) -> bool:
+    """A demo folder written before folders carried an owner marker: the demo's names only,
+    and its MeanFlow run."""
+    names = {p.name for p in folder.iterdir() if not p.name.startswith(".")}
+    return names <= DEMO_FILES and (folder / "meanflow" / "config.json").is_file()
+
+
+def _run(out_dir: Path, cfgs: dict[str, RunConfig], steps: int,
+         progress: bool) -> dict[str, Any]:
+    """The demo in a folder it holds: train (or reuse), sample, measure, draw."""
     cfgs["meanflow"].train.progress = progress
     cfgs["flow_matching"].train.progress = False
     # The two models train at once, one core each: tiny nets gain little from a second

@@ -9,6 +9,12 @@ Temporaries are named ``.<destination>.<random>.tmp<suffix>`` (files) and
 ones a killed process left, and only those.
 
 :func:`exclusive` is the advisory lock that gives a run folder or an output file one writer.
+
+Nothing is replaced that meanflow did not write (docs/design.md, "What meanflow may
+overwrite"): :func:`claim_folder` gives a folder that a command fills (``demo --out``,
+``prepare-latents OUT_DIR``) a marker naming that command, and reuses a folder only when it
+carries the same command's marker; :func:`refuse_existing` refuses an output file that exists
+unless the user said ``--overwrite``. The refusals are one line naming the path and the fix.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from meanflow.errors import ConfigError
 
@@ -31,13 +37,16 @@ except ImportError:          # Windows: the lock falls back to a PID file
     fcntl = None  # type: ignore[assignment]
 
 __all__ = ["atomic_path", "atomic_write_text", "file_sha256", "exclusive", "lock_path",
-           "remove_stale_temporaries", "is_temporary", "temporary_dir"]
+           "remove_stale_temporaries", "is_temporary", "temporary_dir", "claim_folder",
+           "folder_owner", "refuse_existing", "OWNER_MARK"]
 
 #: Names of our temporaries: ``.<name>.<random>.tmp<suffix>`` and ``.<name>.tmp-<random>``.
 _TEMP_FILE = re.compile(r"^\.(?P<dest>.+)\.[A-Za-z0-9_]{6,}\.tmp(\.[A-Za-z0-9]+)?$")
 _TEMP_DIR = re.compile(r"^\.(?P<dest>.+)\.tmp-[A-Za-z0-9_]{6,}$")
 #: The lock file of a folder (inside it) and of a file (beside it).
 FOLDER_LOCK = ".meanflow.lock"
+#: The marker of a folder a command made: one line, the command (e.g. "meanflow demo").
+OWNER_MARK = ".meanflow-owner"
 
 
 @contextlib.contextmanager
@@ -188,3 +197,61 @@ def exclusive(target: str | os.PathLike[str], what: str) -> Iterator[Path]:
                     os.ftruncate(fd, 0)
     finally:
         os.close(fd)
+
+
+def folder_owner(folder: str | os.PathLike[str]) -> str | None:
+    """The command whose marker (:data:`OWNER_MARK`) ``folder`` carries, or None."""
+    try:
+        text = (Path(folder) / OWNER_MARK).read_text(errors="replace")
+    except OSError:
+        return None
+    return text.strip().splitlines()[0][:80] if text.strip() else None
+
+
+def _ours(name: str) -> bool:
+    """Names meanflow leaves in any folder it writes: its marker, locks and temporaries."""
+    return name in (OWNER_MARK, FOLDER_LOCK) or is_temporary(name) or (
+        name.startswith(".") and name.endswith(".lock"))
+
+
+def claim_folder(folder: str | os.PathLike[str], command: str,
+                 legacy: Callable[[Path], bool] | None = None, *, write: bool = True) -> Path:
+    """Makes ``folder`` the output of ``command`` (e.g. "meanflow demo"), or checks that it is.
+
+    A folder that is missing or empty (but for our locks and temporaries) is made and marked
+    with :data:`OWNER_MARK`; one marked by ``command`` is reused; anything else is refused
+    with a one-line ConfigError naming the folder and the fix: one marked by another command,
+    and one holding files without a marker, unless ``legacy(folder)`` recognises it as
+    ``command``'s output made before markers existed (it is then marked). With
+    ``write=False`` nothing is made or marked: only the check (for ``--dry-run`` and for
+    checks before any work starts)."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{folder} is a file, not a folder: choose a folder for the output")
+    owner = folder_owner(folder)
+    if owner is not None and owner != command:
+        raise ConfigError(f"{folder} was made by `{owner}`, not `{command}`: choose another "
+                          "folder")
+    if owner is None and folder.is_dir():
+        others = sorted(p.name for p in folder.iterdir() if not _ours(p.name))
+        if others and not (legacy is not None and legacy(folder)):
+            shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+            raise ConfigError(f"{folder} holds files that are not `{command}`'s ({shown}): "
+                              "choose a new or empty folder")
+    if write and owner is None:
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(folder / OWNER_MARK, command + "\n")
+    return folder
+
+
+def refuse_existing(path: str | os.PathLike[str] | None, overwrite: bool = False,
+                    flag: str = "--overwrite") -> None:
+    """A one-line ConfigError if the output file ``path`` exists and the user did not say
+    ``flag`` (replace it); a folder in its place is refused even then."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder: give a file name for the output")
+    if path.exists() and not overwrite:
+        raise ConfigError(f"{path} exists: choose another file, or pass {flag} to replace it")

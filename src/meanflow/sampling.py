@@ -17,6 +17,8 @@ gathered back in seed order.
 
 from __future__ import annotations
 
+import math
+import os
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -28,7 +30,11 @@ from meanflow.objective.meanflow_loss import check_output
 from meanflow.world import World, broadcast_object, gather_sharded, shard
 
 __all__ = ["sample", "euler_sample", "make_schedule", "seeded_noise", "sample_seeded",
-           "SAMPLING_METHODS", "sampling_method", "generate"]
+           "SAMPLING_METHODS", "sampling_method", "generate", "SEED_LIMIT", "memory_bytes",
+           "check_fits", "check_sampling"]
+
+#: Seeds are 64-bit unsigned in every command: 0 <= seed < 2**64 (what torch.Generator takes).
+SEED_LIMIT = 2 ** 64
 
 Net = Callable[..., Tensor]
 SAMPLING_METHODS = ("meanflow", "euler")
@@ -86,7 +92,11 @@ def euler_sample(net: Net, noise: Tensor, steps: int = 1, y: Tensor | None = Non
 def seeded_noise(seeds: Iterable[int], shape: Sequence[int],
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Tensor:
     """(N, *shape) standard normal noise; row i is drawn on the CPU from seed ``seeds[i]``."""
-    rows = [torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(s)))
+    seeds = [int(s) for s in seeds]
+    if seeds and not (0 <= min(seeds) and max(seeds) < SEED_LIMIT):
+        raise ConfigError(f"seeds {min(seeds)}..{max(seeds)} leave [0, 2**64): give seeds "
+                          "that are 64-bit unsigned integers")
+    rows = [torch.randn(tuple(shape), generator=torch.Generator().manual_seed(s))
             for s in seeds]
     if not rows:
         raise ConfigError("no seeds given: pass at least one seed")
@@ -217,3 +227,51 @@ def generate(net: Net, seeds: Sequence[int], shape: Sequence[int], *,
             else None)
     out = _gather(decoded, n, world, device, None) if decode is not None else None
     return kept, out
+
+
+def _format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def memory_bytes(device: torch.device | str = "cpu") -> int:
+    """The memory a tensor on ``device`` can use: the CUDA device's total, else the machine's
+    RAM (physical pages times page size)."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 2 ** 40      # unknown: a terabyte, so only absurd sizes are refused
+
+
+def check_fits(nbytes: float, what: str, fix: str,
+               device: torch.device | str = "cpu") -> None:
+    """A one-line ConfigError before any work when ``nbytes`` (an estimate, a lower bound of
+    what the work needs) exceeds the memory of ``device`` (docs/design.md, "Inputs")."""
+    have = memory_bytes(device)
+    if nbytes > have:
+        where = "the GPU" if torch.device(device).type == "cuda" else "this machine"
+        raise ConfigError(f"{what} needs at least {_format_bytes(nbytes)} and {where} has "
+                          f"{_format_bytes(have)}: {fix}")
+
+
+def check_sampling(n: int, shape: Sequence[int], batch_size: int, seed: int = 0,
+                   device: torch.device | str = "cpu", keep_samples: bool = True,
+                   row_bytes: int = 0) -> None:
+    """Before sampling ``n`` samples of ``shape`` from seeds ``seed .. seed + n - 1``: the
+    seeds stay 64-bit unsigned, all samples (``keep_samples``; a seed each, ``row_bytes`` of
+    decoded output each) fit the machine's RAM, and one batch (noise, state, output, with the
+    network's activations on top) fits ``device``. One-line ConfigErrors naming the flag."""
+    if not 0 <= seed or seed + n > SEED_LIMIT:
+        raise ConfigError(f"seeds {seed}..{seed + n - 1} leave [0, 2**64): lower --seed or --n")
+    numel = math.prod(shape)
+    per_sample = 64 + row_bytes + (4 * numel if keep_samples else 0)  # seed, label, rows
+    check_fits(n * per_sample, f"sampling {n} of shape {tuple(shape)}", "lower --n",
+               "cpu")
+    check_fits(4 * 4 * min(n, batch_size) * numel, f"sampling batches of {min(n, batch_size)} "
+               f"of shape {tuple(shape)}", "lower --batch-size", device)

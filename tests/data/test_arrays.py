@@ -50,3 +50,32 @@ def test_bad_files_and_values_are_refused(tmp_path):
         ArraySamples.from_npz(tmp_path / "other.npz")
     with pytest.raises(ConfigError, match="scale"):
         ArraySamples(torch.zeros(3, 2, 2), scale=0)
+
+
+def test_one_image_few_images_and_uint8_of_five_dimensions_are_refused(tmp_path):
+    """A single picture (H, W, C), one image alone, and a uint8 5-D array (which would be read
+    as numbers 0..255) are refused in one line, not taken as datasets."""
+    cases = {"one.npz": (np.zeros((28, 28, 3), np.uint8), r"one image \(H, W, C\), not a "
+                         "dataset"),
+             "single.npz": (np.zeros((1, 8, 8), np.uint8), "a dataset needs at least 2"),
+             "five.npz": (np.zeros((4, 2, 3, 8, 8), np.uint8), r"uint8 of shape "
+                          r"\(4, 2, 3, 8, 8\): neither images")}
+    for name, (x, message) in cases.items():
+        np.savez(tmp_path / name, x=x)
+        with pytest.raises(DataError, match=message):
+            npz_sample_kind(tmp_path / name)
+    np.savez(tmp_path / "grey.npz", x=np.zeros((5, 8, 8), np.uint8))   # (N, H, W): images
+    assert npz_sample_kind(tmp_path / "grey.npz") == "images"
+
+
+def test_float64_and_integer_samples_are_read_with_one_warning(tmp_path, capsys):
+    np.savez(tmp_path / "f64.npz", x=np.ones((3, 2, 4, 4)))
+    np.savez(tmp_path / "i32.npz", x=np.ones((3, 2, 4, 4), np.int32))
+    for name, kind in (("f64.npz", "float64 numbers"), ("i32.npz", "int32 integers")):
+        for _ in range(2):                                     # said once per file
+            assert ArraySamples.from_npz(tmp_path / name).data.dtype == torch.float32
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("warning: ") and kind in err
+    np.savez(tmp_path / "f32.npz", x=np.ones((3, 2, 4, 4), np.float32))
+    ArraySamples.from_npz(tmp_path / "f32.npz")
+    assert capsys.readouterr().err == ""

@@ -13,7 +13,7 @@ import meanflow.data as data_pkg
 from meanflow.data import ArraySamples, EDMAugment, ImageArray, PointCloud
 from meanflow.data.checks import (check_batch_args, check_generator, check_labels,
                                   check_numpy_file, check_real_array, check_scale,
-                                  check_take_args, numpy_load_error, one_line)
+                                  MAX_CLASSES, check_take_args, numpy_load_error, one_line)
 from meanflow.errors import ConfigError, DataError
 from meanflow.pixels import from_uint8
 
@@ -118,3 +118,14 @@ def test_images_are_mapped_by_pixels_from_uint8():
     x, _ = data.take(torch.arange(4), torch.Generator().manual_seed(0))
     assert torch.equal(x, from_uint8(u8))
     assert torch.equal(x, u8.float() / 127.5 - 1)
+
+
+def test_a_label_beyond_the_class_limit_is_refused():
+    """A label of 10^12 would make a 10^12-row class embedding: refused, naming the fix."""
+    labels = torch.zeros(4, dtype=torch.int64)
+    labels[1] = 10 ** 12
+    with pytest.raises(DataError, match=r"label 1000000000000 would make 1,000,000,000,001 "
+                       r"classes \(at most 1,000,000\); number the classes 0, 1, \.\.\."):
+        check_labels(labels, 4)
+    labels[1] = MAX_CLASSES - 1
+    assert int(check_labels(labels, 4).max()) == MAX_CLASSES - 1

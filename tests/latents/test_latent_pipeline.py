@@ -268,7 +268,46 @@ def test_errors_are_one_line_with_the_fix(setup, tmp_path, capsys):
     assert cli("prepare-latents", images, tmp_path / "y", "--vae", empty, "--resolution", RES,
                "--fid-extractor", "none", "--no-progress") == 2
     err = capsys.readouterr().err
-    assert "cannot load the VAE" in err and err.count("\n") == 1
+    assert "has no diffusion_pytorch_model.safetensors" in err and err.count("\n") == 1
+    # a pickled .bin beside a config: never read, one line, no diffusers warning before it
+    (empty / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL"}))
+    (empty / "diffusion_pytorch_model.bin").write_bytes(b"cos\nsystem\n(S'echo'\ntR.")
+    assert cli("prepare-latents", images, tmp_path / "y", "--vae", empty, "--resolution", RES,
+               "--fid-extractor", "none", "--no-progress") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "(found: config.json, diffusion_pytorch_model.bin)" in err
+    assert not (tmp_path / "y").exists()                  # refused before anything was made
+
+
+def test_a_folder_of_other_files_is_refused_and_a_finished_one_reused(setup, tmp_path,
+                                                                      capsys):
+    """prepare-latents writes only into its own folder: a user's files.txt and fid_ref.npz
+    stay as they were; the finished folder of the fixture is reused by the same command."""
+    root, images, out, _ = setup
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "files.txt").write_text("mine")
+    (user / "fid_ref.npz").write_bytes(b"mine")
+    assert cli("prepare-latents", images, user, "--vae", root / "vae", "--resolution", RES,
+               "--no-progress") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not `meanflow prepare-latents`'s" in err
+    assert (user / "files.txt").read_text() == "mine"
+    assert (user / "fid_ref.npz").read_bytes() == b"mine"
+    assert sorted(p.name for p in user.iterdir()) == ["fid_ref.npz", "files.txt"]
+
+
+def test_a_hub_id_without_network_fails_at_once(monkeypatch):
+    """A hub id not in the local cache, with the hub out of reach, is one DataError at once
+    (HF_HUB_OFFLINE here: no test reaches the network), not minutes of retries."""
+    import time
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.perf_counter()
+    with pytest.raises(DataError, match=r"'nobody/novae' is not a local folder nor in the "
+                       r"Hugging Face cache, and HF_HUB_OFFLINE is set"):
+        load_vae("nobody/novae")
+    assert time.perf_counter() - start < 10
 
 
 def test_without_diffusers_the_error_names_the_install(monkeypatch):

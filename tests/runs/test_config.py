@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from meanflow.errors import ConfigError
-from meanflow.runs.config import RunConfig, apply_overrides, load_config
+from meanflow.runs.config import RunConfig, apply_overrides, load_config, train_bytes
 
 
 def test_defaults_validate():
@@ -413,3 +413,34 @@ def test_jvp_attention_chunked_loss_equals_math_on_a_trained_like_dit(monkeypatc
                         F.scaled_dot_product_attention(strip(q), strip(k), strip(v)))
     dropped = loss_with("chunked")
     assert abs(dropped - math_loss) > 1e-3 * abs(math_loss)
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["train.seed=18446744073709551616"], "train.seed=18446744073709551616 must be <="),
+    (["model.name=[1]"], "model.name=[1] must be a backbone name"),
+    (["objective.kind=[1]"], "objective.kind and objective.time_sampler must be names"),
+])
+def test_unbounded_and_unhashable_values_are_one_line(overrides, needle):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_largest_seed_is_accepted():
+    assert load_config(None, ["train.seed=18446744073709551615"]).train.seed == 2 ** 64 - 1
+
+
+def test_a_deeply_nested_file_is_one_line(tmp_path):
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("[" * 3000 + "]" * 3000 + "\n")
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        load_config(deep)
+    assert load_config(None, ["model.options.x=" + "[" * 3000]).model.options["x"] \
+        == "[" * 3000        # an override that does not parse stays the text it was
+
+
+def test_train_bytes_counts_weights_optimizer_emas_and_a_batch():
+    cfg = load_config(None, ["train.batch_size=8", "train.ema_decays=[0.9, 0.99]"])
+    # 4 bytes x ((weights, grads, 2 Adam moments, 2 EMAs) x 10 params + 4 x 8 x 3)
+    assert train_bytes(cfg, num_params=10, sample_numel=3) == 4 * (6 * 10 + 4 * 8 * 3)
+    assert train_bytes(cfg, 10, 3, world_size=2) == 4 * (6 * 10 + 4 * 4 * 3)

@@ -11,9 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-from meanflow.errors import ConfigError
+from meanflow.errors import CheckpointError, ConfigError
 from meanflow.runs import Model, RunConfig
-from meanflow.runs.export import can_draw, record_path, sample_record, write_samples
+from meanflow.runs.export import (can_draw, check_vae, record_path, sample_record,
+                                  write_samples)
 
 
 class Shift(nn.Module):
@@ -85,3 +86,24 @@ def test_a_png_of_3d_points_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="shape"):
         write_samples(m, m.sample(2), npz=tmp_path / "s.npz", png=tmp_path / "p.png")
     assert not any(tmp_path.iterdir())
+
+
+def test_non_finite_samples_are_refused_and_nothing_is_written(tmp_path):
+    """Diverged weights give NaN samples: write_samples refuses them in one line, no file."""
+    m = model()
+    out = m.sample(4, seed=0)
+    out.samples[2, 0] = float("nan")
+    out.samples[3, 1] = float("inf")
+    with pytest.raises(CheckpointError, match=r"2 of 4 samples of .* hold NaN or infinite "
+                       r"values .*: nothing written; sample an earlier checkpoint"):
+        write_samples(m, out, npz=tmp_path / "s.npz", png=tmp_path / "s.png")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_vae_for_a_model_of_points_is_one_line():
+    m = model()
+    check_vae(m)                                  # no VAE: nothing to check
+    m.vae = {"spec": "somewhere", "scale": 0.18215, "auto": False}
+    with pytest.raises(ConfigError, match=r"--vae decodes latents \(C, h, w\); this run's "
+                       r"samples have shape \(2,\): drop --vae"):
+        check_vae(m)

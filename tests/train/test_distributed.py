@@ -38,6 +38,7 @@ import torch.distributed as dist
 
 from meanflow.data import build_dataset
 from meanflow.errors import ConfigError
+from meanflow.fileio import exclusive
 from meanflow.models import build_model, build_model_for_data
 from meanflow.objective import MeanFlowLoss
 from meanflow.objective.jvp import u_and_dudt
@@ -231,6 +232,12 @@ def _worker(rank: int, port: int, root: str) -> None:
         except ConfigError as exc:
             out["on_every_error"] = str(exc)
 
+        try:            # the test process holds this folder's lock: rank 0 is refused,
+            train(make_config(4), root / "locked", dataset=F64())   # and so is every rank
+        except ConfigError as exc:
+            out["locked_error"] = str(exc)
+        out["pid"] = os.getpid()
+
         y = torch.arange(len(SAMPLE_SEEDS)) % 3
         out["samples"] = generate(sampling_net(), SAMPLE_SEEDS, (2,), labels=y, steps=2,
                                   batch_size=2, device="cpu", world=env_world())[0]
@@ -321,7 +328,9 @@ def ranks(tmp_path_factory, float64, pool_extractor):
     reference_stats(str(data), root / "ref.npz", extractor=str(pool_extractor),
                     device="cpu", progress=False)
     torch.set_default_dtype(torch.float64)
-    mp.spawn(_worker, args=(_free_port(), str(root)), nprocs=WORLD, join=True)
+    (root / "locked").mkdir()
+    with exclusive(root / "locked", "meanflow train"):
+        mp.spawn(_worker, args=(_free_port(), str(root)), nprocs=WORLD, join=True)
     return root, torch.load(root / "rank0.pt"), torch.load(root / "rank1.pt")
 
 
@@ -409,6 +418,16 @@ def test_a_compiled_grad_pass_that_skips_ddp_is_refused_on_every_rank(ranks):
 
 
 # ------------------------------------------------------------------- resume, sampling, errors
+
+def test_rank0_alone_holds_the_run_folder_and_a_refusal_reaches_every_rank(ranks):
+    """Rank 0 takes the run folder's lock (the lock file names its PID); a folder locked by
+    another process is refused on every rank with rank 0's one line, none left waiting."""
+    root, r0, r1 = ranks
+    assert (root / "image" / ".meanflow.lock").read_text().split()[0] == str(r0["pid"])
+    holder = f"in use by process {os.getpid()} (meanflow train)"
+    assert holder in r0["locked_error"] and r0["locked_error"] == r1["locked_error"]
+    assert sorted(p.name for p in (root / "locked").iterdir()) == [".meanflow.lock"]
+
 
 def test_resume_with_another_number_of_ranks(ranks):
     """1 process to step 2, then 2 ranks to step 4; and 2 ranks to step 4, then 1 process to

@@ -48,8 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.version:
         print(__version__)
         return 0
-    if args.command is None:
-        parser.print_help()
+    if args.command is None:   # one line, like every other error
+        print("meanflow: error: no command given; choose one of "
+              f"{', '.join(COMMANDS)} (see `meanflow --help`)", file=sys.stderr)
         return 2
     run: Callable[[argparse.Namespace], int] = COMMANDS[args.command].run
     try:
@@ -62,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except (OSError, UnicodeDecodeError) as exc:  # unreadable/unwritable paths and the like
         print(f"meanflow: error: {exc}", file=sys.stderr)
+        return 2
+    except MemoryError:    # a size no check foresaw: still one line
+        print("meanflow: error: out of memory; lower --n, --batch-size or the model's size",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("meanflow: interrupted", file=sys.stderr)

@@ -1,5 +1,7 @@
 """What every command of the CLI shares: the parser whose errors are one line, joining a
-torchrun job, the ``--ema`` choice and the test for rank 0.
+torchrun job, the ``--ema`` choice, the test for rank 0, and the argument types that bound
+seeds (``0 <= seed < 2**64`` in every command) and read counts; sizes are checked against
+memory by :func:`meanflow.sampling.check_fits` (docs/design.md, "Inputs").
 
 Every user error prints one line ``meanflow: error: ...`` and exits with status 2
 (docs/design.md, "Rules the layout keeps").
@@ -9,16 +11,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
-from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
 from meanflow.errors import ConfigError
+from meanflow.fileio import refuse_existing
+from meanflow.sampling import SEED_LIMIT, check_fits
 from meanflow.world import World, resolve_device, setup, teardown
 
-__all__ = ["Subparsers", "OneLineParser", "joined", "ema_choice", "is_rank_zero", "refuse_existing"]
+__all__ = ["Subparsers", "OneLineParser", "joined", "ema_choice", "is_rank_zero",
+           "refuse_existing", "seed_arg", "count_arg", "check_fits", "SEED_LIMIT"]
 
 # what ``ArgumentParser.add_subparsers`` returns; each command's ``add_parser`` adds to it
 Subparsers = Any
@@ -58,7 +63,28 @@ def is_rank_zero() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def refuse_existing(path: os.PathLike[str] | None, overwrite: bool = False) -> None:
-    """A one-line error if ``path`` exists and may not be replaced."""
-    if path is not None and Path(path).exists() and not overwrite:
-        raise ConfigError(f"{path} exists: pass --overwrite or choose another file")
+def seed_arg(text: str) -> int:
+    """--seed: an integer in [0, 2**64), the same bound in every command."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer seed") from None
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"seed {text} must be in [0, 2**64)")
+    return value
+
+
+def count_arg(text: str) -> int:
+    """A count flag (--n, --batch-size, --steps, ...): an integer; written ``1e6`` it is read
+    when whole. The command checks its range (and its memory) itself."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not math.isfinite(value) or value != int(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer")
+    return int(value)

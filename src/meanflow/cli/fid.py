@@ -1,16 +1,21 @@
 """``meanflow fid ref`` and ``meanflow fid calc``: checks the flags and calls
-:func:`meanflow.metrics.fid.reference_stats` / :func:`meanflow.metrics.fid.fid_of`."""
+:func:`meanflow.metrics.fid.reference_stats` / :func:`meanflow.metrics.fid.fid_of`. The
+writing process (rank 0 under torchrun) holds :func:`meanflow.fileio.exclusive` on the
+output file and removes the temporaries a killed run left for it (docs/design.md, "What
+meanflow may overwrite")."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-from meanflow.cli.common import OneLineParser, Subparsers, ema_choice, joined, refuse_existing
+from meanflow.cli.common import (OneLineParser, Subparsers, count_arg, ema_choice,
+                                 is_rank_zero, joined, refuse_existing, seed_arg)
 from meanflow.errors import ConfigError
-from meanflow.fileio import atomic_write_text
+from meanflow.fileio import atomic_write_text, exclusive, remove_stale_temporaries
 from meanflow.metrics.fid import fid_of, reference_stats
 
 __all__ = ["add_parser", "run", "summary_line"]
@@ -31,32 +36,35 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
     fr.add_argument("--split", help="dataset split option, e.g. test")
     fr.add_argument("--root", help="the dataset's folder where its name needs one (cifar10: "
                     "the cifar-10-batches-py folder)")
-    fr.add_argument("--n", type=int, help="first N images (default all)")
+    fr.add_argument("--n", type=count_arg, help="first N images (default all)")
     fr.add_argument("--extractor", default="fmnist", help="inception, fmnist (default) or "
                     "the path of a TorchScript / state-dict file")
-    fr.add_argument("--keep", type=int, default=5000, help="feature rows kept for KID and "
+    fr.add_argument("--keep", type=count_arg, default=5000, help="feature rows kept for KID and "
                     "precision/recall (default 5000; 0 keeps none)")
-    fr.add_argument("--device", default="auto")
-    fr.add_argument("--overwrite", action="store_true")
+    fr.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    fr.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     fc = fsub.add_parser("calc", help="FID of samples or a checkpoint",
                          description="FID of a `meanflow sample` .npz, or of N new samples of a "
                          "run folder / checkpoint (sample i from seed SEED+i).")
     fc.add_argument("source", type=Path, help="samples .npz, run folder or checkpoint")
     fc.add_argument("--ref", type=Path, required=True, help="stats from `meanflow fid ref`")
-    fc.add_argument("--n", "--num-samples", dest="n", type=int, default=None,
+    fc.add_argument("--n", "--num-samples", dest="n", type=count_arg, default=None,
                     help="samples (default 10000; 50000 for a latent model decoded by a VAE; "
                     "under torchrun write --num-samples)")
-    fc.add_argument("--steps", type=int, default=1, help="network calls (default 1)")
-    fc.add_argument("--seed", type=int, default=0)
+    fc.add_argument("--steps", type=count_arg, default=1, help="network calls (default 1)")
+    fc.add_argument("--seed", type=seed_arg, default=0, help="first seed, 0 <= SEED < 2**64 "
+                    "(default 0)")
     fc.add_argument("--ema", default="auto", help="weights of a run folder / checkpoint: auto "
                     "(the run's first EMA), none (training weights) or a decay, e.g. 0.99995")
-    fc.add_argument("--batch-size", type=int, default=500)
-    fc.add_argument("--device", default="auto")
+    fc.add_argument("--batch-size", type=count_arg, default=500, help="samples per network "
+                    "call (default 500)")
+    fc.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     fc.add_argument("--extractor", help="where the reference's extractor file is now (its "
                     "checksum must match); default: the one recorded in --ref")
     fc.add_argument("--precision-recall", action="store_true", help="also k-NN precision "
                     "and recall (k = 3) against the reference's kept features")
     fc.add_argument("--out", type=Path, help="also write the result as JSON")
+    fc.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     fc.add_argument("--vae", default="auto", help="for a run folder / checkpoint of a latent "
                     "model: the VAE that decodes its samples ('auto': the one recorded with "
                     "its latents; 'none': score the raw samples)")
@@ -68,6 +76,9 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("meanflow fid needs a command: ref or calc")
     if args.n is not None and args.n < 2:
         raise ConfigError(f"--n {args.n} must be >= 2")
+    if getattr(args, "batch_size", 1) < 1 or getattr(args, "steps", 1) < 1:
+        raise ConfigError(f"--batch-size {args.batch_size} and --steps {args.steps} must be "
+                          ">= 1")
     if args.fid_command == "ref":
         return run_ref(args)
     return run_calc(args)
@@ -82,15 +93,15 @@ def run_ref(args: argparse.Namespace) -> int:
         options["root"] = args.root
     if args.keep < 0:
         raise ConfigError(f"--keep {args.keep} must be >= 0")
-    stats = reference_stats(args.data, args.out, options, args.n, args.extractor,
-                            device=args.device, keep=args.keep)
+    with _one_writer(args.out, "meanflow fid ref"):
+        stats = reference_stats(args.data, args.out, options, args.n, args.extractor,
+                                device=args.device, keep=args.keep)
     print(f"wrote statistics of {stats.n} images ({args.extractor} features) to {args.out}")
     return 0
 
 
 def run_calc(args: argparse.Namespace) -> int:
-    if args.out is not None and args.out.exists():
-        raise ConfigError(f"{args.out} exists: choose another file")
+    refuse_existing(args.out, args.overwrite)
     ema = ema_choice(args.ema)
     if args.source.suffix == ".npz" and args.ema != "auto":
         raise ConfigError("--ema chooses the weights of a run folder or checkpoint; a samples "
@@ -98,7 +109,7 @@ def run_calc(args: argparse.Namespace) -> int:
     # a samples file: its first 10 000 by default; a run: 10 000 fresh samples, 50 000 of a
     # latent run decoded by its VAE (fid_of decides, once it knows)
     n = 10000 if args.n is None and args.source.suffix == ".npz" else args.n
-    with joined(args.device) as (world, device):
+    with _one_writer(args.out, "meanflow fid calc"), joined(args.device) as (world, device):
         record = fid_of(args.source, args.ref, n=n, steps=args.steps, seed=args.seed, ema=ema,
                         batch_size=args.batch_size, device=str(device),
                         extractor=args.extractor, pr=args.precision_recall, world=world,
@@ -109,6 +120,17 @@ def run_calc(args: argparse.Namespace) -> int:
         atomic_write_text(args.out, json.dumps(record, indent=2) + "\n")
     print(summary_line(record))
     return 0
+
+
+@contextlib.contextmanager
+def _one_writer(out: Path | None, command: str) -> Iterator[None]:
+    """Rank 0 holds the output's lock while the command runs, and first removes the
+    temporaries that a killed run of it left for this output (only those)."""
+    with contextlib.ExitStack() as stack:
+        if out is not None and is_rank_zero():
+            stack.enter_context(exclusive(out, command))
+            remove_stale_temporaries(out.parent, dests=(out.name,))
+        yield
 
 
 def summary_line(record: dict[str, Any]) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from meanflow.cli.common import Subparsers, is_rank_zero
+from meanflow.cli.common import Subparsers, count_arg, is_rank_zero
 from meanflow.latents.prepare import prepare_latents
 
 __all__ = ["add_parser", "run"]
@@ -21,15 +21,16 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
                                "torchrun the shards are shared out over the ranks. Needs "
                                "diffusers: pip install 'meanflow[latents]'.")
     pl.add_argument("image_dir", type=Path, help="image folder, one sub-folder per class")
-    pl.add_argument("out_dir", type=Path, help="latent folder to write (or finish)")
+    pl.add_argument("out_dir", type=Path, help="latent folder to write (or finish): a new or "
+                    "empty folder, or one an earlier prepare-latents made")
     pl.add_argument("--vae", required=True, help="local diffusers AutoencoderKL folder "
                     "(config.json + diffusion_pytorch_model.safetensors), or a hub id such as "
                     "stabilityai/sd-vae-ft-mse where a network exists")
-    pl.add_argument("--resolution", type=int, default=256, help="ADM centre crop side "
+    pl.add_argument("--resolution", type=count_arg, default=256, help="ADM centre crop side "
                     "(default 256)")
-    pl.add_argument("--shard-size", type=int, default=1000, help="images per shard "
+    pl.add_argument("--shard-size", type=count_arg, default=1000, help="images per shard "
                     "(default 1000)")
-    pl.add_argument("--batch-size", type=int, default=64, help="images per VAE call "
+    pl.add_argument("--batch-size", type=count_arg, default=64, help="images per VAE call "
                     "(default 64)")
     pl.add_argument("--dtype", default="float32", help="storage of mean and std: float32 "
                     "(default), float16 or bfloat16")
@@ -37,7 +38,7 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
                     "the VAE's scaling_factor, 0.18215 for SD-VAE)")
     pl.add_argument("--fid-extractor", default="inception", help="features of the reference "
                     "statistics: inception (default), fmnist, an extractor file, or none")
-    pl.add_argument("--fid-keep", type=int, default=5000, help="feature rows kept for KID "
+    pl.add_argument("--fid-keep", type=count_arg, default=5000, help="feature rows kept for KID "
                     "(default 5000)")
     pl.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     pl.add_argument("--no-progress", action="store_true", help="hide the progress bar")

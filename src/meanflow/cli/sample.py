@@ -1,16 +1,22 @@
 """``meanflow sample``: checks the flags, loads the run (:func:`meanflow.runs.load.load`),
-samples it and writes the files (:func:`meanflow.runs.export.write_samples`)."""
+samples it and writes the files (:func:`meanflow.runs.export.write_samples`). The writing
+process (rank 0 under torchrun) holds :func:`meanflow.fileio.exclusive` on the output from
+start to end, and removes the temporaries a killed ``meanflow sample`` left for it
+(docs/design.md, "What meanflow may overwrite")."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
 
-from meanflow.cli.common import Subparsers, ema_choice, joined, refuse_existing
+from meanflow.cli.common import (Subparsers, count_arg, ema_choice, is_rank_zero, joined,
+                                 refuse_existing, seed_arg)
 from meanflow.errors import ConfigError
-from meanflow.runs.export import can_draw, record_path, write_samples
+from meanflow.fileio import exclusive, remove_stale_temporaries
+from meanflow.runs.export import can_draw, check_vae, record_path, write_samples
 from meanflow.runs.load import load
-from meanflow.sampling import make_schedule
+from meanflow.sampling import check_sampling, make_schedule
 
 __all__ = ["add_parser", "run", "parse_schedule"]
 
@@ -29,26 +35,28 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
                                "Sample i uses seed SEED+i, so results do not depend on the "
                                "batch size.")
     sa.add_argument("checkpoint", type=Path, help="run folder or checkpoints/step_* folder")
-    sa.add_argument("--n", "--num-samples", dest="n", type=int, default=1000,
+    sa.add_argument("--n", "--num-samples", dest="n", type=count_arg, default=1000,
                     help="number of samples (default 1000; under torchrun write --num-samples: "
                     "torchrun reads --n as one of its own options)")
-    sa.add_argument("--steps", type=int, default=1, help="network calls (default 1)")
+    sa.add_argument("--steps", type=count_arg, default=1, help="network calls (default 1)")
     sa.add_argument("--schedule", help="comma-separated decreasing times from 1 to 0, e.g. "
                     "1,0.6,0 (default: uniform)")
-    sa.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+    sa.add_argument("--seed", type=seed_arg, default=0, help="first seed, 0 <= SEED < 2**64 "
+                    "(default 0)")
     sa.add_argument("--label", type=_label, help="class of every sample, a number or, for "
                     "data with named classes (image folders), a name (class-conditional "
                     "models; default: balanced over classes)")
     sa.add_argument("--ema", default="auto", help="EMA decay to use, 'auto' (the run's first) "
                     "or 'none' for the raw weights")
-    sa.add_argument("--batch-size", type=int, default=1024, help="samples per network call")
+    sa.add_argument("--batch-size", type=count_arg, default=1024,
+                    help="samples per network call")
     sa.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     sa.add_argument("--out", type=Path, default=None,
                     help="output .npz: 'samples' in model space, plus 'images' as uint8 "
                     "(N, H, W, C) for image models (default samples.npz unless only --png)")
     sa.add_argument("--png", type=Path, help="draw an image grid (images) or a scatter plot "
                     "(2-D points)")
-    sa.add_argument("--nrow", type=int, help="images per row of the --png grid")
+    sa.add_argument("--nrow", type=count_arg, help="images per row of the --png grid")
     sa.add_argument("--overwrite", action="store_true", help="replace existing output files")
     sa.add_argument("--vae", default="auto", help="decode latents with this diffusers "
                     "AutoencoderKL folder (x = vae.decode(z / 0.18215)); 'auto' (default): the "
@@ -78,15 +86,31 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out {out} must end in .npz")
     if args.nrow is not None and args.nrow < 1:
         raise ConfigError(f"--nrow {args.nrow} must be >= 1")
-    for path in (out, record_path(out, args.png), args.png):
+    outputs = [p for p in (out, record_path(out, args.png), args.png) if p is not None]
+    for path in outputs:
         refuse_existing(path, args.overwrite)
     if args.png is not None and args.png.suffix.lower() != ".png":
         raise ConfigError(f"--png {args.png} must end in .png")
+    if args.seed + args.n > 2 ** 64:
+        raise ConfigError(f"--seed {args.seed} --n {args.n}: sample i uses seed SEED+i, and "
+                          "seeds stay below 2**64; lower --seed or --n")
     schedule = parse_schedule(args.schedule)
     make_schedule(args.steps, schedule)  # bad --steps/--schedule fail before any work
     ema = ema_choice(args.ema)
+    with contextlib.ExitStack() as stack:
+        if is_rank_zero():   # the one writer (docs/design.md, "What meanflow may overwrite")
+            stack.enter_context(exclusive(outputs[0], "meanflow sample"))
+            for folder in {p.parent for p in outputs}:
+                remove_stale_temporaries(folder, dests=tuple(p.name for p in outputs))
+        return _sample(args, out, schedule, ema)
+
+
+def _sample(args: argparse.Namespace, out: Path | None, schedule: list[float] | None,
+            ema: float | str | None) -> int:
     with joined(args.device) as (world, device):
         model = load(args.checkpoint, ema=ema, device=device, vae=args.vae)
+        check_sampling(args.n, model.shape, args.batch_size, args.seed, device)
+        check_vae(model)
         if model.num_classes is not None:
             if isinstance(args.label, int) and not 0 <= args.label < model.num_classes:
                 raise ConfigError(f"--label {args.label} is outside [0, {model.num_classes})")

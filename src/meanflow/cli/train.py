@@ -1,19 +1,27 @@
 """``meanflow train``: settings from a preset or config file, shortcut flags and ``--set``,
-checked, then :func:`meanflow.train.train` (or, with ``--dry-run``, only the check)."""
+checked, then :func:`meanflow.train.train` (or, with ``--dry-run``, only the check). The check
+includes the memory the run needs at least (weights, optimizer, EMAs and a batch, from a
+meta-device build) against the device's (docs/design.md, "Inputs")."""
 
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
-from meanflow.cli.common import Subparsers, is_rank_zero
+import torch
+
+from meanflow.cli.common import Subparsers, check_fits, count_arg, is_rank_zero, seed_arg
+from meanflow.data import build_dataset
 from meanflow.errors import ConfigError
 from meanflow.presets import preset_path
-from meanflow.runs.config import load_config
-from meanflow.runs.folder import new_run_dir
+from meanflow.runs.build import build_network
+from meanflow.runs.config import RunConfig, load_config, train_bytes
+from meanflow.runs.folder import check_run_dir, new_run_dir
 from meanflow.train import check_config, train
+from meanflow.world import env_world, resolve_device
 
-__all__ = ["TRAIN_FLAGS", "add_parser", "run"]
+__all__ = ["TRAIN_FLAGS", "add_parser", "run", "check_memory"]
 
 # Shortcut flags of `meanflow train` and the config keys they set.
 TRAIN_FLAGS = {
@@ -44,10 +52,10 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
                     help="condition on the data's labels (enables guidance)")
     tr.add_argument("--objective", help="meanflow (default) or flow_matching")
     tr.add_argument("--model", help="backbone name (default mlp)")
-    tr.add_argument("--steps", type=int, help="training steps")
-    tr.add_argument("--batch-size", type=int, help="batch size")
+    tr.add_argument("--steps", type=count_arg, help="training steps")
+    tr.add_argument("--batch-size", type=count_arg, help="batch size")
     tr.add_argument("--lr", type=float, help="learning rate")
-    tr.add_argument("--seed", type=int, help="random seed")
+    tr.add_argument("--seed", type=seed_arg, help="random seed, 0 <= SEED < 2**64")
     tr.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     tr.add_argument("--jvp", help="du/dt strategy: auto (default: forward_ad on the CPU for "
                     "U-Net and DiT, split otherwise), split, func or forward_ad (see "
@@ -70,19 +78,43 @@ def run(args: argparse.Namespace) -> int:
                               "file; copy it to edit it)")
         config = preset_path(args.preset)
     cfg = load_config(config, overrides + args.overrides)
-    if args.dry_run:
-        check_config(cfg)  # data, model and loss are built too, so a dry run catches all
-        print(cfg.to_yaml(), end="")
-        return 0
     out = args.out
     if args.resume and out is not None and not (out / "config.json").is_file():
         raise ConfigError(f"--resume: {out} holds no run to continue; check the path, "
                           "or drop --resume to start a new run there")
+    if out is None and args.resume:
+        raise ConfigError("--resume needs --out: name the run folder to continue")
+    if args.dry_run:
+        check_config(cfg)  # data, model and loss are built too, so a dry run catches all
+        check_memory(cfg)
+        if out is not None:
+            check_run_dir(cfg, out, args.resume)   # writes nothing
+        print(cfg.to_yaml(), end="")
+        return 0
+    check_memory(cfg)
     if out is None:
-        if args.resume:
-            raise ConfigError("--resume needs --out: name the run folder to continue")
         out = new_run_dir(cfg)
     ckpt = train(cfg, out, resume=args.resume)
     if is_rank_zero():  # under torchrun, once
         print(f"done: {ckpt}")
     return 0
+
+
+def check_memory(cfg: RunConfig) -> None:
+    """A one-line ConfigError, before any work, when the data holds fewer than 2 samples or
+    the run cannot fit the device's memory:
+    the parameters are counted on a meta-device build (no memory used), and
+    :func:`meanflow.runs.config.train_bytes` gives what training needs at least."""
+    cfg.validate()
+    ds = build_dataset(cfg.data.name, **cfg.data.options)
+    if hasattr(ds, "__len__") and len(ds) < 2:   # one picture is not a distribution
+        raise ConfigError(f"{cfg.data.name} holds {len(ds)} sample(s): a dataset needs at "
+                          "least 2; give more data")
+    num_classes = ds.num_classes if cfg.data.class_conditional else None
+    with torch.device("meta"):
+        net = build_network(cfg, tuple(ds.shape), num_classes)
+    params = sum(p.numel() for p in net.parameters()) + sum(b.numel() for b in net.buffers())
+    need = train_bytes(cfg, params, math.prod(ds.shape), env_world().size)
+    check_fits(need, f"training {cfg.model.name} ({params:,} parameters, batch "
+               f"{cfg.train.batch_size} of {tuple(ds.shape)})", "lower train.batch_size or "
+               "the model's size (model.options)", resolve_device(cfg.train.device))

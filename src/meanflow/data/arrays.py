@@ -50,8 +50,18 @@ def npz_sample_kind(path: str | os.PathLike[str], key: str = "x") -> str:
                 shape, _, dtype = read(fh)
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as exc:
         raise numpy_load_error(file, exc, _FILE_HINT) from None
+    if dtype == np.uint8 and len(shape) == 3 and shape[2] in (3, 4) and shape[2] < shape[1]:
+        raise DataError(f"{file} key {key!r} has shape {tuple(shape)}: one image (H, W, C), "
+                        "not a dataset; save the images as (N, H, W, C)")
     if dtype == np.uint8 and len(shape) in (3, 4):
+        if shape[0] < 2:
+            raise DataError(f"{file} key {key!r} holds {shape[0]} image(s), shape "
+                            f"{tuple(shape)}: a dataset needs at least 2; save more images")
         return "images"
+    if dtype == np.uint8 and len(shape) >= 5:
+        raise DataError(f"{file} key {key!r} is uint8 of shape {tuple(shape)}: neither images "
+                        "(N, H, W[, C]) nor real samples; save images as (N, H, W, C) uint8 or "
+                        "samples as float32")
     if len(shape) >= 3:
         return "arrays"
     return "points"
@@ -94,7 +104,7 @@ class ArraySamples:
                     raise DataError(f"{file} has no array {key!r} (found: "
                                     f"{', '.join(archive.files) or 'none'}); save the samples "
                                     f"under key {key!r}")
-                x = check_real_array(archive[key], f"{file} key '{key}'")
+                x = check_real_array(archive[key], f"{file} key '{key}'", note=True)
                 y = archive[labels_key] if labels_key in archive.files else None
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
             raise numpy_load_error(file, exc, _FILE_HINT) from None

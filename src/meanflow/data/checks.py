@@ -10,6 +10,7 @@ source words the same mistake the same way. The sources (:mod:`meanflow.data.toy
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from meanflow.errors import ConfigError, DataError
 
 __all__ = ["check_batch_args", "check_take_args", "check_generator", "check_labels",
            "check_scale", "check_real_array", "check_numpy_file", "numpy_load_error",
-           "one_line"]
+           "one_line", "note_cast", "MAX_CLASSES"]
 
 
 def one_line(exc: BaseException) -> str:
@@ -83,6 +84,10 @@ def check_scale(scale: float) -> float:
 
 # --------------------------------------------------------------------------- labels
 
+#: The most classes a dataset may have: each is a row of the network's class embedding.
+MAX_CLASSES = 1_000_000
+
+
 def check_labels(y: Tensor, n: int, what: str = "point") -> Tensor:
     """The class labels of ``n`` samples (``what``: "point", "image", ..., one sample in the
     messages) as an ``(n,)`` int64 CPU tensor.
@@ -113,6 +118,11 @@ def check_labels(y: Tensor, n: int, what: str = "point") -> Tensor:
     if bool((labels < 0).any()):
         raise DataError(f"labels contain negative values (min {int(labels.min())}); "
                         "give labels in [0, number of classes)")
+    if labels.numel() and int(labels.max()) >= MAX_CLASSES:
+        # the class embedding has one row per class up to the largest label
+        raise DataError(f"label {int(labels.max())} would make {int(labels.max()) + 1:,} "
+                        f"classes (at most {MAX_CLASSES:,}); number the classes 0, 1, ... "
+                        "(e.g. with numpy.unique(labels, return_inverse=True))")
     return labels.contiguous()
 
 
@@ -122,13 +132,33 @@ _NPY_MAGIC = b"\x93NUMPY"
 _ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
 
 
-def check_real_array(array: np.ndarray, what: str) -> np.ndarray:
+#: The cast notes already printed: the data may be read twice (a check, then training).
+_NOTED: set[str] = set()
+
+
+def note_cast(array: np.ndarray, what: str) -> None:
+    """One warning line on stderr (once per process and file) when the samples in ``array``
+    are stored as anything but float32 and will be read as float32: float64 loses precision,
+    integers become real numbers."""
+    if array.dtype == np.float32:
+        return
+    kind = "integers" if array.dtype.kind in "iu" else "numbers"
+    line = (f"warning: {what} holds {array.dtype} {kind}, read as float32 (save float32 to "
+            "silence this)")
+    if line not in _NOTED:
+        _NOTED.add(line)
+        print(line, file=sys.stderr)
+
+
+def check_real_array(array: np.ndarray, what: str, note: bool = False) -> np.ndarray:
     """``array`` unchanged if its dtype is real numeric (int, uint or float); otherwise a
     :class:`DataError` naming ``what`` (e.g. the file and key it came from)."""
     if array.dtype.kind not in "iuf":
         raise DataError(
             f"{what} has dtype {array.dtype}, not real numbers; save a float or int array"
         )
+    if note:
+        note_cast(array, what)
     return array
 
 

@@ -178,6 +178,10 @@ def read_image(file: str | os.PathLike[str], channels: int | None = None,
     return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
 
 
+#: The largest crop side: one 16384² RGB image is 768 MiB as uint8, 3 GiB as float32.
+MAX_RESOLUTION = 16384
+
+
 def check_image_args(resolution: Any, channels: Any) -> None:
     """One-line ConfigErrors for a bad ``resolution`` (positive int or None) or ``channels``
     (1, 3 or None)."""
@@ -185,6 +189,10 @@ def check_image_args(resolution: Any, channels: Any) -> None:
                                    or resolution < 1):
         raise ConfigError(f"resolution={resolution!r} must be a positive integer (the side of "
                           "the square crop) or None to keep the images' own size")
+    if resolution is not None and resolution > MAX_RESOLUTION:
+        raise ConfigError(f"resolution={resolution} is above {MAX_RESOLUTION} (one RGB image "
+                          f"would take {3 * resolution ** 2 / 2 ** 30:.0f} GiB): crop smaller, "
+                          "e.g. 256")
     if channels is not None and (isinstance(channels, bool) or channels not in (1, 3)):
         raise ConfigError(f"channels={channels!r} must be 1 (grey), 3 (RGB) or None (grey when "
                           "every image is grey, else RGB)")

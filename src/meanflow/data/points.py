@@ -153,7 +153,7 @@ def _read_npy(file: Path, labels: str | None) -> tuple[np.ndarray, None]:
     if array.ndim != 2:
         raise DataError(f"{file}: points must be a 2-D (N, D) array, got shape {array.shape}; "
                         "reshape them to one row per point")
-    return check_real_array(array, f"{file}"), None
+    return check_real_array(array, f"{file}", note=True), None
 
 
 def _read_npz(file: Path, labels: str | None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -186,7 +186,7 @@ def _read_npz(file: Path, labels: str | None) -> tuple[np.ndarray, np.ndarray | 
             y = None if y_key is None else archive[y_key]
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
             raise numpy_load_error(file, exc, _FILE_HINT) from None
-    x = check_real_array(x, f"{file} key '{x_key}'")
+    x = check_real_array(x, f"{file} key '{x_key}'", note=True)
     if x.ndim != 2:
         raise DataError(f"{file}: points '{x_key}' must be 2-D (N, D), got shape {x.shape}; "
                         "reshape them to one row per point")

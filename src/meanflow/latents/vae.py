@@ -2,16 +2,26 @@
 paper's ImageNet recipe, docs/method.md).
 
 ``diffusers`` is an optional dependency (``pip install 'meanflow[latents]'``). Weights are read
-only from ``.safetensors`` files; nothing is downloaded unless a hub id is given and a network
-exists. Latents are stored unscaled; the model sees ``scale * z`` (0.18215 for SD-VAE) and
+only from ``.safetensors`` files. A name that can be a local path is read as one, never looked
+up on the hub; a hub id (``owner/name``) is read from the local Hugging Face cache first, and
+downloaded only when the hub answers a quick connection test (none with ``HF_HUB_OFFLINE=1``),
+so that no network means one line at once, not minutes of retries. diffusers' and the hub's
+own warnings and log lines are silenced while loading: the error says what failed.
+
+Latents are stored unscaled; the model sees ``scale * z`` (0.18215 for SD-VAE) and
 decoding divides by it again.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import socket
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+from urllib.parse import urlparse
 
 import torch
 from torch import Tensor
@@ -41,25 +51,80 @@ def _looks_like_path(spec: str) -> bool:
     return spec.startswith((".", "/", "~")) or spec.count("/") != 1 or Path(spec).exists()
 
 
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """diffusers' and huggingface_hub's warnings and log lines off (errors are ours)."""
+    loggers = [logging.getLogger(name) for name in ("diffusers", "huggingface_hub")]
+    levels = [lg.level for lg in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for lg in loggers:
+            lg.setLevel(logging.CRITICAL)
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels):
+                lg.setLevel(level)
+
+
+def _hub_reachable() -> str | None:
+    """None when the hub answers a TCP connection within 3 s, else why not (one phrase).
+    ``HF_HUB_OFFLINE`` set: not tried."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host or "huggingface.co", 443), timeout=3).close()
+    except OSError as exc:
+        return f"{host} cannot be reached: {exc.strerror or type(exc).__name__}"
+    return None
+
+
+def _failure(exc: BaseException) -> str:
+    """An exception's text on one line, cut at a word, not mid-word."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 200 else text[:text.rfind(" ", 0, 200)] + " ..."
+
+
 def load_vae(spec: str | os.PathLike[str], device: torch.device | str = "cpu") -> Any:
     """An ``AutoencoderKL`` in eval mode on ``device``, from a local folder (``config.json`` and
     ``diffusion_pytorch_model.safetensors``, as ``save_pretrained`` writes them) or a hub id
-    such as ``stabilityai/sd-vae-ft-mse`` (needs a network). Raises DataError naming the fix."""
+    such as ``stabilityai/sd-vae-ft-mse`` (the local cache, else the hub where a network
+    exists). Raises DataError naming the fix."""
     AutoencoderKL = _autoencoder_class()
     text = os.fspath(spec)
     folder = Path(text).expanduser()
     if _looks_like_path(text) and not folder.is_dir():
         raise DataError(f"VAE folder {text} not found: give a folder holding config.json and "
                         f"{_WEIGHTS} (e.g. a copy of stabilityai/sd-vae-ft-mse)")
-    source = str(folder) if folder.is_dir() else text
-    try:
-        vae = AutoencoderKL.from_pretrained(source, use_safetensors=True,
-                                            low_cpu_mem_usage=False)
-    except Exception as exc:  # OSError, EnvironmentError, ValueError, hub errors
-        msg = " ".join(str(exc).split())[:200] or type(exc).__name__
-        where = ("the folder needs config.json and " + _WEIGHTS if folder.is_dir()
-                 else "without a network, download it elsewhere and give its folder")
-        raise DataError(f"cannot load the VAE {text!r} ({msg}); {where}") from None
+    local = folder.is_dir()
+    if local and not (folder / _WEIGHTS).is_file():
+        found = ", ".join(sorted(p.name for p in folder.iterdir())[:4]) or "nothing"
+        raise DataError(f"VAE folder {text} has no {_WEIGHTS} (found: {found}); save the VAE "
+                        "with save_pretrained(folder, safe_serialization=True): other weight "
+                        "files (pickles) are never read")
+    source = str(folder) if local else text
+    with _quiet():
+        try:
+            vae = AutoencoderKL.from_pretrained(source, use_safetensors=True,
+                                                low_cpu_mem_usage=False,
+                                                local_files_only=True)
+        except Exception as exc:  # OSError, EnvironmentError, ValueError, hub errors
+            if local:
+                raise DataError(f"cannot load the VAE {text!r} ({_failure(exc)}); the folder "
+                                f"needs config.json and {_WEIGHTS}") from None
+            offline = _hub_reachable()
+            if offline is not None:
+                raise DataError(f"the VAE {text!r} is not a local folder nor in the Hugging "
+                                f"Face cache, and {offline}; download it where a network "
+                                "exists and give its folder") from None
+            try:
+                vae = AutoencoderKL.from_pretrained(source, use_safetensors=True,
+                                                    low_cpu_mem_usage=False)
+            except Exception as exc2:
+                raise DataError(f"cannot load the VAE {text!r} from the hub "
+                                f"({_failure(exc2)}); check the id, or give a local "
+                                "folder") from None
     return vae.to(torch.device(device)).eval().requires_grad_(False)
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -94,8 +95,8 @@ def _jit_load(path: Path, device: torch.device) -> torch.jit.ScriptModule:
     try:
         return torch.jit.load(str(path), map_location=device).eval()
     except Exception as exc:  # RuntimeError/ValueError from the archive reader
-        msg = " ".join(str(exc).split())[:160] or type(exc).__name__
-        raise DataError(f"cannot load TorchScript file {path} ({msg}); save the extractor with "
+        raise DataError(f"cannot load TorchScript file {path} ({_load_failure(exc)}); save the "
+                        "extractor with "
                         "torch.jit.save(torch.jit.script(model), path)") from None
 
 
@@ -175,18 +176,33 @@ def _classifier_extractor(net: Any, device: torch.device, identity: dict[str, An
                      lambda x: x.clamp(-1.0, 1.0), batch_size=1000, check=_fmnist_check)
 
 
+def _load_failure(exc: BaseException) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, in a few words: for a pickle of
+    other objects, the refused item (torch's own text is a paragraph on its defaults)."""
+    text = " ".join(str(exc).split())
+    if "Weights only load failed" in text:
+        detail = text.split("WeightsUnpickler error:", 1)[-1] if "WeightsUnpickler error:" in \
+            text else text.split("trusted source.", 1)[-1]
+        detail = detail.split(" Check the doc")[0].strip().rstrip(".")
+        return f"a pickle of other objects than tensors, never unpickled: {detail or 'refused'}"
+    first = text.split(". ")[0]
+    return (first if len(first) <= 200 else first[:first.rfind(" ", 0, 200)] + " ...") or \
+        type(exc).__name__
+
+
 def _state_dict_extractor(path: Path, device: torch.device) -> Extractor:
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
             state = load_file(str(path))
         else:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():   # torch's notes on pickle protocols: ours follows
+                warnings.simplefilter("ignore")
+                state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
-        msg = " ".join(str(exc).split())[:160] or type(exc).__name__
         raise DataError(f"{path} is neither a TorchScript file nor a readable state dict "
-                        f"({msg}); give a torch.jit.save file or a .safetensors state dict"
-                        ) from None
+                        f"({_load_failure(exc)}); give a torch.jit.save file or a .safetensors "
+                        "state dict") from None
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise DataError(f"{path} holds no state dict of tensors; give a torch.jit.save file "
                         "or a .safetensors state dict of the fmnist classifier")

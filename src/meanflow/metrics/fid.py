@@ -27,8 +27,9 @@ from meanflow.errors import ConfigError, DataError
 from meanflow.metrics.extractors import Extractor, load_extractor
 from meanflow.metrics.frechet import FeatureStats, frechet_distance, kid, precision_recall
 from meanflow.pixels import from_uint8, quantize
+from meanflow.runs.export import check_vae
 from meanflow.runs.load import load
-from meanflow.sampling import generate
+from meanflow.sampling import check_sampling, generate
 from meanflow.world import World, gather_sharded, resolve_device, sharded_indices
 
 __all__ = ["EXTRACTORS", "load_reference", "reference_stats", "fid_of", "score_features",
@@ -115,17 +116,36 @@ def _load_samples(path: Path, n: int | None) -> tuple[Tensor, dict[str, Any]]:
     try:
         with np.load(path, allow_pickle=False) as f:
             if "samples" in f.files:
-                x = torch.from_numpy(np.asarray(f["samples"], dtype=np.float32))
+                raw = f["samples"]
+                _check_layout(path, "samples", raw, "(N, C, H, W) real numbers",
+                              raw.dtype.kind in "fiu")
+                x = torch.from_numpy(np.asarray(raw, dtype=np.float32))
+                if not bool(torch.isfinite(x).all()):
+                    raise DataError(f"{path} 'samples' hold NaN or infinite values: FID needs "
+                                    "finite samples; sample an earlier checkpoint")
             elif "images" in f.files:                                   # (N, H, W, C) uint8
-                x = from_uint8(torch.from_numpy(f["images"]).permute(0, 3, 1, 2))
+                raw = f["images"]
+                _check_layout(path, "images", raw, "(N, H, W, C) uint8 with C = 1 or 3",
+                              raw.dtype == np.uint8 and raw.shape[-1:] in ((1,), (3,)))
+                x = from_uint8(torch.from_numpy(raw).permute(0, 3, 1, 2))
             else:
                 raise DataError(f"{path} has neither 'samples' nor 'images': write it with "
                                 "meanflow sample --out")
             meta = json.loads(str(f["meta"])) if "meta" in f.files else {}
+    except DataError:
+        raise
     except (OSError, ValueError, EOFError) as exc:
         raise DataError(f"cannot read samples from {path} ({' '.join(str(exc).split())}); "
                         "write them with meanflow sample --out FILE.npz") from None
     return (x[:n] if n is not None else x), meta
+
+
+def _check_layout(path: Path, key: str, array: np.ndarray, layout: str, ok: bool) -> None:
+    """DataError unless ``array`` is 4-D and ``ok`` (its dtype and channels fit ``layout``)."""
+    if array.ndim != 4 or not ok:
+        raise DataError(f"{path} '{key}' is {array.dtype} of shape {tuple(array.shape)}; fid "
+                        f"calc takes '{key}' as {layout}: write it with meanflow sample --out, "
+                        "or save that layout")
 
 
 def sample_features(net: nn.Module, seeds: list[int], shape: tuple[int, ...], ext: Extractor,
@@ -187,6 +207,10 @@ def fid_of(source: str | os.PathLike[str], ref: str | os.PathLike[str],
         count = n if n is not None else (50000 if model.vae is not None else 10000)
         if count < 2:
             raise ConfigError(f"FID needs at least 2 samples, got {count}: raise --n")
+        # the seeds, labels and feature rows of every sample are held at once
+        check_sampling(count, model.shape, batch_size, seed, dev, keep_samples=False,
+                       row_bytes=8 * 2048)
+        check_vae(model)
         y = model.labels_for(count)
         feats = sample_features(model.net, list(range(seed, seed + count)), model.shape, ext,
                                 labels=y, steps=steps, method=model.method,

@@ -24,9 +24,11 @@ from meanflow.data.augment import EDMAugment
 from meanflow.errors import ConfigError
 from meanflow.models import attention
 from meanflow.objective import FlowMatchingLoss, MeanFlowLoss
+from meanflow.sampling import SEED_LIMIT  # seeds are 64-bit unsigned in every command
 
 __all__ = ["ModelConfig", "DataConfig", "ObjectiveConfig", "OptimConfig", "TrainConfig",
-           "RunConfig", "load_config", "apply_overrides", "OBJECTIVES", "AMP_MODES"]
+           "RunConfig", "load_config", "apply_overrides", "train_bytes", "OBJECTIVES",
+           "AMP_MODES", "SEED_LIMIT"]
 
 OBJECTIVES = ("meanflow", "flow_matching")
 DATA_ORDERS = ("epochs", "random")
@@ -273,7 +275,7 @@ def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
         key, raw = item.split("=", 1)
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
+        except (yaml.YAMLError, RecursionError):
             value = raw
         _set_dotted(d, key.strip(), value)
     return d
@@ -289,6 +291,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                               "JSON file")
         try:
             loaded = yaml.safe_load(path.read_text())  # JSON is a subset of YAML
+        except RecursionError:
+            raise ConfigError(f"config file {path} is nested too deeply to read: a config "
+                              "has two levels (section.key)") from None
         except yaml.YAMLError as exc:
             line = str(exc).splitlines()[0]
             raise ConfigError(f"config file {path} is not valid YAML/JSON ({line})") from None
@@ -369,8 +374,26 @@ def _objective(cfg: RunConfig) -> None:
                           "data.class_conditional=true, or omega=1 and kappa=0")
 
 
+def train_bytes(cfg: RunConfig, num_params: int, sample_numel: int, world_size: int = 1) -> int:
+    """A lower bound of the memory one process needs to train: float32 weights, gradients,
+    Adam's two moments and every EMA (sharded over ``world_size`` under FSDP), plus four
+    tensors of a batch (data, noise, z, target) of this process's share of the global batch.
+    Compared with the machine's memory before any work starts (docs/design.md, "Inputs")."""
+    tr = cfg.train
+    copies = 4 + len(tr.ema_decays)
+    shards = world_size if tr.fsdp else 1
+    per_rank = -(-tr.batch_size // max(1, world_size))
+    return 4 * (copies * num_params // shards + 4 * per_rank * sample_numel)
+
+
 def _validate(cfg: RunConfig) -> None:
     o, opt, tr = cfg.objective, cfg.optim, cfg.train
+    if not isinstance(cfg.model.name, str) or not cfg.model.name:
+        raise ConfigError(f"model.name={cfg.model.name!r} must be a backbone name, e.g. mlp "
+                          "or unet-cifar10")
+    if not isinstance(o.kind, str) or not isinstance(o.time_sampler, str):
+        raise ConfigError("objective.kind and objective.time_sampler must be names, e.g. "
+                          "meanflow and logit_normal")
     _objective(cfg)
     if not isinstance(cfg.data.name, str) or not cfg.data.name:
         raise ConfigError("data.name must be a toy dataset name or a file path")
@@ -435,7 +458,7 @@ def _validate(cfg: RunConfig) -> None:
                           "with `meanflow fid ref DATA -o stats.npz` and set train.fid_ref")
     _choice("data.order", cfg.data.order, DATA_ORDERS)
     _augment(cfg.data.augment, cfg.data.augment_options)
-    _number("train.seed", tr.seed, lo=0, integer=True)
+    _number("train.seed", tr.seed, lo=0, hi=SEED_LIMIT - 1, integer=True)
     _number("train.log_every", tr.log_every, lo=1, integer=True)
     _number("train.checkpoint_every", tr.checkpoint_every, lo=1, integer=True)
     _number("train.keep_checkpoints", tr.keep_checkpoints, lo=0, integer=True)

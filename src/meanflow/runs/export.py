@@ -13,8 +13,9 @@
   n, vae, scale.
 
 Every file is written atomically (:mod:`meanflow.fileio`), and none that exists is replaced
-unless ``overwrite`` is given. Under torchrun every rank holds all samples; one process (rank
-0) writes them.
+unless ``overwrite`` is given. Samples holding NaN or infinite values are refused, nothing
+written: they come from diverged weights, and a file of them would pass for samples. Under
+torchrun every rank holds all samples; one process (rank 0) writes them.
 """
 
 from __future__ import annotations
@@ -26,14 +27,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-from meanflow.errors import ConfigError
-from meanflow.fileio import atomic_path, atomic_write_text
+from meanflow.errors import CheckpointError, ConfigError, MeanFlowError
+from meanflow.fileio import atomic_path, atomic_write_text, refuse_existing
 from meanflow.runs.load import Model, Samples
 from meanflow.viz import save_samples_png
 
 __all__ = ["can_draw", "record_path", "sample_record", "write_npz", "write_png",
-           "write_samples"]
+           "write_samples", "check_finite", "check_vae"]
 
 # a grid of a class-conditional image run gets one column per class up to this many classes
 MAX_CLASS_COLUMNS = 16
@@ -65,9 +67,34 @@ def sample_record(model: Model, samples: Samples) -> dict[str, Any]:
             "scale": None if model.vae is None else model.vae["scale"]}
 
 
-def _refuse(path: Path | None, overwrite: bool) -> None:
-    if path is not None and path.exists() and not overwrite:
-        raise ConfigError(f"{path} exists: choose another file, or overwrite it")
+def check_vae(model: Model) -> None:
+    """Before sampling: the run's VAE (``--vae``) decodes its samples, or a one-line
+    ConfigError. A VAE given to a model of points or pixels, or one whose latent channels
+    differ from the run's, would fail deep inside the decoder; one latent is decoded to know
+    (the VAE is loaded then, as it would be by the first batch)."""
+    if model.vae is None:
+        return
+    if len(model.shape) != 3:
+        raise ConfigError(f"--vae decodes latents (C, h, w); this run's samples have shape "
+                          f"{model.shape}: drop --vae")
+    try:
+        model.decode(torch.zeros(1, *model.shape))
+    except MeanFlowError:
+        raise
+    except (RuntimeError, ValueError) as exc:
+        first = " ".join(str(exc).split())[:120].rsplit(" ", 1)[0]
+        raise ConfigError(f"the VAE {model.vae['spec']} does not decode this run's samples of "
+                          f"shape {model.shape} ({first} ...): give the VAE its latents were "
+                          "made with, or --vae none") from None
+
+
+def check_finite(model: Model, samples: Samples) -> None:
+    """CheckpointError unless every sample is finite (a diverged checkpoint's are not)."""
+    bad = int((~torch.isfinite(samples.samples.reshape(len(samples), -1))).any(1).sum())
+    if bad:
+        raise CheckpointError(f"{bad} of {len(samples)} samples of {model.checkpoint} hold NaN "
+                              "or infinite values (its weights diverged): nothing written; "
+                              "sample an earlier checkpoint")
 
 
 def _check_drawable(model: Model) -> None:
@@ -117,7 +144,8 @@ def write_samples(model: Model, samples: Samples, *, npz: str | os.PathLike[str]
     png = None if png is None else Path(png)
     sidecar = record_path(npz, png)
     for path in (npz, sidecar, png):
-        _refuse(path, overwrite)
+        refuse_existing(path, overwrite, "overwrite=True")
+    check_finite(model, samples)
     if png is not None:
         _check_drawable(model)  # before any file is written
     record = sample_record(model, samples)

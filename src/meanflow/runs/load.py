@@ -28,7 +28,9 @@ from meanflow.errors import CheckpointError, ConfigError, DataError
 from meanflow.latents.vae import SD_VAE_SCALE, decode_latents, load_vae
 from meanflow.pixels import to_uint8
 from meanflow.runs.build import build_network
-from meanflow.runs.checkpoint import ema_key, find_checkpoint, load_checkpoint
+from meanflow.runs.checkpoint import (check_state, checkpoint_step, ema_key,
+                                      find_checkpoint, list_checkpoints,
+                                      load_checkpoint)
 from meanflow.runs.config import RunConfig
 from meanflow.sampling import generate, sampling_method
 from meanflow.world import World, resolve_device
@@ -72,40 +74,72 @@ def load_model(path: str | os.PathLike[str], ema: float | str | None = "auto",
     """
     ckpt = find_checkpoint(Path(path))
     tensors, state = load_checkpoint(ckpt, device, parts=("model", "ema"))
+    fields = check_state(state, ckpt)      # bounded before anything is built from it
+    shape, num_classes, decays = fields["shape"], fields["num_classes"], fields["decays"]
     try:
-        cfg = RunConfig.from_dict(state["config"])
-        shape = tuple(int(n) for n in state["data"]["shape"])
-        num_classes = state["data"]["num_classes"]
-        if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
-            raise TypeError
+        cfg = RunConfig.from_dict(fields["config"])
         class_names = _class_names(state["data"], num_classes)
-        decays = [float(d) for d in state["ema_decays"]]
-        step = int(state["step"])
-    except (KeyError, TypeError, ValueError, ConfigError):
+    except (KeyError, TypeError, ValueError, AttributeError, ConfigError):
         raise CheckpointError(f"{ckpt / 'state.json'} lacks the config, data or EMA fields of a "
                               "meanflow checkpoint: restore it or use another checkpoint") from None
+    weights, sd = _chosen_weights(tensors, ckpt, ema, decays)
+    if not _all_finite(sd):
+        raise CheckpointError(_diverged(ckpt, weights, ema))
     net = build_network(cfg, shape, num_classes)
-    if ema is None:
-        weights, sd = "model", tensors["model"]
-    elif ema == "auto" and not decays:
-        weights, sd = "model", tensors["model"]
-    else:
-        decay = decays[0] if ema == "auto" else float(ema)
-        key = ema_key(decay)
-        if decay not in decays:
-            raise ConfigError(f"checkpoint {ckpt} has no EMA with decay {ema}: choose one of "
-                              f"{', '.join(map(str, decays))} or none")
-        prefix = key + "."
-        sd = {k[len(prefix):]: v for k, v in tensors["ema"].items() if k.startswith(prefix)}
-        weights = key
     try:
         net.load_state_dict(sd)
     except RuntimeError as exc:
+        said = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
         raise CheckpointError(f"weights in {ckpt} do not fit the configured model "
-                              f"({str(exc).splitlines()[0]})") from None
+                              f"({said[:300]})") from None
+    step = fields["step"]
     net.to(device).eval()
     return LoadedModel(net=net, config=cfg, step=step, shape=shape, num_classes=num_classes,
                        weights=weights, checkpoint=ckpt, class_names=class_names)
+
+
+def _chosen_weights(tensors: dict[str, dict[str, Tensor]], ckpt: Path, ema: float | str | None,
+                    decays: list[float]) -> tuple[str, dict[str, Tensor]]:
+    """The name and tensors of the weights ``ema`` chooses: "model", or an EMA's key."""
+    if ema is None or (ema == "auto" and not decays):
+        return "model", tensors["model"]
+    decay = decays[0] if ema == "auto" else float(ema)
+    if decay not in decays:
+        raise ConfigError(f"checkpoint {ckpt} has no EMA with decay {ema}: choose one of "
+                          f"{', '.join(map(str, decays))} or none")
+    key = ema_key(decay)
+    prefix = key + "."
+    return key, {k[len(prefix):]: v for k, v in tensors["ema"].items() if k.startswith(prefix)}
+
+
+def _all_finite(tensors: dict[str, Tensor]) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors.values()
+               if t.is_floating_point() or t.is_complex())
+
+
+def _diverged(ckpt: Path, weights: str, ema: float | str | None) -> str:
+    """The message for a checkpoint whose chosen weights hold NaN or inf: it names the newest
+    earlier checkpoint of the same run whose same weights are finite, if there is one."""
+    good = None
+    if ckpt.parent.name == "checkpoints":
+        step = checkpoint_step(ckpt)
+        for earlier in reversed(list_checkpoints(ckpt.parent.parent, quiet=True)):
+            if step is None or checkpoint_step(earlier) >= step:
+                continue
+            try:
+                tensors, state = load_checkpoint(earlier, parts=("model", "ema"))
+                decays = check_state(state, earlier)["decays"]
+                chosen = _chosen_weights(tensors, earlier, ema, decays)
+            except (CheckpointError, ConfigError):
+                continue
+            if chosen[0] == weights and _all_finite(chosen[1]):
+                good = earlier
+                break
+    fix = (f"sample the earlier checkpoint {good}" if good is not None
+           else "no earlier checkpoint of this run has finite weights; train it again with "
+                "a lower optim.lr")
+    return (f"{ckpt} holds non-finite weights ({weights} has NaN or inf values: the run "
+            f"diverged); {fix}")
 
 
 def _latent_index(config: RunConfig) -> dict[str, Any] | None:

@@ -74,6 +74,18 @@ class EMA:
         return {f"{k}.{name}": t for k, s in self.shadows.items() for name, t in s.items()}
 
     def load_state_dict(self, flat: dict[str, Tensor]) -> None:
+        """Loads :meth:`state_dict`'s tensors; raises ValueError for missing or extra keys or
+        another shape (``copy_`` alone would broadcast)."""
+        expected = {f"{k}.{name}" for k, s in self.shadows.items() for name in s}
+        if set(flat) != expected:
+            missing, extra = sorted(expected - set(flat)), sorted(set(flat) - expected)
+            raise ValueError(f"EMA keys missing: {missing[:3]}, unexpected: {extra[:3]}")
+        for k, shadow in self.shadows.items():
+            for name, t in shadow.items():
+                value = flat[f"{k}.{name}"]
+                if value.shape != t.shape:
+                    raise ValueError(f"EMA tensor {k}.{name} has shape {tuple(value.shape)}, "
+                                     f"the model's {tuple(t.shape)}")
         for k, shadow in self.shadows.items():
             for name in shadow:
                 shadow[name].copy_(flat[f"{k}.{name}"])

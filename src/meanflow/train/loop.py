@@ -5,11 +5,14 @@ The parts live beside it: :mod:`~meanflow.train.schedule` (each step's seeds, ba
 learning rate, the run's length), :mod:`~meanflow.train.step` (one optimiser step, eager or
 compiled, and the compiled-loss check), :mod:`~meanflow.train.monitors` (metrics.jsonl,
 TensorBoard, the progress bar, sample PNGs, FID), :mod:`~meanflow.train.state` (checkpoints
-and resuming), :mod:`~meanflow.train.ema` and :mod:`~meanflow.train.distributed`.
+and resuming), :mod:`~meanflow.train.guard` (non-finite streaks, divergence, explosions),
+:mod:`~meanflow.train.ema` and :mod:`~meanflow.train.distributed`.
 
 A run folder (:mod:`meanflow.runs.folder`) holds ``config.json``/``config.yaml`` (written before
 the first step), ``metrics.jsonl`` (one line per ``log_every`` steps) and ``checkpoints/step_*``
-(:mod:`meanflow.runs.checkpoint`); :func:`meanflow.load` samples a run again.
+(:mod:`meanflow.runs.checkpoint`); :func:`meanflow.load` samples a run again. The run holds the
+folder's lock from before its first write to its end (``runs.folder.hold_run_dir``), and a
+resume writes nothing until its checkpoint has loaded and fits.
 
 Under ``torchrun`` the same loop runs data-parallel (:mod:`meanflow.train.distributed`): each of
 the W ranks trains on ``batch_size / W`` images per step, the grad pass goes through DDP and the
@@ -25,6 +28,7 @@ run stopped.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 from dataclasses import dataclass
@@ -41,9 +45,10 @@ from meanflow.objective import FlowMatchingLoss, MeanFlowLoss, resolve_jvp
 from meanflow.runs.build import build_augment, build_network
 from meanflow.runs.checkpoint import find_checkpoint
 from meanflow.runs.config import RunConfig
-from meanflow.runs.folder import prepare_run_dir, truncate_metrics
+from meanflow.runs.folder import hold_run_dir, truncate_metrics, write_run_config
 from meanflow.train import distributed as dist_
 from meanflow.train.ema import EMA
+from meanflow.train.guard import MAX_NONFINITE_IN_A_ROW, DivergenceGuard
 from meanflow.train.monitors import (Evaluations, FIDMonitor, TrainLog, fid_decoder,
                                      tensorboard_writer)
 from meanflow.train.schedule import (data_position, epoch_order, lr_at, seed_step,
@@ -56,8 +61,6 @@ from meanflow.world import (World, broadcast_object, env_world, on_every, on_mai
                             resolve_device, setup, teardown)
 
 __all__ = ["train", "check_config", "resolve_loss", "MAX_NONFINITE_IN_A_ROW"]
-
-MAX_NONFINITE_IN_A_ROW = 10
 
 
 def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False,
@@ -201,45 +204,78 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, dataset: BatchSource | N
     if tr.tensorboard:
         tensorboard_writer(None)              # only checks that tensorboard imports
     evals = Evaluations(cfg, data.ds, data.shape, data.num_classes, device, world)
-    on_main(world, prepare_run_dir, cfg, run_dir, resume)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                           weight_decay=cfg.optim.weight_decay, foreach=True)
-    ema = EMA(model, tr.ema_decays, every=tr.ema_every)
-    start = _resume(run_dir, model, ema, opt, data, loss_info, world, device, tr.fsdp) \
-        if resume else 0
-    if start >= data.steps:
-        return find_checkpoint(run_dir)
+    with contextlib.ExitStack() as held:
+        # rank 0 holds the run folder's lock until the run ends, and removes what a killed
+        # run left; a refusal reaches every rank (docs/design.md, Run folders, ...)
+        on_main(world, held.enter_context, hold_run_dir(cfg, run_dir, resume))
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr,
+                               betas=tuple(cfg.optim.betas),
+                               weight_decay=cfg.optim.weight_decay, foreach=True)
+        ema = EMA(model, tr.ema_decays, every=tr.ema_every)
+        ckpt, start, saved = (_resume(run_dir, model, ema, opt, data, loss_info, world, device,
+                                      tr.fsdp) if resume else (None, 0, {}))
+        # the first write into the folder, once nothing can refuse the run any more
+        on_main(world, _begin, cfg, run_dir, resume, start)
+        if start >= data.steps:
+            return find_checkpoint(run_dir)
+        run = _Run(model, loss_fn, loss_info, augment, evals, opt, ema, ckpt, start, saved)
+        return _loop(cfg, run_dir, data, run, micro, compile_, world, device)
 
+
+@dataclass
+class _Run:
+    """What the steps of a run work on: built, and restored from ``ckpt`` when resumed (its
+    step ``start`` and ``state.json``, ``saved``)."""
+    model: nn.Module
+    loss_fn: Any
+    loss_info: dict[str, Any]
+    augment: Any
+    evals: Evaluations
+    opt: torch.optim.Optimizer
+    ema: EMA
+    ckpt: Path | None
+    start: int
+    saved: dict[str, Any]
+
+
+def _loop(cfg: RunConfig, run_dir: Path, data: _Data, run: _Run, micro: int, compile_: bool,
+          world: World, device: torch.device) -> Path:
+    """The steps from ``run.start`` on; returns the last checkpoint."""
+    tr, model = cfg.train, run.model
     autocast = amp_context(tr.amp, device)
-    loss_call = make_loss_call(loss_fn, compile_=compile_)
+    loss_call = make_loss_call(run.loss_fn, compile_=compile_)
     if compile_:
-        _check_compiled_loss(cfg, data, model, loss_fn, loss_call, augment, autocast, world,
-                             device)
-    sampler_net = _sampler_net(cfg, data, model, device) if evals.active else None
-    train_step = TrainStep(model, loss_fn, loss_call, opt, ema, world=world, device=device,
-                           micro=micro, accumulation=tr.grad_accumulation, compiled=compile_,
-                           autocast=autocast, grad_clip=cfg.optim.grad_clip, fsdp=tr.fsdp)
-    log = TrainLog(cfg, run_dir, world, device, start, data.steps,
-                   first={"jvp": loss_info["jvp"]} if "jvp" in loss_info else None)
+        _check_compiled_loss(cfg, data, model, run.loss_fn, loss_call, run.augment, autocast,
+                             world, device)
+    sampler_net = _sampler_net(cfg, data, model, device) if run.evals.active else None
+    train_step = TrainStep(model, run.loss_fn, loss_call, run.opt, run.ema, world=world,
+                           device=device, micro=micro, accumulation=tr.grad_accumulation,
+                           compiled=compile_, autocast=autocast, grad_clip=cfg.optim.grad_clip,
+                           fsdp=tr.fsdp)
+    info = run.loss_info
+    log = TrainLog(cfg, run_dir, world, device, run.start, data.steps,
+                   first={"jvp": info["jvp"]} if "jvp" in info else None,
+                   window=run.saved.get("log_window"))
+    guard = DivergenceGuard(cfg, run_dir, good=run.ckpt)
     last_ckpt: Path | None = None
-    nonfinite = 0                               # skipped steps in a row
     model.train()
     try:
-        for step in range(start, data.steps):
-            x, y, aug, gen = _batch(cfg, data, augment, step, micro, world, device)
+        for step in range(run.start, data.steps):
+            x, y, aug, gen = _batch(cfg, data, run.augment, step, micro, world, device)
             stats = train_step(step, x, y, aug, gen, lr_at(cfg, step))
-            nonfinite = 0 if stats is not None else _diverging(nonfinite + 1, step)
+            guard.step(step, stats, x, train_step.skipped, log.lowest)   # raises: diverged
             done = step + 1
             log.step(done, stats)
             if done % tr.log_every == 0 or done == data.steps:
                 log.window(done, lr_at(cfg, step))
-            if done % tr.checkpoint_every == 0 or done == data.steps:
-                last_ckpt = write_checkpoint(run_dir, done, model, ema, opt, cfg, data.info,
-                                             world, device,
-                                             data_position(data.ds, data.order, done),
-                                             loss_info)
-            if evals.active:
-                evals(done, data.steps, sampler_net, ema, run_dir, world, log)
+            if guard.checkpoint_now(done % tr.checkpoint_every == 0, done == data.steps):
+                last_ckpt = write_checkpoint(run_dir, done, model, run.ema, run.opt, cfg,
+                                             data.info, world, device,
+                                             data_position(data.ds, data.order, done), info,
+                                             log.state(), guard.keep())
+                guard.written(last_ckpt)
+            if run.evals.active:
+                run.evals(done, data.steps, sampler_net, run.ema, run_dir, world, log)
     finally:
         log.close()
     return last_ckpt if last_ckpt is not None else find_checkpoint(run_dir)
@@ -257,19 +293,26 @@ def _build_model(cfg: RunConfig, data: _Data, world: World, device: torch.device
 
 def _resume(run_dir: Path, model: nn.Module, ema: EMA, opt: torch.optim.Optimizer,
             data: _Data, loss_info: dict[str, Any], world: World, device: torch.device,
-            fsdp: bool) -> int:
-    """Loads the newest checkpoint (every rank the one rank 0 found) and returns its step, 0
-    when there is none yet; metrics.jsonl loses the lines that the resumed steps redo."""
-    start = 0
+            fsdp: bool) -> tuple[Path | None, int, dict[str, Any]]:
+    """Loads the newest checkpoint (every rank the one rank 0 found) and checks that it fits
+    the run, writing nothing: returns it, its step and its ``state.json`` (None, 0 and {}
+    when there is none yet)."""
     ckpt = agreed_checkpoint(run_dir, world, device)
-    if ckpt is not None:
-        start, state = restore(ckpt, model, ema, opt, device, fsdp)
-        check_position(state.get("data_position"), data_position(data.ds, data.order, start),
-                       ckpt, run_dir)
-        check_loss(state.get("loss"), loss_info, run_dir)
-    if world.is_main:
+    if ckpt is None:
+        return None, 0, {}
+    start, state = restore(ckpt, model, ema, opt, device, fsdp)
+    check_position(state.get("data_position"), data_position(data.ds, data.order, start),
+                   ckpt, run_dir)
+    check_loss(state.get("loss"), loss_info, run_dir)
+    return ckpt, start, state
+
+
+def _begin(cfg: RunConfig, run_dir: Path, resume: bool, start: int) -> None:
+    """Writes the run's config; a resumed run's metrics.jsonl loses the lines that the resumed
+    steps redo (all of them when no checkpoint was written)."""
+    write_run_config(cfg, run_dir)
+    if resume:
         truncate_metrics(run_dir / "metrics.jsonl", start)
-    return start
 
 
 def _check_compiled_loss(cfg: RunConfig, data: _Data, model: nn.Module, loss_fn: Any,
@@ -314,13 +357,3 @@ def _batch(cfg: RunConfig, data: _Data, augment: Any, step: int, micro: int, wor
     if augment is not None:
         x, aug = augment(x, gen_cpu)
     return x, y, aug, gen
-
-
-def _diverging(in_a_row: int, step: int) -> int:
-    """The count of skipped (non-finite) steps in a row, after step ``step`` was skipped;
-    ``MAX_NONFINITE_IN_A_ROW`` of them mean divergence and stop the run."""
-    if in_a_row >= MAX_NONFINITE_IN_A_ROW:
-        raise FloatingPointError(
-            f"loss was non-finite for {in_a_row} steps in a row (last at step {step}): lower "
-            "optim.lr, set optim.grad_clip, or raise objective.c")
-    return in_a_row

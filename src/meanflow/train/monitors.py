@@ -29,6 +29,7 @@ from meanflow.metrics.fid import load_reference, sample_features, score_features
 from meanflow.runs.config import RunConfig
 from meanflow.sampling import generate, sampling_method
 from meanflow.train.ema import EMA
+from meanflow.train.guard import explosion_warning
 from meanflow.train.state import sampling_ema
 from meanflow.viz import image_grid, save_samples_png
 from meanflow.world import World, mean_across
@@ -153,10 +154,16 @@ class TrainLog:
     """metrics.jsonl (rank 0 writes), TensorBoard (rank 0, ``train.tensorboard``) and the
     progress bar (rank 0, ``train.progress``) of a run that starts at step ``start`` of
     ``steps``. ``first`` is added to the first line this process writes (e.g. the du/dt
-    strategy that ran)."""
+    strategy that ran).
+
+    The running window (the stats summed since the last line, the steps in it, the skipped
+    steps of the run and the lowest window mean of the raw error) is part of each checkpoint
+    (:meth:`state`; ``window`` restores it), so the lines of a resumed run are those of an
+    uninterrupted one (docs/design.md, Run folders, checkpoints and resume)."""
 
     def __init__(self, cfg: RunConfig, run_dir: Path, world: World, device: torch.device,
-                 start: int, steps: int, first: dict[str, Any] | None = None) -> None:
+                 start: int, steps: int, first: dict[str, Any] | None = None,
+                 window: dict[str, Any] | None = None) -> None:
         tr = cfg.train
         self.cfg, self.world, self.device = cfg, world, device
         self.path = run_dir / "metrics.jsonl"
@@ -168,6 +175,14 @@ class TrainLog:
                             dynamic_ncols=True, disable=None)  # None: off when not a tty
         self.sums: dict[str, Tensor] = {}   # summed on the device; read back only when logging
         self.count, self.skipped = 0, 0
+        self.lowest: tuple[float, int] | None = None    # (lowest window mean of mse, its step)
+        self.warned = False
+        if window is not None:
+            self.sums = {k: torch.tensor(v, dtype=getattr(torch, window["dtypes"][k]),
+                                         device=device) for k, v in window["sums"].items()}
+            self.count, self.skipped = window["count"], window["skipped"]
+            self.lowest = None if window["lowest"] is None else tuple(window["lowest"])
+        self.timed = 0                      # steps of the window timed by this process
         self.t_window = time.perf_counter()
 
     def step(self, done: int, stats: dict[str, Tensor] | None) -> None:
@@ -175,9 +190,14 @@ class TrainLog:
         if stats is None:
             self.skipped += 1
         else:
+            if self.lowest is None and "mse" in stats:
+                # the raw error of the untrained network: the run's first reference
+                self.lowest = (float(mean_across({"mse": stats["mse"]}, self.world,
+                                                 self.device)["mse"]), done)
             for k, v in stats.items():
                 self.sums[k] = self.sums[k] + v.detach() if k in self.sums else v.detach()
             self.count += 1
+            self.timed += 1
         if self.bar is None:
             return
         self.bar.update(1)
@@ -187,16 +207,26 @@ class TrainLog:
                                  mse=f"{float(stats['mse']):.4g}",
                                  img_s=f"{rate * self.cfg.train.batch_size:.0f}", refresh=False)
 
+    def state(self) -> dict[str, Any]:
+        """The running window, for ``state.json`` (a collective: every rank calls it; the
+        sums are the means over the ranks, which every rank restores)."""
+        sums = mean_across(self.sums, self.world, self.device)
+        return {"sums": {k: float(v) for k, v in sums.items()},
+                "dtypes": {k: str(self.sums[k].dtype).removeprefix("torch.") for k in sums},
+                "count": self.count, "skipped": self.skipped,
+                "lowest": None if self.lowest is None else list(self.lowest)}
+
     def window(self, done: int, lr: float) -> None:
         """The line of the window that ends after step ``done`` (a collective: every rank
-        calls it); the window restarts."""
+        calls it); the window restarts. A raw error far above the run's lowest gets one
+        warning line (:func:`meanflow.train.guard.explosion_warning`)."""
         sums = mean_across(self.sums, self.world, self.device)   # the mean over the ranks
         now = time.perf_counter()
         batch = self.cfg.train.batch_size
         record: dict[str, Any] = {"step": done, "images": done * batch}
         record.update({k: float(v) / max(self.count, 1) for k, v in sums.items()})
         record["lr"] = lr
-        record["samples_per_s"] = self.count * batch / max(now - self.t_window, 1e-9)
+        record["samples_per_s"] = self.timed * batch / max(now - self.t_window, 1e-9)
         record["skipped_nonfinite"] = self.skipped
         record.update(self.first)
         self.first = {}
@@ -205,7 +235,18 @@ class TrainLog:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)):
                     self.writer.add_scalar(f"train/{k}", v, done)
-        self.sums, self.count, self.t_window = {}, 0, now
+        self._watch(record)
+        self.sums, self.count, self.timed, self.t_window = {}, 0, 0, now
+
+    def _watch(self, record: dict[str, Any]) -> None:
+        if self.count == 0 or not isinstance(record.get("mse"), float):
+            return
+        warning = explosion_warning(self.cfg, record, self.lowest)
+        if warning is not None and not self.warned and self.world.is_main:
+            tqdm.write(warning, file=sys.stderr)
+            self.warned = True
+        if self.lowest is None or record["mse"] < self.lowest[0]:
+            self.lowest = (record["mse"], record["step"])
 
     def evaluation(self, record: dict[str, Any] | None) -> None:
         """An evaluation record (FID; None off rank 0) into metrics.jsonl and TensorBoard."""

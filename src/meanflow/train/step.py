@@ -31,8 +31,8 @@ from meanflow.train import distributed as dist_
 from meanflow.train.ema import EMA
 from meanflow.world import World, all_true
 
-__all__ = ["COMPILE_BACKEND", "JOINT_STRATEGIES", "resolve_compile", "tf32_mode", "amp_context",
-           "make_loss_call", "check_compiled", "TrainStep"]
+__all__ = ["COMPILE_BACKEND", "JOINT_STRATEGIES", "RAW_ERROR_STATS", "resolve_compile",
+           "tf32_mode", "amp_context", "make_loss_call", "check_compiled", "TrainStep"]
 
 # torch.compile backend of train.compile. Tests on the CPU set "aot_eager" (the same traced
 # graphs and autograd, without inductor's C++ code generation, which takes minutes there).
@@ -40,6 +40,25 @@ COMPILE_BACKEND = "inductor"
 
 # du/dt strategies that give u and du/dt in one pass, which cannot go through DDP
 JOINT_STRATEGIES = ("func", "forward_ad")
+# the loss's stats of the raw (unweighted) error, which must be finite for a step to count
+RAW_ERROR_STATS = ("mse", "u_minus_v")
+
+
+def _raw_error_finite(stats: dict[str, Tensor]) -> Tensor:
+    """Whether the raw-error stats of one loss call are all finite (a bool tensor)."""
+    ok = torch.ones((), dtype=torch.bool)
+    for key in RAW_ERROR_STATS:
+        if key in stats:
+            ok = ok.to(stats[key].device) & torch.isfinite(stats[key]).all()
+    return ok
+
+
+def _what_failed(loss: Tensor, stats: dict[str, Tensor]) -> str:
+    """What was non-finite in a skipped loss call, for the divergence message."""
+    bad = [k for k in RAW_ERROR_STATS if k in stats and not bool(torch.isfinite(stats[k]).all())]
+    if bad:
+        return f"the raw error ({', '.join(bad)})"
+    return "the loss" if not bool(torch.isfinite(loss)) else "a stat"
 
 
 def resolve_compile(value: bool | str, device: torch.device, fsdp: bool = False) -> bool:
@@ -182,7 +201,8 @@ class TrainStep:
     loss call (``loss_call`` from :func:`make_loss_call`; compiled when ``compiled``, its draws
     then made here, outside it) under ``autocast``, and the backward of its mean divided by the
     number of micro-batches. Under DDP only the last micro-batch all-reduces (``no_sync`` on
-    the others). A non-finite loss on any rank skips the update on every rank; otherwise the
+    the others). A non-finite loss, raw error or gradient norm on any rank skips the update on
+    every rank (``skipped`` says which); otherwise the
     joint strategies' gradients are averaged by hand, then clipping (``grad_clip``, None for
     none), Adam and ``ema.step``.
 
@@ -209,13 +229,20 @@ class TrainStep:
         self.jvp_net = model if wrapped and isinstance(loss_fn, MeanFlowLoss) else None
         self.no_sync = getattr(self.train_net, "no_sync", None) if wrapped else None
         self.sync_by_hand = world.enabled and joint and not fsdp
+        self.skipped = ""          # what was non-finite in the last skipped step
 
     def __call__(self, step: int, x: Tensor, y: Tensor | None, aug: Tensor | None,
                  generator: torch.Generator, lr: float) -> dict[str, Tensor] | None:
         """Step ``step`` (0-based) at learning rate ``lr``: the step's stats (means over its
-        micro-batches, on the device, with ``grad_norm``), or None when it was skipped."""
+        micro-batches, on the device, with ``grad_norm``), or None when it was skipped, with
+        what was non-finite in ``skipped``.
+
+        A step is applied only when the weighted loss, the raw error (``mse`` and
+        ``u_minus_v``, which the weighted loss hides: it is about 1 with ``objective.p`` = 1)
+        and the gradient norm are finite on every rank (docs/design.md, One training step)."""
         for group in self.opt.param_groups:
             group["lr"] = lr
+        self.skipped = ""
         stats, finite = self._backward(x, y, aug, generator)
         if not finite:
             self.opt.zero_grad(set_to_none=True)
@@ -223,8 +250,12 @@ class TrainStep:
         if self.sync_by_hand:
             dist_.all_reduce_grads_(list(self.model.parameters()), self.world)
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_norm)
-        stats["grad_norm"] = (dist_.full_tensors({"n": norm}, cpu=False)["n"] if self.fsdp
-                              else norm)
+        norm = dist_.full_tensors({"n": norm}, cpu=False)["n"] if self.fsdp else norm
+        if not all_true(torch.isfinite(norm), self.world, self.device):
+            self.skipped = "the gradient norm"
+            self.opt.zero_grad(set_to_none=True)
+            return None
+        stats["grad_norm"] = norm
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         # every train.ema_every steps (by the step number, so a resumed run keeps the
@@ -235,7 +266,7 @@ class TrainStep:
     def _backward(self, x: Tensor, y: Tensor | None, aug: Tensor | None,
                   generator: torch.Generator) -> tuple[dict[str, Tensor], bool]:
         """Accumulates the gradient of every micro-batch; returns the summed stats and
-        whether the loss was finite (on every rank)."""
+        whether the loss and the raw error were finite (on every rank)."""
         stats: dict[str, Tensor] = {}
         world, n = self.world, self.accumulation
         all_finite = (torch.ones((), dtype=torch.bool, device=self.device) if world.enabled
@@ -249,18 +280,22 @@ class TrainStep:
                 loss, micro_stats = self._loss(x[part], None if y is None else y[part],
                                                None if aug is None else aug[part], generator)
                 loss = loss.float().mean() / n
+                finite = torch.isfinite(loss) & _raw_error_finite(micro_stats)
                 if world.enabled:
                     # every rank runs every backward (DDP's all-reduce waits for all); a
                     # non-finite loss anywhere skips the step everywhere
-                    all_finite &= torch.isfinite(loss)
-                elif not torch.isfinite(loss):
+                    all_finite &= finite
+                elif not finite:
+                    self.skipped = _what_failed(loss, micro_stats)
                     return stats, False
                 loss.backward()
             for k, v in micro_stats.items():
                 v = v.detach().float() / n
                 stats[k] = stats[k] + v if k in stats else v
         if world.enabled:
-            return stats, all_true(all_finite, world, self.device)
+            if not all_true(all_finite, world, self.device):
+                self.skipped = "the loss or the raw error (on some rank)"
+                return stats, False
         return stats, True
 
     def _loss(self, x: Tensor, y: Tensor | None, aug: Tensor | None,
