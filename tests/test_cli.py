@@ -7,14 +7,18 @@ to prove the installed entry point works.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
+from safetensors.torch import load_file
 
 from meanflow.cli import main
 from meanflow.fileio import exclusive
@@ -142,6 +146,57 @@ def test_train_resume_flag(tmp_path, capsys):
     assert cli("train", "--out", out, "--steps", 2, *TINY_SET) == 0
     assert cli("train", "--out", out, "--steps", 4, "--resume", *TINY_SET) == 0
     assert (out / "checkpoints" / "step_0000004").is_dir()
+
+
+def test_resume_from_the_folder_alone(tmp_path, capsys):
+    """--resume --out DIR --steps N continues with the folder's saved config (no other flag
+    repeated) and ends where an uninterrupted run of N steps does; a non-resumable flag that
+    differs from the saved config is a one-line refusal naming it."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    flags = ["--data", "moons", "--lr", "3e-3", *TINY_SET, "--set", "objective.p=0.5"]
+    assert cli("train", "--out", a, "--steps", 4, *flags) == 0
+    assert cli("train", "--out", b, "--steps", 2, *flags) == 0
+    assert cli("train", "--resume", "--out", b, "--steps", 4) == 0
+    for part in ("model", "ema", "optimizer"):
+        ta, tb = (load_file(str(r / "checkpoints" / "step_0000004" / f"{part}.safetensors"))
+                  for r in (a, b))
+        assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    assert json.loads((b / "config.json").read_text())["data"]["name"] == "moons"
+    capsys.readouterr()
+    assert_one_line_error(capsys, cli("train", "--resume", "--out", b, "--data", "spirals"),
+                          "data.name")
+
+
+def test_ctrl_c_in_a_subprocess_checkpoints_and_says_how_to_continue(tmp_path):
+    """SIGINT to a training `meanflow train`: exit 130, one stderr line naming the
+    checkpoint of the last step and the command that continues; that command ends bit for
+    bit where an uninterrupted run does."""
+    out = tmp_path / "run"
+    flags = [*TINY_SET, "--set", "train.checkpoint_every=100000", "--set", "train.log_every=1"]
+    proc = subprocess.Popen([sys.executable, "-m", "meanflow.cli", "train", "--out", str(out),
+                             "--steps", "100000", *flags],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    lines = err.splitlines()
+    assert len(lines) == 1 and f"meanflow train --resume --out {out}" in lines[0], err
+    (ckpt,) = (out / "checkpoints").iterdir()
+    step = int(ckpt.name.removeprefix("step_"))
+    assert step >= 3 and f"step {step}:" in lines[0]
+    ref = tmp_path / "ref"
+    assert cli("train", "--out", ref, "--steps", step + 2, *flags) == 0
+    assert cli("train", "--resume", "--out", out, "--steps", step + 2) == 0
+    last = f"step_{step + 2:07d}"
+    for part in ("model", "ema", "optimizer"):
+        ta, tb = (load_file(str(r / "checkpoints" / last / f"{part}.safetensors"))
+                  for r in (ref, out))
+        assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
 # ---------------------------------------------------------------------------- sample
@@ -510,8 +565,36 @@ def test_sample_images_to_png_grid_and_uint8_npz(image_run, tmp_path, capsys):
 def test_sample_png_only_writes_no_npz(image_run, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert cli("sample", image_run, "--n", 4, "--png", "only.png", "--nrow", 2) == 0
-    assert (tmp_path / "only.png").is_file() and (tmp_path / "only.json").is_file()
+    assert (tmp_path / "only.png").is_file() and (tmp_path / "only.png.json").is_file()
     assert not (tmp_path / "samples.npz").exists()
+
+
+def test_a_preset_trains_on_your_own_image_folder(tmp_path, capsys):
+    """--preset fmnist-unet --data FOLDER: the preset's fashion-mnist options (split) stay
+    behind, its U-Net takes the folder's 16x16 colour images of 2 classes, the start-up
+    summary names data, classes and parameters, and the training grid of 16 samples is 4 x 4
+    (one class per column), not 2 x 8."""
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "shapes"
+    for name in ("circles", "squares"):
+        (folder / name).mkdir(parents=True)
+        for i in range(6):
+            pixels = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / name / f"{i}.png")
+    out = tmp_path / "run"
+    assert cli("train", "--preset", "fmnist-unet", "--data", folder, "--class-conditional",
+               "--steps", 2, "--batch-size", 4, "--out", out,
+               "--set", "train.sample_count=16", "--set", "train.sample_steps=[1]") == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["data"]["options"] == {} and saved["model"]["name"] == "unet-small"
+    err = capsys.readouterr().err
+    assert f"data       {folder}: 12 samples of shape (3, 16, 16), 2 classes: circles, " \
+        "squares" in err
+    assert "parameters" in err and "objective  meanflow (p=0.75" in err
+    import matplotlib.image as mpimg
+    grid = mpimg.imread(out / "samples" / "step_0000002-nfe1.png")
+    side = 2 * (4 * (16 + 2) + 2)           # 4 rows and 4 columns of 16 px, drawn 2x
+    assert grid.shape[:2] == (side, side)
 
 
 def test_presets_command_and_preset_flag(tmp_path, capsys):

@@ -190,3 +190,36 @@ def test_ref_of_cifar10_takes_its_folder(tmp_path, capsys):
     assert cli("fid", "ref", "cifar10", "--extractor", extractor,
                "-o", tmp_path / "other.npz") == 2
     assert "data.options.root" in capsys.readouterr().err
+
+
+def test_default_n_is_the_references_and_an_npz_record_keeps_its_weights(images, tmp_path,
+                                                                         capsys):
+    """Without --n, N = min(10 000, the reference's N) (said in one line); the FID record of a
+    samples .npz carries what the .npz's record says: checkpoint, step, weights, method."""
+    root, _ = images
+    if not (root / "ref.npz").exists():
+        assert cli("fid", "ref", root / "imgs.npz", "-o", root / "ref.npz") == 0
+    run = tmp_path / "run"
+    assert cli("train", "--out", run, "--steps", 2, "--data", root / "imgs.npz",
+               "--model", "unet-small", "--batch-size", 8,
+               "--set", "model.options={channels: 8, channel_mult: [1, 2], blocks_per_res: 1, "
+               "attn_resolutions: [], emb_mult: 2}",
+               "--set", "train.progress=false", "--set", "train.sample_count=0") == 0
+    samples = tmp_path / "s.npz"
+    assert cli("sample", run, "--n", 50, "--out", samples, "--ema", "none") == 0
+    capsys.readouterr()
+    assert cli("fid", "calc", samples, "--ref", root / "ref.npz", "--out",
+               tmp_path / "f.json") == 0
+    out = capsys.readouterr().out
+    assert "N = 40: the reference holds 40 images, fewer than the default 10000" in out
+    record = json.loads((tmp_path / "f.json").read_text())
+    with np.load(samples) as f:
+        meta = json.loads(str(f["meta"]))
+    assert record["n"] == 40 and "min(10000" in record["n_default"]
+    assert record["weights"] == meta["weights"] == "model" and record["step"] == 2
+    assert record["checkpoint"] == meta["checkpoint"] and record["method"] == meta["method"]
+    assert cli("fid", "calc", run, "--ref", root / "ref.npz", "--out", tmp_path / "g.json") == 0
+    assert "N = 40" in capsys.readouterr().out
+    assert json.loads((tmp_path / "g.json").read_text())["n"] == 40
+    assert cli("fid", "calc", run, "--ref", root / "ref.npz", "--n", 8) == 0
+    assert "N = " not in capsys.readouterr().out.split("FID")[0]

@@ -148,8 +148,20 @@ ROWS = [
     ("demo --steps 0 --out {tmp}/d", r"train\.steps", 2),
     ("demo --seed 18446744073709551616", r"must be in \[0, 2\*\*64\)", 2),
     ("demo --set objective.kind=x --out {tmp}/d", r"drop --set objective\.kind=x", 2),
+    # export
+    ("export {run} {user}", r"holds files that are not `meanflow export`'s", 2),
+    ("export {tmp}/norun {tmp}/e", r"no checkpoint found", 2),
+    ("export {run} {tmp}/e --format onnx", r"--format 'onnx' is not a format meanflow writes", 2),
+    ("export {run} {tmp}/e --ema bogus", r"--ema 'bogus' must be auto, none or a decay", 2),
+    ("export {run} {tmp}/e --vae {vae_empty}", r"--vae is for runs trained on latents", 2),
     # presets
     ("presets extra", r"unrecognized arguments: extra", 2),
+    # data (each refused before any download)
+    ("data nope", r"argument name: invalid choice: 'nope'", 2),
+    ("data mnist --out {user}/notes.txt --from {tmp}", r"notes\.txt is a file, not a folder", 2),
+    ("data fashion-mnist --out {tmp}/fm --from {tmp}/nosuch", r"--from .*nosuch is not a folder",
+     2),
+    ("data mnist --out {user} --from {image_dir}", r"lacks train-labels-idx1-ubyte\.gz", 2),
 ]
 
 

@@ -8,7 +8,10 @@ Time convention: **t = 1 is noise, t = 0 is data**. A schedule is a decreasing s
 - Euler for flow matching: z_{k+1} = z_k - (t_k - t_{k+1})·v(z_k, t_k), with v(z, t) = u(z, t, t).
 
 Seeded sampling: sample i is drawn from its own ``torch.Generator`` seeded with ``seeds[i]`` on the
-CPU, so it depends only on its seed, not on the batch size, the device or the number of GPUs.
+CPU, so its noise depends only on its seed, not on the batch size, the device or the number of
+GPUs. The sample itself agrees across batch sizes to float rounding, not always bit for bit:
+CPU convolution kernels pick their blocking by batch size (a U-Net sample differed by ~3e-4
+between a batch of one and of two); the same batch size gives the same bits.
 :func:`generate` is the one path from seeds to results that every consumer takes (the CLI's
 ``sample`` and ``fid calc``, FID and sample grids during training, ``meanflow.load(run).sample``):
 seeds shared out over the ranks, sampled in batches, optionally decoded batch by batch, and

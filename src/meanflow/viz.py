@@ -20,7 +20,7 @@ from meanflow.errors import ConfigError
 from meanflow.fileio import atomic_path
 from meanflow.pixels import to_uint8
 
-__all__ = ["image_grid", "save_image_grid", "save_scatter", "save_samples_png"]
+__all__ = ["grid_columns", "image_grid", "save_image_grid", "save_scatter", "save_samples_png"]
 
 
 def image_grid(x: Tensor, nrow: int | None = None, border: int = 2) -> np.ndarray:
@@ -50,6 +50,17 @@ def image_grid(x: Tensor, nrow: int | None = None, border: int = 2) -> np.ndarra
         top, left = border + r * (h + border), border + col * (w + border)
         grid[top:top + h, left:left + w] = img[i]
     return grid[..., 0] if c == 1 else grid
+
+
+def grid_columns(n: int, num_classes: int | None = None) -> int:
+    """Images per row of a square-ish grid of ``n``: about sqrt(n), and for samples of
+    ``num_classes`` classes drawn in turn (label i % num_classes) a multiple of the class count
+    near it, so that each column holds one class (one column per class when there are more
+    classes than sqrt(n))."""
+    side = max(1, math.ceil(math.sqrt(n)))
+    if not num_classes or num_classes < 1:
+        return side
+    return num_classes * max(1, round(side / num_classes))
 
 
 def _check_png(path: str | os.PathLike[str]) -> Path:

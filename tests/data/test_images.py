@@ -133,9 +133,11 @@ def test_missing_file(tmp_path):
 
 
 def test_fashion_mnist_missing_root(tmp_path):
-    with pytest.raises(DataError, match="dataset-fashion-mnist") as info:
+    with pytest.raises(DataError, match="Fashion-MNIST not found") as info:
         ImageArray.fashion_mnist(root=tmp_path / "none")
-    assert "root=" in str(info.value) and "\n" not in str(info.value)
+    text = str(info.value)
+    assert "\n" not in text and "meanflow data fashion-mnist" in text
+    assert "data.options.root=DIR" in text and "train-images-idx3-ubyte.gz" in text
     with pytest.raises(ConfigError, match="split"):
         ImageArray.fashion_mnist(root=tmp_path, split="val")
 

@@ -163,6 +163,7 @@ INVALID = [
     (["model.jvp_attention=flash"], "model.jvp_attention"),
     (["model.jvp_attention=3"], "model.jvp_attention"),
     (["train.fsdp=3"], "train.fsdp"),
+    (["train.ema_warmup=3"], "train.ema_warmup"),
     (["objective=3"], "objective"),
 ]
 
@@ -444,3 +445,23 @@ def test_train_bytes_counts_weights_optimizer_emas_and_a_batch():
     # 4 bytes x ((weights, grads, 2 Adam moments, 2 EMAs) x 10 params + 4 x 8 x 3)
     assert train_bytes(cfg, num_params=10, sample_numel=3) == 4 * (6 * 10 + 4 * 8 * 3)
     assert train_bytes(cfg, 10, 3, world_size=2) == 4 * (6 * 10 + 4 * 4 * 3)
+
+
+def test_a_files_data_options_stay_with_its_data(tmp_path):
+    """A file's data.options belong to its data.name: overrides naming other data drop them
+    (a preset used on one's own folder), the same data keeps them, and options given in the
+    overrides are kept either way."""
+    path = tmp_path / "c.yaml"
+    path.write_text("data: {name: fashion-mnist, options: {split: train}}\n")
+    assert load_config(path, ["data.name=moons"]).data.options == {}
+    assert load_config(path, ["data.name=fashion-mnist"]).data.options == {"split": "train"}
+    assert load_config(path).data.options == {"split": "train"}
+    assert load_config(path, ["data.name=spirals", "data.options.n=100"]).data.options == \
+        {"n": 100}
+    assert load_config(path, ["data.options.split=test"]).data.options == {"split": "test"}
+
+
+def test_new_runs_warm_the_ema_up():
+    """train.ema_warmup is on by default (docs/method.md, EMA warm-up)."""
+    assert RunConfig().train.ema_warmup is True
+    assert load_config(None, ["train.ema_warmup=false"]).train.ema_warmup is False

@@ -64,7 +64,7 @@ def test_record_of_seeds_that_are_not_a_range():
 
 def test_record_path_and_can_draw(tmp_path):
     assert record_path(tmp_path / "s.npz", tmp_path / "p.png") == tmp_path / "s.json"
-    assert record_path(None, tmp_path / "p.png") == tmp_path / "p.json"
+    assert record_path(None, tmp_path / "p.png") == tmp_path / "p.png.json"
     with pytest.raises(ConfigError):
         record_path(None, None)
     assert can_draw((2,)) and can_draw((3, 8, 8)) and not can_draw((3,))

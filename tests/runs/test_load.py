@@ -36,7 +36,12 @@ def cli(*args) -> int:
 def run_config(data: str, model: str, model_options: dict, **data_extra) -> RunConfig:
     """A 2-step class-conditional run on ``data``: enough to have weights to sample."""
     tr = {"steps": 2, "batch_size": 6, "progress": False, "checkpoint_every": 2,
-          "sample_count": 0, "device": "cpu", "ema_decays": [0.9], "log_every": 1}
+          "sample_count": 0, "device": "cpu", "ema_decays": [0.9], "log_every": 1,
+          # the EMA rule these fixtures were made with: 2 steps leave 0.81 of the initial
+          # weights. With the warm-up (the trained weights) the MLP's samples differ by
+          # ~3e-8 between batch compositions, which the seed test's torch.equal refuses (see
+          # the report of issue 15; raw weights show it too)
+          "ema_warmup": False}
     return RunConfig.from_dict({"model": {"name": model, "options": model_options},
                                 "data": {"name": data, "class_conditional": True,
                                          **data_extra},

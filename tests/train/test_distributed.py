@@ -26,6 +26,7 @@ import datetime
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -35,6 +36,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file
 
 from meanflow.data import build_dataset
 from meanflow.errors import ConfigError
@@ -48,6 +50,7 @@ from meanflow.train import distributed as dist_
 from meanflow.train import loop
 from meanflow.train import step as step_mod
 from meanflow.train.ema import EMA
+from meanflow.train.interrupt import Interrupted
 from meanflow.train.loop import check_config, train
 from meanflow.train.schedule import step_seed
 from meanflow.world import World, env_world, gather_sharded, on_every, shard
@@ -76,6 +79,21 @@ class F64:
     def batch(self, batch_size, generator):
         x, y = self.base.batch(batch_size, generator)
         return x.double(), y
+
+
+class SignalledOnRank1(F64):
+    """F64, but rank 1 sends itself SIGTERM while it draws the batch of step 3 (rank 0 gets
+    no signal), as a scheduler stopping one node first would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def batch(self, batch_size, generator):
+        self.calls += 1
+        if self.calls == 3 and dist.get_rank() == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return super().batch(batch_size, generator)
 
 
 class F64Points:
@@ -154,8 +172,8 @@ class RecordingEMA(EMA):
     """Keeps the weights each rank held after its last optimiser step."""
     last: dict = {}
 
-    def update(self, model):
-        super().update(model)
+    def update(self, model, count=None):
+        super().update(model, count)
         RecordingEMA.last = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
@@ -231,6 +249,15 @@ def _worker(rank: int, port: int, root: str) -> None:
             on_every(world, fails_on_rank1)
         except ConfigError as exc:
             out["on_every_error"] = str(exc)
+
+        # SIGTERM on rank 1 only: every rank stops after the same step, checkpointed
+        try:
+            train(make_config(6, checkpoint_every=100), root / "stopped",
+                  dataset=SignalledOnRank1())
+        except Interrupted as stop:
+            out["interrupted"] = (int(stop.signum), stop.step, stop.checkpoint.name)
+        train(make_config(6, checkpoint_every=100), root / "stopped", resume=True, dataset=F64())
+        train(make_config(6, checkpoint_every=100), root / "whole", dataset=F64())
 
         try:            # the test process holds this folder's lock: rank 0 is refused,
             train(make_config(4), root / "locked", dataset=F64())   # and so is every rank
@@ -382,7 +409,6 @@ def test_logs_are_the_mean_over_ranks_and_rank0_writes_alone(ranks):
     for line, want in zip(lines, expected):
         for key in ("loss", "mse", "u_minus_v", "weight", "frac_r_neq_t"):
             assert line[key] == pytest.approx(want[key], rel=1e-6), key
-    from safetensors.torch import load_file
     saved = load_file(str(root / "split" / "checkpoints" / "step_0000004" / "model.safetensors"))
     assert all(torch.equal(saved[k], r0["split"][k]) for k in saved)
     state = json.loads((root / "split" / "checkpoints" / "step_0000004" / "state.json")
@@ -427,6 +453,18 @@ def test_rank0_alone_holds_the_run_folder_and_a_refusal_reaches_every_rank(ranks
     holder = f"in use by process {os.getpid()} (meanflow train)"
     assert holder in r0["locked_error"] and r0["locked_error"] == r1["locked_error"]
     assert sorted(p.name for p in (root / "locked").iterdir()) == [".meanflow.lock"]
+
+
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(ranks):
+    """SIGTERM reaches rank 1 alone during step 3: both ranks agree after that step, write
+    its checkpoint together and stop with Interrupted; resumed, the run ends bit for bit
+    where an uninterrupted one does."""
+    root, r0, r1 = ranks
+    assert r0["interrupted"] == r1["interrupted"] == (signal.SIGTERM, 3, "step_0000003")
+    for part in ("model", "ema", "optimizer"):
+        a, b = (load_file(str(root / run / "checkpoints" / "step_0000006" /
+                              f"{part}.safetensors")) for run in ("stopped", "whole"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
 
 
 def test_resume_with_another_number_of_ranks(ranks):

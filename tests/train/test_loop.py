@@ -4,7 +4,9 @@ output folders, non-finite losses, class-conditional and user-file training."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +19,9 @@ from meanflow.data import build_dataset
 from meanflow.errors import CheckpointError, ConfigError
 from meanflow.sampling import sample_seeded
 from meanflow.runs.config import RunConfig, load_config
+from meanflow.runs.folder import saved_config
 from meanflow.runs.load import load_model
+from meanflow.train import Interrupted
 from meanflow.train.loop import train
 
 TINY = {"width": 16, "depth": 1, "emb_dim": 8}
@@ -171,20 +175,27 @@ def test_keep_checkpoints(tmp_path, keep, expected):
     assert ckpt_names(run) == expected
 
 
-def test_ema_follows_its_update_rule(tmp_path):
-    """Between consecutive checkpoints, shadow_d = d·shadow_d + (1 - d)·θ for each decay."""
+@pytest.mark.parametrize("warmup", [False, True])
+def test_ema_follows_its_update_rule(tmp_path, warmup):
+    """Between consecutive checkpoints, shadow_d = β·shadow_d + (1 - β)·θ for each decay d,
+    with β = d, or under the warm-up min(d, (k - 1)/(k + 9)) at the k-th update: the first
+    update copies the weights, the second has β = min(d, 1/11)."""
     run = tmp_path / "run"
-    train(make_config(2, checkpoint_every=1, ema_decays=[0.5, 0.9]), run)
+    train(make_config(2, checkpoint_every=1, ema_decays=[0.05, 0.9], ema_warmup=warmup), run)
     root = run / "checkpoints"
     ema1 = load_file(str(root / "step_0000001" / "ema.safetensors"))
     ema2 = load_file(str(root / "step_0000002" / "ema.safetensors"))
+    model1 = load_file(str(root / "step_0000001" / "model.safetensors"))
     model2 = load_file(str(root / "step_0000002" / "model.safetensors"))
-    for d in (0.5, 0.9):
+    for d in (0.05, 0.9):
         prefix = f"ema_{d:g}."
         names = [k[len(prefix):] for k in ema2 if k.startswith(prefix)]
         assert sorted(names) == sorted(model2)
+        beta = min(d, 1 / 11) if warmup else d
         for name in names:
-            expected = d * ema1[prefix + name] + (1 - d) * model2[name]
+            if warmup:
+                assert torch.equal(ema1[prefix + name], model1[name])
+            expected = beta * ema1[prefix + name] + (1 - beta) * model2[name]
             torch.testing.assert_close(ema2[prefix + name], expected, rtol=1e-6, atol=1e-7)
 
 
@@ -267,6 +278,117 @@ def test_resume_after_a_kill(tmp_path):
     train(cfg, b, resume=True)
     assert_same_checkpoint(a / "checkpoints" / "step_0000012", b / "checkpoints" / "step_0000012")
     assert steps_logged(b) == list(range(1, 13))
+
+
+class Signalling:
+    """8gaussians, but the batch of call ``at`` (one call per step, from 1) sends ``sig`` to
+    this process, as Ctrl-C or a scheduler's SIGTERM would, ``times`` times."""
+
+    def __init__(self, at: int, sig: int, times: int = 1) -> None:
+        self.base = build_dataset("8gaussians")
+        self.shape, self.num_classes = self.base.shape, self.base.num_classes
+        self.at, self.sig, self.times, self.calls = at, sig, times, 0
+
+    def batch(self, batch_size, generator):
+        self.calls += 1
+        if self.calls == self.at:
+            for _ in range(self.times):
+                os.kill(os.getpid(), self.sig)
+        return self.base.batch(batch_size, generator)
+
+
+def without_timing(run: Path) -> list[dict]:
+    """The metrics lines without the speed, and without the du/dt strategy that the first
+    line of each train() call records (a resumed run's first line has it too)."""
+    return [{k: v for k, v in r.items() if k not in ("samples_per_s", "jvp")}
+            for r in records(run)]
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_checkpoints_the_last_step_and_resume_is_exact(tmp_path, sig, code):
+    """SIGINT/SIGTERM during step 7 of 12 (no checkpoint due before the end): the step ends,
+    its checkpoint is written, Interrupted says so; resuming from the folder alone (its saved
+    config) ends bit for bit where an uninterrupted run does: weights, EMA, Adam state and
+    every metrics.jsonl line (the log window of steps 5-7 travels in the checkpoint; the
+    speed and the first line's du/dt strategy aside)."""
+    cfg = make_config(12, model={"dropout": 0.2}, checkpoint_every=100, log_every=4)
+    a, b = tmp_path / "a", tmp_path / "b"
+    train(cfg, a)
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Interrupted) as stop:
+        train(cfg, b, dataset=Signalling(at=7, sig=sig))
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
+    assert stop.value.step == 7 and stop.value.exit_code == code
+    assert stop.value.checkpoint == b / "checkpoints" / "step_0000007"
+    assert ckpt_names(b) == ["step_0000007"]
+    line = stop.value.message()
+    assert "step 7" in line and f"meanflow train --resume --out {b}" in line
+    assert "\n" not in line
+    assert steps_logged(b) == [4]
+    train(saved_config(b), b, resume=True)
+    assert_same_checkpoint(a / "checkpoints" / "step_0000012", b / "checkpoints" / "step_0000012")
+    assert without_timing(a) == without_timing(b)
+
+
+def test_a_second_signal_stops_at_once(tmp_path):
+    """Two Ctrl-C: the second is a plain KeyboardInterrupt, no checkpoint is written."""
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt) as stop:
+        train(make_config(12, checkpoint_every=100), run,
+              dataset=Signalling(at=3, sig=signal.SIGINT, times=2))
+    assert not isinstance(stop.value, Interrupted)
+    assert not (run / "checkpoints").exists() or not ckpt_names(run)
+
+
+def test_resume_without_a_checkpoint_says_it_starts_again(tmp_path, capsys):
+    """A folder with a config but no checkpoint (a run stopped or diverged before its first
+    one) resumes from step 0, and one line says so; train(resume=True) into a new folder
+    (meanflow demo does) starts quietly."""
+    cfg = make_config(6, checkpoint_every=100)
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, run, dataset=Wrapped(raise_at=4, exc=KeyboardInterrupt()))
+    capsys.readouterr()
+    train(cfg, run, resume=True)
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"meanflow: {run} holds no checkpoint yet: the run starts again from step 0"]
+    train(cfg, tmp_path / "new", resume=True)      # a folder with no run yet: nothing to say
+    assert capsys.readouterr().err == ""
+
+
+def test_an_old_run_resumes_with_the_ema_it_had(tmp_path):
+    """A config.json saved before train.ema_warmup existed reads as the rule it ran with (no
+    warm-up): resumed from its folder alone, it continues bit for bit."""
+    old = make_config(8, ema_warmup=False)
+    a, b = tmp_path / "a", tmp_path / "b"
+    train(old, a)
+    train(make_config(4, ema_warmup=False), b)
+    saved = json.loads((b / "config.json").read_text())
+    del saved["train"]["ema_warmup"]
+    (b / "config.json").write_text(json.dumps(saved))
+    cfg = saved_config(b, ["train.steps=8"])
+    assert cfg.train.ema_warmup is False and cfg == old
+    train(cfg, b, resume=True)
+    assert_same_checkpoint(a / "checkpoints" / "step_0000008", b / "checkpoints" / "step_0000008")
+    with pytest.raises(ConfigError, match="train.ema_warmup"):
+        train(make_config(12), b, resume=True)     # a new run's default is another rule
+
+
+def test_a_run_starts_with_a_summary_and_its_measured_speed(tmp_path, capsys):
+    """With train.progress, one summary when the run starts (data, model, objective, steps)
+    and, a few steps later, the measured time per step; nothing with progress off."""
+    run = tmp_path / "run"
+    train(make_config(12, progress=True), run)
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == f"meanflow train: {run}"
+    assert err[1] == "  data       8gaussians: drawn without end of shape (2,), unconditional"
+    assert err[2].startswith("  model      mlp: ") and err[2].endswith(" parameters, on cpu")
+    assert err[3].startswith("  objective  meanflow (p=1, c=0.001")
+    assert err[4].startswith("  steps      12, batch 16, lr 0.001, EMA 0.999 with warm-up")
+    assert err[5].startswith("  speed      ") and "s/step (steps 2 to 6)" in err[5]
+    assert "for the 6 steps left" in err[5] and len(err) == 6
+    train(make_config(4), tmp_path / "quiet")
+    assert capsys.readouterr().err == ""
 
 
 def test_resume_before_first_checkpoint_does_not_duplicate_metrics(tmp_path):

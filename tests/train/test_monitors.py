@@ -8,9 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+import meanflow
+from meanflow.data import build_dataset
 from meanflow.errors import ConfigError
+from meanflow.metrics.distances import energy_distance
 from meanflow.runs.config import load_config
+from meanflow.train.energy import REFERENCE_SEED
 from meanflow.train.loop import train
 
 from test_loop_features import image_config, images_npz  # noqa: E402
@@ -124,3 +129,55 @@ def test_periodic_fid_bad_settings_stop_before_the_run(tmp_path):
         train(image_config(data, fid_every=2, fid_ref=str(tmp_path / "fm.npz")),
               tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def _points_config(steps: int, **train_opts):
+    return load_config(None, [
+        "model.options={width: 32, depth: 2, emb_dim: 8}", f"train.steps={steps}",
+        "train.batch_size=64", "train.progress=false", "train.sample_count=0",
+        f"train.log_every={steps}", f"train.checkpoint_every={steps}",
+        "train.keep_checkpoints=0",
+        *[f"train.{k}={v}" for k, v in train_opts.items()]])
+
+
+def test_point_runs_log_the_energy_distance_of_their_ema_samples(tmp_path):
+    """Every train.energy_every steps one metrics.jsonl record: the energy distance of
+    energy_n one-step samples of the first EMA (seeds 0..N-1) to energy_n points drawn with
+    the reference seed; the value is what meanflow.load of that checkpoint gives."""
+    run = tmp_path / "run"
+    train(_points_config(8, energy_every=4, energy_n=300, checkpoint_every=4), run)
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in lines if r.get("eval") == "energy"]
+    assert [r["step"] for r in evals] == [4, 8]
+    assert all(r["energy_n"] == 300 and r["energy_weights"] == "ema_0.999" for r in evals)
+    ref, _ = build_dataset("8gaussians").batch(
+        300, torch.Generator().manual_seed(REFERENCE_SEED + 0))
+    for r in evals:
+        model = meanflow.load(run / "checkpoints" / f"step_{r['step']:07d}")
+        expected = energy_distance(model.sample(300, seed=0).samples, ref)
+        assert r["energy_nfe1"] == expected and expected > 0
+
+
+def test_no_energy_evaluation_for_images_or_when_off(tmp_path):
+    run = tmp_path / "off"
+    train(_points_config(4, energy_every=0, log_every=1), run)
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
+    data = images_npz(tmp_path)
+    train(image_config(data, steps=2, sample_count=0, energy_every=1), tmp_path / "img")
+    assert "energy" not in (tmp_path / "img" / "metrics.jsonl").read_text()
+
+
+@pytest.mark.slow
+def test_the_energy_distance_falls_as_a_point_run_learns(tmp_path):
+    """Checkerboard, 400 steps: the logged distance at the end is well below the first one
+    (step 10), where the issue saw only a flat loss and a rising mse."""
+    run = tmp_path / "run"
+    train(load_config(None, ["data.name=checkerboard", "train.steps=400",
+                             "train.batch_size=128", "train.progress=false",
+                             "train.sample_count=0", "train.energy_every=10",
+                             "train.energy_n=1000", "train.log_every=100",
+                             "model.options={width: 128, depth: 3, emb_dim: 32}"]), run)
+    values = [json.loads(line)["energy_nfe1"] for line in
+              (run / "metrics.jsonl").read_text().splitlines() if "energy_nfe1" in line]
+    assert len(values) == 40 and max(values[-5:]) < 0.25 * values[0], values

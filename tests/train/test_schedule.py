@@ -247,8 +247,8 @@ class RecordingEMA(EMA):
     """Keeps the model's weights at construction and after every optimiser step."""
     trajectory: list = []
 
-    def __init__(self, model, decays, every=1) -> None:
-        super().__init__(model, decays, every)
+    def __init__(self, model, decays, every=1, warmup=False) -> None:
+        super().__init__(model, decays, every, warmup)
         RecordingEMA.trajectory = [self._weights(model)]
 
     @staticmethod
@@ -268,7 +268,8 @@ def test_ema_every_follows_the_official_rule(tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "EMA", RecordingEMA)
     run = tmp_path / "run"
     decays = [0.9, 0.5]
-    train(config(32, ema_every=16, ema_decays=decays, checkpoint_every=8), run)
+    train(config(32, ema_every=16, ema_decays=decays, checkpoint_every=8, ema_warmup=False),
+          run)
     theta = RecordingEMA.trajectory
     assert len(theta) == 33
     saved = {n: tensors(run / "checkpoints" / f"step_{n:07d}", "ema") for n in (8, 16, 24, 32)}

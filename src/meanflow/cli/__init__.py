@@ -7,6 +7,8 @@
     meanflow fid     ref DATA -o STATS.npz | calc SAMPLES_OR_RUN --ref STATS.npz
     meanflow convert OFFICIAL_CHECKPOINT.pth OUT_DIR
     meanflow demo    [--out DIR] [--steps N]
+    meanflow data    fashion-mnist|mnist [--out DIR] [--from DIR]
+    meanflow export  RUN OUT [--format diffusers] [--ema auto] [--vae auto]
 
 One module per command (``train``, ``sample``, ``fid``, ``latents`` for prepare-latents,
 ``convert``, ``presets``, ``demo``), each with ``add_parser(subparsers)`` and ``run(args)``;
@@ -22,6 +24,8 @@ from typing import Callable
 
 from meanflow import __version__
 from meanflow.cli import convert, demo, fid, latents, presets, sample, train
+from meanflow.cli import data
+from meanflow.cli import export
 from meanflow.cli.common import OneLineParser
 from meanflow.errors import MeanFlowError
 
@@ -29,7 +33,8 @@ __all__ = ["main", "build_parser", "COMMANDS"]
 
 # subcommand -> its module (add_parser, run), in the order `meanflow --help` lists them
 COMMANDS = {"train": train, "sample": sample, "fid": fid, "prepare-latents": latents,
-            "convert": convert, "presets": presets, "demo": demo}
+            "convert": convert, "presets": presets, "demo": demo, "data": data,
+            "export": export}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -49,8 +49,9 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
     fc.add_argument("source", type=Path, help="samples .npz, run folder or checkpoint")
     fc.add_argument("--ref", type=Path, required=True, help="stats from `meanflow fid ref`")
     fc.add_argument("--n", "--num-samples", dest="n", type=count_arg, default=None,
-                    help="samples (default 10000; 50000 for a latent model decoded by a VAE; "
-                    "under torchrun write --num-samples)")
+                    help="samples (default min(10000, the reference's N); 50000 instead of "
+                    "10000 for a latent model decoded by a VAE; under torchrun write "
+                    "--num-samples)")
     fc.add_argument("--steps", type=count_arg, default=1, help="network calls (default 1)")
     fc.add_argument("--seed", type=seed_arg, default=0, help="first seed, 0 <= SEED < 2**64 "
                     "(default 0)")
@@ -106,14 +107,13 @@ def run_calc(args: argparse.Namespace) -> int:
     if args.source.suffix == ".npz" and args.ema != "auto":
         raise ConfigError("--ema chooses the weights of a run folder or checkpoint; a samples "
                           ".npz is scored as it is: drop --ema")
-    # a samples file: its first 10 000 by default; a run: 10 000 fresh samples, 50 000 of a
-    # latent run decoded by its VAE (fid_of decides, once it knows)
-    n = 10000 if args.n is None and args.source.suffix == ".npz" else args.n
+    # without --n: min(10 000, the reference's N) samples (50 000 for a latent run decoded by
+    # its VAE); fid_of decides once it knows, and says so when the reference lowered it
     with _one_writer(args.out, "meanflow fid calc"), joined(args.device) as (world, device):
-        record = fid_of(args.source, args.ref, n=n, steps=args.steps, seed=args.seed, ema=ema,
-                        batch_size=args.batch_size, device=str(device),
+        record = fid_of(args.source, args.ref, n=args.n, steps=args.steps, seed=args.seed,
+                        ema=ema, batch_size=args.batch_size, device=str(device),
                         extractor=args.extractor, pr=args.precision_recall, world=world,
-                        vae=args.vae)
+                        vae=args.vae, note=print if world.is_main else None)
     if not world.is_main:
         return 0
     if args.out is not None:

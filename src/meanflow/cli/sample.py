@@ -55,11 +55,13 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
                     help="output .npz: 'samples' in model space, plus 'images' as uint8 "
                     "(N, H, W, C) for image models (default samples.npz unless only --png)")
     sa.add_argument("--png", type=Path, help="draw an image grid (images) or a scatter plot "
-                    "(2-D points)")
+                    "(2-D points); other samples are refused before sampling. Its record is "
+                    "FILE.png.json when no --out is given")
     sa.add_argument("--nrow", type=count_arg, help="images per row of the --png grid")
     sa.add_argument("--overwrite", action="store_true", help="replace existing output files")
     sa.add_argument("--vae", default="auto", help="decode latents with this diffusers "
-                    "AutoencoderKL folder (x = vae.decode(z / 0.18215)); 'auto' (default): the "
+                    "AutoencoderKL folder or pipeline folder (x = vae.decode(z / scale + shift): "
+                    "0.18215 and 0 for SD-VAE); 'auto' (default): the "
                     "VAE recorded with the run's latents, if any; 'none': keep latents. With a "
                     "VAE the .npz holds 'images' (decoded, uint8) and 'latents', no 'samples'")
     return sa
@@ -109,6 +111,12 @@ def _sample(args: argparse.Namespace, out: Path | None, schedule: list[float] | 
             ema: float | str | None) -> int:
     with joined(args.device) as (world, device):
         model = load(args.checkpoint, ema=ema, device=device, vae=args.vae)
+        if args.png is not None and not can_draw(model.shape):
+            # refused before any work, like every input (docs/design.md, "Inputs"): the
+            # user reruns without --png at no cost, rather than finding a half-done output
+            fix = "drop --png" if out is not None else f"write --out {args.png.stem}.npz"
+            raise ConfigError(f"--png draws images or 2-D points; this model's samples have "
+                              f"shape {model.shape}: {fix} (nothing was sampled)")
         check_sampling(args.n, model.shape, args.batch_size, args.seed, device)
         check_vae(model)
         if model.num_classes is not None:
@@ -116,9 +124,6 @@ def _sample(args: argparse.Namespace, out: Path | None, schedule: list[float] | 
                 raise ConfigError(f"--label {args.label} is outside [0, {model.num_classes})")
         elif args.label is not None:
             raise ConfigError("--label given but the model is unconditional")
-        if args.png is not None and not can_draw(model.shape):
-            raise ConfigError(f"--png draws images or 2-D points; this model's samples have "
-                              f"shape {model.shape}: drop --png")
         # under torchrun rank r draws samples r, r + W, ...; sample i depends on seed i alone
         samples = model.sample(args.n, labels=args.label, steps=args.steps, schedule=schedule,
                                seed=args.seed, batch_size=args.batch_size, progress=True,

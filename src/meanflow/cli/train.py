@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -17,8 +18,9 @@ from meanflow.errors import ConfigError
 from meanflow.presets import preset_path
 from meanflow.runs.build import build_network
 from meanflow.runs.config import RunConfig, load_config, train_bytes
-from meanflow.runs.folder import check_run_dir, new_run_dir
+from meanflow.runs.folder import check_run_dir, new_run_dir, saved_config
 from meanflow.train import check_config, train
+from meanflow.train.interrupt import Interrupted
 from meanflow.world import env_world, resolve_device
 
 __all__ = ["TRAIN_FLAGS", "add_parser", "run", "check_memory"]
@@ -37,12 +39,14 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
                                "<- --set.")
     tr.add_argument("--config", type=Path, help="YAML/JSON config file")
     tr.add_argument("--preset", help="a shipped config by name (list them: meanflow presets), "
-                    "e.g. fmnist-unet")
+                    "e.g. fmnist-unet; with --data its data.options stay behind")
     tr.add_argument("--out", type=Path, default=None,
                     help="run folder (default: a new runs/NNNNN-<data>[-cond]-<objective>-"
                     "<model>)")
     tr.add_argument("--resume", action="store_true",
-                    help="continue the run in --out from its newest checkpoint")
+                    help="continue the run in --out from its newest checkpoint, with the "
+                    "folder's saved config (flags may change only what a resume may, e.g. "
+                    "--steps)")
     tr.add_argument("--dry-run", action="store_true",
                     help="print the resolved config and exit without training")
     tr.add_argument("--data", help="a toy set (8gaussians, checkerboard, moons, spirals), "
@@ -51,7 +55,8 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
     tr.add_argument("--class-conditional", action="store_true",
                     help="condition on the data's labels (enables guidance)")
     tr.add_argument("--objective", help="meanflow (default) or flow_matching")
-    tr.add_argument("--model", help="backbone name (default mlp)")
+    tr.add_argument("--model", help="backbone name (default mlp; unet-tiny: a small, fast "
+                    "U-Net for any images on a CPU)")
     tr.add_argument("--steps", type=count_arg, help="training steps")
     tr.add_argument("--batch-size", type=count_arg, help="batch size")
     tr.add_argument("--lr", type=float, help="learning rate")
@@ -77,13 +82,17 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError("give --preset or --config, not both (a preset is a config "
                               "file; copy it to edit it)")
         config = preset_path(args.preset)
-    cfg = load_config(config, overrides + args.overrides)
     out = args.out
-    if args.resume and out is not None and not (out / "config.json").is_file():
-        raise ConfigError(f"--resume: {out} holds no run to continue; check the path, "
-                          "or drop --resume to start a new run there")
     if out is None and args.resume:
         raise ConfigError("--resume needs --out: name the run folder to continue")
+    if args.resume and not (out / "config.json").is_file():
+        raise ConfigError(f"--resume: {out} holds no run to continue; check the path, "
+                          "or drop --resume to start a new run there")
+    if args.resume and config is None:
+        # the folder's own config is the base, the flags on top (docs/design.md, Run folders)
+        cfg = saved_config(out, overrides + args.overrides)
+    else:
+        cfg = load_config(config, overrides + args.overrides)
     if args.dry_run:
         check_config(cfg)  # data, model and loss are built too, so a dry run catches all
         check_memory(cfg)
@@ -94,7 +103,12 @@ def run(args: argparse.Namespace) -> int:
     check_memory(cfg)
     if out is None:
         out = new_run_dir(cfg)
-    ckpt = train(cfg, out, resume=args.resume)
+    try:
+        ckpt = train(cfg, out, resume=args.resume)
+    except Interrupted as stop:    # Ctrl-C or SIGTERM: the last step is checkpointed
+        if is_rank_zero():
+            print(stop.message(), file=sys.stderr)
+        return stop.exit_code
     if is_rank_zero():  # under torchrun, once
         print(f"done: {ckpt}")
     return 0

@@ -4,9 +4,8 @@ The training loop seeds a :class:`torch.Generator` per step and asks the dataset
 so resuming a run reproduces its batches exactly. Finite sources (:class:`FiniteSource`: every
 one but the endless 2-D toys) also give chosen samples with ``take``, which the loop uses to
 visit them epoch by epoch in the order of :class:`EpochOrder`. :func:`build_dataset` turns a
-name (one of
-:data:`TOY_DATASETS`, ``fashion-mnist``, ``cifar10``), a folder of images or a
-``.npy``/``.npz``/``.csv`` path into a :class:`BatchSource`. :class:`EDMAugment` is the
+name (one of :data:`TOY_DATASETS`, ``fashion-mnist``, ``mnist``, ``cifar10``), a folder of
+images or a ``.npy``/``.npz``/``.csv`` path into a :class:`BatchSource`. :class:`EDMAugment` is the
 EDM-style geometric augmentation whose label the U-Net takes as a condition.
 """
 
@@ -163,15 +162,16 @@ _TOY_REGISTRY: dict[str, type] = {
 TOY_DATASETS: tuple[str, ...] = tuple(_TOY_REGISTRY)
 
 # Every name build_dataset accepts (for error messages).
-_NAMES: tuple[str, ...] = (*TOY_DATASETS, "fashion-mnist", "cifar10")
+_NAMES: tuple[str, ...] = (*TOY_DATASETS, "fashion-mnist", "mnist", "cifar10")
 
 
 def build_dataset(name_or_path: str | os.PathLike[str], **kwargs: Any) -> BatchSource:
     """Build a batch source from a dataset name, an image folder or a point file path.
 
     Args:
-        name_or_path: one of :data:`TOY_DATASETS` (case-insensitive), ``fashion-mnist``
-            (IDX files of the Debian package dataset-fashion-mnist), ``cifar10`` (with
+        name_or_path: one of :data:`TOY_DATASETS` (case-insensitive), ``fashion-mnist`` or
+            ``mnist`` (their IDX files, from ``root=`` or where ``meanflow data NAME`` puts
+            them, or for Fashion-MNIST the Debian package dataset-fashion-mnist), ``cifar10`` (with
             ``root=`` its cifar-10-batches-py folder), the path of an existing folder of
             .png/.jpg/.jpeg images (read by :func:`load_image_folder`; class sub-folders give
             labels), or a path ending in ``.npy``, ``.npz`` or ``.csv``. A ``.npz`` whose
@@ -209,9 +209,10 @@ def build_dataset(name_or_path: str | os.PathLike[str], **kwargs: Any) -> BatchS
                               "cifar-10-batches-py folder")
         _check_options(key, ImageArray.cifar10, kwargs)
         return ImageArray.cifar10(**kwargs)
-    if key == "fashion-mnist":
-        _check_options(key, ImageArray.fashion_mnist, kwargs)
-        return ImageArray.fashion_mnist(**kwargs)
+    if key in ("fashion-mnist", "mnist"):   # `meanflow data NAME` puts their files in place
+        loader = ImageArray.fashion_mnist if key == "fashion-mnist" else ImageArray.mnist
+        _check_options(key, loader, kwargs)
+        return loader(**kwargs)
     if is_latent_folder(text):   # `meanflow prepare-latents` output (folder or index.json)
         _check_options(text, LatentShards, kwargs)
         return LatentShards(text, **kwargs)

@@ -2,7 +2,8 @@
 
 :class:`ImageArray` wraps an ``(N, C, H, W)`` ``uint8`` tensor (plus optional labels). It can
 be read from MNIST-style IDX files (:meth:`ImageArray.from_idx`, gzipped or not), from the
-Debian Fashion-MNIST package (:meth:`ImageArray.fashion_mnist`) or from a ``.npz`` file
+folders of ``meanflow data`` or the Debian package (:meth:`ImageArray.fashion_mnist`,
+:meth:`ImageArray.mnist`) or from a ``.npz`` file
 (:meth:`ImageArray.from_npz`), or from CIFAR-10's ``cifar-10-batches-py`` pickles
 (:meth:`ImageArray.cifar10`), which a restricted unpickler reads: it rebuilds numpy arrays and
 plain containers and refuses every other global, so a crafted file cannot run code.
@@ -22,6 +23,7 @@ import torch
 from torch import Tensor
 
 from meanflow.data.checks import check_batch_args, check_labels, check_take_args, one_line
+from meanflow.data.idx_sets import IDX_SETS, find_idx_set
 from meanflow.errors import ConfigError, DataError
 from meanflow.pixels import from_uint8
 
@@ -44,7 +46,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refused global {module}.{name}")
 
 #: Where the Debian package ``dataset-fashion-mnist`` installs the Fashion-MNIST files.
-FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_ROOT = str(IDX_SETS["fashion-mnist"].system_root)
 
 _IDX_IMAGES_MAGIC = 0x00000803  # uint8, 3 dimensions (N, H, W)
 _IDX_LABELS_MAGIC = 0x00000801  # uint8, 1 dimension (N,)
@@ -170,33 +172,43 @@ class ImageArray:
         return cls(x, y, hflip=hflip)
 
     @classmethod
-    def fashion_mnist(cls, root: str | os.PathLike[str] = FASHION_MNIST_ROOT,
+    def fashion_mnist(cls, root: str | os.PathLike[str] | None = None,
                       split: str = "train", hflip: bool = False) -> ImageArray:
         """Load Fashion-MNIST (60000 train or 10000 test images, ``(1, 28, 28)``, 10 classes).
 
         Args:
             root: folder holding ``{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz``; by default
-                where the Debian package ``dataset-fashion-mnist`` installs them.
+                the folder ``meanflow data fashion-mnist`` fills, then the one the Debian
+                package ``dataset-fashion-mnist`` installs
+                (:func:`meanflow.data.idx_sets.idx_set_folders`).
             split: ``"train"`` or ``"test"``.
             hflip: see :class:`ImageArray`.
 
         Raises:
             ConfigError: for an unknown ``split``.
-            DataError: if the files are missing or malformed.
+            DataError: if the files are missing (the message names them and
+                ``meanflow data fashion-mnist``) or malformed.
         """
+        return cls._idx_set("fashion-mnist", root, split, hflip)
+
+    @classmethod
+    def mnist(cls, root: str | os.PathLike[str] | None = None, split: str = "train",
+              hflip: bool = False) -> ImageArray:
+        """Load MNIST (60000 train or 10000 test digits, ``(1, 28, 28)``, 10 classes); as
+        :meth:`fashion_mnist`, from the folder ``meanflow data mnist`` fills by default."""
+        return cls._idx_set("mnist", root, split, hflip)
+
+    @classmethod
+    def _idx_set(cls, name: str, root: str | os.PathLike[str] | None, split: str,
+                 hflip: bool) -> ImageArray:
         prefixes = {"train": "train", "test": "t10k"}
         if split not in prefixes:
-            raise ConfigError(f"unknown Fashion-MNIST split {split!r}; "
-                              "pass split='train' or split='test'")
-        folder = Path(os.fspath(root))
+            raise ConfigError(f"unknown {name} split {split!r}; "
+                              "set data.options.split to train or test")
         prefix = prefixes[split]
-        images = folder / f"{prefix}-images-idx3-ubyte.gz"
-        labels = folder / f"{prefix}-labels-idx1-ubyte.gz"
-        if not images.is_file() or not labels.is_file():
-            raise DataError(f"Fashion-MNIST not found in {folder}: install the Debian package "
-                            "dataset-fashion-mnist (apt-get install dataset-fashion-mnist) "
-                            "or pass root=")
-        return cls.from_idx(images, labels, hflip=hflip)
+        files = (f"{prefix}-images-idx3-ubyte.gz", f"{prefix}-labels-idx1-ubyte.gz")
+        folder = find_idx_set(name, root, files)
+        return cls.from_idx(folder / files[0], folder / files[1], hflip=hflip)
 
     @classmethod
     def cifar10(cls, root: str | os.PathLike[str], split: str = "train",

@@ -15,18 +15,20 @@ and ``count``; a shard is complete when its file exists (written atomically) wit
 
 ``index.json``: ``format``, ``version``, ``complete`` (true once every shard and the reference
 statistics exist), ``plan_id``, ``num_images``, ``shard_size``, ``num_shards``,
-``latent_shape`` [C, h, w], ``dtype``, ``scale`` (0.18215 for SD-VAE), ``vae`` (``spec``: the
+``latent_shape`` [C, h, w], ``dtype``, ``scale`` (0.18215 for SD-VAE), ``shift`` (the VAE's
+``shift_factor``, 0 for SD-VAE; absent in folders written before it, read as 0), ``vae`` (``spec``: the
 path or hub id given, ``sha256`` of its weights file, ``config``), ``resolution``, ``source``,
 ``class_names`` (null when unlabelled), ``num_classes``, ``fid_ref`` (file name or null),
 ``fid_extractor``.
 
-:class:`LatentShards` draws ``x = (mean + std * e) * scale``, e ~ N(0, I), at every batch (the
+:class:`LatentShards` draws ``x = (mean + std * e - shift) * scale``, e ~ N(0, I), at every batch (the
 ImageNet recipe draws a new latent from the posterior at every step), with the images' labels.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import OrderedDict
 from pathlib import Path
@@ -117,6 +119,13 @@ class LatentShards:
             raise DataError(f"the latents in {self.root} are incomplete (a preparation was "
                             "stopped): rerun the same meanflow prepare-latents command to finish")
         self.scale = check_scale(self.index["scale"] if scale is None else scale)
+        shift = self.index.get("shift") or 0.0
+        if isinstance(shift, bool) or not isinstance(shift, (int, float)) \
+                or not math.isfinite(shift):
+            raise DataError(f"{self.root}/{INDEX_NAME} has shift {shift!r}, not a finite "
+                            "number; prepare the latents again")
+        #: Subtracted from every draw before scaling: the VAE's ``shift_factor`` (SD3, FLUX).
+        self.shift = float(shift)
         self.sample_posterior = sample_posterior
         self.shape: tuple[int, ...] = tuple(int(n) for n in self.index["latent_shape"])
         self.vae: dict[str, Any] = dict(self.index.get("vae") or {})
@@ -196,23 +205,25 @@ class LatentShards:
         return int(self._starts[-1])
 
     def batch(self, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor | None]:
-        """``(mean + std * e) * scale`` of ``batch_size`` images drawn with replacement, e
+        """``(mean + std * e - shift) * scale`` of ``batch_size`` images drawn with replacement, e
         drawn from ``generator`` too; (B, C, h, w) float32 and (B,) labels or None."""
         check_batch_args(batch_size, generator)
         index = torch.randint(0, len(self), (batch_size,), generator=generator)
         return self.take(index, generator)
 
     def take(self, indices: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor | None]:
-        """``(mean + std * e) * scale`` of images ``indices`` (B,), e drawn from ``generator``
+        """``(mean + std * e - shift) * scale`` of images ``indices`` (B,), e drawn from ``generator``
         (also without ``sample_posterior``, which then uses ``mean``); (B, C, h, w) float32
         and (B,) labels or None."""
         index = check_take_args(indices, len(self), generator)
         noise = torch.randn((index.shape[0], *self.shape), generator=generator)
         mean, std = self.posterior(index)
         x = mean + std * noise if self.sample_posterior else mean
+        if self.shift:
+            x = x - self.shift
         return x * self.scale, None if self.labels is None else self.labels[index]
 
     def __repr__(self) -> str:
         return (f"LatentShards(root={str(self.root)!r}, N={len(self)}, shape={self.shape}, "
-                f"num_classes={self.num_classes}, scale={self.scale:g}, "
+                f"num_classes={self.num_classes}, scale={self.scale:g}, shift={self.shift:g}, "
                 f"in_memory={self.in_memory})")

@@ -20,12 +20,14 @@ from meanflow.data.checks import (check_batch_args, check_labels, check_numpy_fi
                                   one_line)
 from meanflow.errors import ConfigError, DataError
 
-__all__ = ["PointCloud", "POINT_FILE_SUFFIXES"]
+__all__ = ["PointCloud", "POINT_FILE_SUFFIXES", "LABEL_COLUMNS"]
 
 #: File name endings :meth:`PointCloud.from_file` can read.
 POINT_FILE_SUFFIXES: tuple[str, ...] = (".npy", ".npz", ".csv")
 
 _FILE_HINT = "give the path of a .npy/.npz/.csv file"
+#: Header names (lower case) of a .csv column read as the labels without ``labels=``.
+LABEL_COLUMNS = ("label", "labels", "class", "target")
 
 
 class PointCloud:
@@ -80,14 +82,19 @@ class PointCloud:
           labels ``(N,)`` under key ``"y"`` if present, or under the key named by ``labels``.
         * ``.csv``: comma-separated numbers, optionally with a header row (detected when the
           first non-comment line is not all numbers). ``labels`` may name a header column or be
-          ``"last"``; that column becomes the integer labels and the others the points.
+          ``"last"``; that column becomes the integer labels and the others the points. Without
+          ``labels``, a header column named ``label``, ``labels``, ``class`` or ``target`` (any
+          case; :data:`LABEL_COLUMNS`) is taken as the labels, never trained as a coordinate;
+          ``labels="none"`` keeps every column as a coordinate. (``y`` is not among these
+          names: ``x,y`` is the usual header of 2-D points.)
 
         Nothing is ever unpickled: object arrays are refused.
 
         Args:
             path: the file to read.
             labels: which column (``.csv``) or key (``.npz``) holds the labels; ``None`` for
-                none (``.csv``) or key ``"y"`` when present (``.npz``).
+                a label-named header column when there is one (``.csv``) or key ``"y"`` when
+                present (``.npz``); ``"none"`` for none (``.csv``).
 
         Returns:
             A :class:`PointCloud`; ``data`` ``(N, D)`` float32, ``labels`` ``(N,)`` or ``None``.
@@ -238,7 +245,14 @@ def _read_csv(file: Path, labels: str | None) -> tuple[np.ndarray, np.ndarray | 
     if header is not None and len(header) != columns:
         raise DataError(f"{file}: header has {len(header)} names but rows have {columns} values; "
                         "give one name per column")
-    if labels is None:
+    if labels is None and header is not None:
+        named = [f for f in header if f.lower() in LABEL_COLUMNS]
+        if len(named) > 1:
+            raise ConfigError(f"{file} has several label-like columns ({', '.join(named)}); "
+                              "name one with data.options.labels=COLUMN, or "
+                              "data.options.labels=none to train on every column")
+        labels = named[0] if named else None
+    if labels is None or labels == "none":
         return table, None
     if labels == "last":
         column = columns - 1

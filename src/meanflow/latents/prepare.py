@@ -41,7 +41,8 @@ from meanflow.data.latents import (INDEX_NAME, LATENT_FORMAT, LATENT_VERSION, sh
 from meanflow.errors import ConfigError, DataError
 from meanflow.fileio import (atomic_path, atomic_write_text, claim_folder, exclusive,
                              remove_stale_temporaries)
-from meanflow.latents.vae import encode_posterior, latent_shape, load_vae, vae_identity
+from meanflow.latents.vae import (encode_posterior, latent_shape, load_vae, vae_identity,
+                                  vae_shift)
 from meanflow.metrics.extractors import load_extractor
 from meanflow.metrics.frechet import FeatureStats
 from meanflow.pixels import from_uint8
@@ -228,7 +229,7 @@ def _prepare(root: Path, out: Path, files: list[Path], labels: list[int] | None,
         "format": LATENT_FORMAT, "version": LATENT_VERSION, "complete": False,
         "plan_id": plan_id, "num_images": n, "shard_size": shard_size,
         "num_shards": num_shards, "latent_shape": list(shape), "dtype": dtype,
-        "scale": scale, "vae": ident, "resolution": resolution, "crop": "ADM centre crop",
+        "scale": scale, "shift": vae_shift(model), "vae": ident, "resolution": resolution, "crop": "ADM centre crop",
         "source": str(root.resolve()), "class_names": None if class_names is None
         else list(class_names), "num_classes": None if class_names is None
         else len(class_names), "fid_ref": None,

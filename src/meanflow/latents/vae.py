@@ -8,14 +8,16 @@ downloaded only when the hub answers a quick connection test (none with ``HF_HUB
 so that no network means one line at once, not minutes of retries. diffusers' and the hub's
 own warnings and log lines are silenced while loading: the error says what failed.
 
-Latents are stored unscaled; the model sees ``scale * z`` (0.18215 for SD-VAE) and
-decoding divides by it again.
+Latents are stored unscaled; the model sees ``scale * (z - shift)`` (scale 0.18215 and no
+shift for SD-VAE; SD3 and FLUX VAEs have a ``shift_factor`` in their config) and decoding
+computes ``z / scale + shift`` again.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import socket
 import warnings
@@ -30,7 +32,7 @@ from meanflow.errors import ConfigError, DataError
 from meanflow.fileio import file_sha256
 
 __all__ = ["SD_VAE_SCALE", "DIFFUSERS_INSTALL", "load_vae", "vae_identity", "encode_posterior",
-           "decode_latents", "latent_shape"]
+           "decode_latents", "latent_shape", "vae_shift"]
 
 SD_VAE_SCALE = 0.18215      # Stable Diffusion's latent scale (the paper's x0.18215)
 DIFFUSERS_INSTALL = "pip install 'meanflow[latents]' (or: pip install diffusers)"
@@ -46,9 +48,28 @@ def _autoencoder_class() -> Any:
     return AutoencoderKL
 
 
+# The first path segments the hub keeps for itself (huggingface.co/models/..., /datasets/...):
+# "models/sd-vae-ft-mse" can only be a local folder, never a hub id.
+_HUB_RESERVED = ("models", "datasets", "spaces", "docs", "api")
+
+
 def _looks_like_path(spec: str) -> bool:
-    # a hub id is "owner/name": one slash, no leading dot, slash or tilde
-    return spec.startswith((".", "/", "~")) or spec.count("/") != 1 or Path(spec).exists()
+    """Whether ``spec`` is a local path rather than a hub id ``owner/name``: it starts with
+    ".", "/" or "~", has other than one slash, exists, or its first part is a local folder or a
+    name the hub reserves (a mistyped ``models/sd-vae-ft-mse`` fails at once, no hub lookup)."""
+    if spec.startswith((".", "/", "~", "\\")) or spec.count("/") != 1 or Path(spec).exists():
+        return True
+    owner = spec.split("/", 1)[0]
+    return owner.lower() in _HUB_RESERVED or Path(owner).is_dir() or "\\" in spec \
+        or Path(spec).is_absolute()
+
+
+def _vae_folder(folder: Path) -> Path:
+    """The folder holding the VAE itself: ``folder``, or its ``vae/`` of a diffusers pipeline
+    folder (``model_index.json``, the VAE in ``vae/``) when ``folder`` has no config.json."""
+    if not (folder / "config.json").is_file() and (folder / "vae" / "config.json").is_file():
+        return folder / "vae"
+    return folder
 
 
 @contextlib.contextmanager
@@ -88,16 +109,20 @@ def _failure(exc: BaseException) -> str:
 
 def load_vae(spec: str | os.PathLike[str], device: torch.device | str = "cpu") -> Any:
     """An ``AutoencoderKL`` in eval mode on ``device``, from a local folder (``config.json`` and
-    ``diffusion_pytorch_model.safetensors``, as ``save_pretrained`` writes them) or a hub id
+    ``diffusion_pytorch_model.safetensors``, as ``save_pretrained`` writes them), a local
+    diffusers pipeline folder (a Stable Diffusion checkout: the VAE in ``vae/``) or a hub id
     such as ``stabilityai/sd-vae-ft-mse`` (the local cache, else the hub where a network
     exists). Raises DataError naming the fix."""
-    AutoencoderKL = _autoencoder_class()
     text = os.fspath(spec)
     folder = Path(text).expanduser()
-    if _looks_like_path(text) and not folder.is_dir():
+    if _looks_like_path(text) and not folder.is_dir():   # before importing diffusers: at once
         raise DataError(f"VAE folder {text} not found: give a folder holding config.json and "
-                        f"{_WEIGHTS} (e.g. a copy of stabilityai/sd-vae-ft-mse)")
+                        f"{_WEIGHTS} (e.g. a copy of stabilityai/sd-vae-ft-mse), or a "
+                        "pipeline folder with the VAE in vae/")
+    AutoencoderKL = _autoencoder_class()
     local = folder.is_dir()
+    if local:
+        folder = _vae_folder(folder)
     if local and not (folder / _WEIGHTS).is_file():
         found = ", ".join(sorted(p.name for p in folder.iterdir())[:4]) or "nothing"
         raise DataError(f"VAE folder {text} has no {_WEIGHTS} (found: {found}); save the VAE "
@@ -134,7 +159,7 @@ def vae_identity(spec: str | os.PathLike[str], vae: Any) -> dict[str, Any]:
     text = os.fspath(spec)
     folder = Path(text).expanduser()
     ident: dict[str, Any] = {"spec": str(folder.resolve()) if folder.is_dir() else text}
-    weights = folder / _WEIGHTS
+    weights = _vae_folder(folder) / _WEIGHTS
     if weights.is_file():
         ident["sha256"] = file_sha256(weights)
     ident["config"] = {k: v for k, v in dict(vae.config).items() if not k.startswith("_")}
@@ -160,14 +185,26 @@ def encode_posterior(vae: Any, images: Tensor) -> tuple[Tensor, Tensor]:
     return dist.mean.float().cpu(), dist.std.float().cpu()
 
 
+def vae_shift(vae: Any) -> float:
+    """The VAE's ``shift_factor`` (SD3 and FLUX VAEs have one), 0.0 when its config has none."""
+    value = dict(vae.config).get("shift_factor")
+    shift = 0.0 if value is None else float(value)
+    if not math.isfinite(shift):
+        raise DataError(f"the VAE's shift_factor {value!r} is not a finite number; fix its "
+                        "config.json")
+    return shift
+
+
 @torch.no_grad()
 def decode_latents(vae: Any, z: Tensor, scale: float = SD_VAE_SCALE,
-                   batch_size: int = 32) -> Tensor:
+                   batch_size: int = 32, shift: float | None = None) -> Tensor:
     """Images (B, 3, H, W) in [-1, 1] (float32, CPU) of model-space latents ``z`` (B, C, h, w):
-    ``vae.decode(z / scale)``, clamped."""
+    ``vae.decode(z / scale + shift)``, clamped; ``shift`` is by default the VAE's own
+    (:func:`vae_shift`), the one ``prepare-latents`` subtracted before scaling."""
     device = next(vae.parameters()).device
+    shift = vae_shift(vae) if shift is None else float(shift)
     out = []
     for i in range(0, z.shape[0], batch_size):
-        chunk = z[i:i + batch_size].to(device, torch.float32) / scale
+        chunk = z[i:i + batch_size].to(device, torch.float32) / scale + shift
         out.append(vae.decode(chunk).sample.float().clamp(-1.0, 1.0).cpu())
     return torch.cat(out) if out else torch.zeros(0)

@@ -171,13 +171,16 @@ def fid_of(source: str | os.PathLike[str], ref: str | os.PathLike[str],
            n: int | None = 10000, steps: int = 1, seed: int = 0,
            ema: float | str | None = "auto", batch_size: int = 500, device: str = "auto",
            extractor: str | None = None, pr: bool = False, progress: bool = True,
-           world: World | None = None, vae: str | os.PathLike[str] | None = "auto"
-           ) -> dict[str, Any]:
+           world: World | None = None, vae: str | os.PathLike[str] | None = "auto",
+           note: Callable[[str], None] | None = None) -> dict[str, Any]:
     """FID (and KID) of a samples .npz, or of N fresh samples of a run folder / checkpoint
     (sample i from seed SEED+i, labels balanced over classes), against a reference stats file.
 
-    ``n``: samples scored; None takes all of a .npz, and 10 000 fresh samples of a run (50 000
-    of a latent run decoded by its VAE). A latent run's samples are decoded by ``vae``
+    ``n``: samples scored; None takes min(10 000, the reference's N) fresh samples of a run
+    (50 000 for a latent run decoded by its VAE), or of a .npz's samples its first as many (all
+    when it holds fewer): more samples than the reference has images cost time and leave the
+    score's bias to the smaller set. ``note`` is told, before any sampling, when that rule
+    lowered N; the record then holds ``n_default``. A latent run's samples are decoded by ``vae``
     (:func:`meanflow.runs.load.load`: "auto" is the VAE recorded with its latents, "none"
     scores the latents). The extractor is the one recorded in the reference file;
     ``extractor`` may name where its file now is (its checksum must match). Samples are
@@ -191,8 +194,16 @@ def fid_of(source: str | os.PathLike[str], ref: str | os.PathLike[str],
     ref_stats, ext = load_reference(ref, dev, extractor)
     source = Path(source)
     record: dict[str, Any] = {"extractor": ext.identity, "ref": str(ref), "ref_n": ref_stats.n}
+    def default_count(base: int) -> int:
+        count = min(base, ref_stats.n)
+        record["n_default"] = f"min({base}, the reference's N {ref_stats.n})"
+        if count < base and note is not None:
+            note(f"N = {count}: the reference holds {ref_stats.n} images, fewer than the "
+                 f"default {base} samples (pass --n to choose)")
+        return count
+
     if source.suffix == ".npz":
-        x, meta = _load_samples(source, n)
+        x, meta = _load_samples(source, n if n is not None else default_count(10000))
         count = int(x.shape[0])
         if count < 2:
             raise ConfigError(f"FID needs at least 2 samples, got {count}: raise --n")
@@ -200,11 +211,18 @@ def fid_of(source: str | os.PathLike[str], ref: str | os.PathLike[str],
         local = torch.from_numpy(np.asarray(ext.features(quantize(mine), progress=progress
                                                          and main), dtype=np.float64))
         feats = gather_sharded(local, count, world, dev).numpy()
+        # what the .npz's record (meanflow sample's) says: which weights of which checkpoint
+        # made the samples, and how
         record.update(samples=str(source), checkpoint=meta.get("checkpoint"),
-                      steps=meta.get("steps"), seed=meta.get("seed"))
+                      step=meta.get("step"), weights=meta.get("weights"),
+                      method=meta.get("method"), steps=meta.get("steps"),
+                      seed=meta.get("seed"))
+        if meta.get("vae") is not None:
+            record.update(vae=meta["vae"], scale=meta.get("scale"))
     else:
         model = load(source, ema=ema, device=dev, vae=vae)
-        count = n if n is not None else (50000 if model.vae is not None else 10000)
+        count = n if n is not None else default_count(50000 if model.vae is not None
+                                                      else 10000)
         if count < 2:
             raise ConfigError(f"FID needs at least 2 samples, got {count}: raise --n")
         # the seeds, labels and feature rows of every sample are held at once

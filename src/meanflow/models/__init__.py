@@ -31,6 +31,12 @@ for _size, (_depth, _width, _heads) in DIT_SIZES.items():
             "depth": _depth, "width": _width, "heads": _heads, "patch": _patch})
 for _name, _preset in UNET_PRESETS.items():
     MODELS[_name] = (UNetConfig, UNet, dict(_preset))
+# The U-Net of the fmnist-unet preset as a name for any image data on a CPU: one block per
+# level, no attention, 16 channels (769,185 parameters at 28x28x1; images whose side
+# divides by 4). docs/results.md measures it on Fashion-MNIST.
+MODELS["unet-tiny"] = (UNetConfig, UNet, dict(channels=16, channel_mult=[1, 2, 4],
+                                               blocks_per_res=1, attn_resolutions=[],
+                                               emb_mult=8, time_mult=2, dropout=0.0))
 
 
 def build_model(name: str, **kwargs: Any) -> nn.Module:

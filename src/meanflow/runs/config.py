@@ -9,6 +9,7 @@ with the setting's full name (``objective.p=...``).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 import json
@@ -154,6 +155,8 @@ class TrainConfig:
     ema_decays: list[float] = field(default_factory=lambda: [0.999])
     ema_every: int = 1            # update the EMAs every N steps with decay**N (official
                                   # PyTorch CIFAR-10: 16)
+    ema_warmup: bool = True       # k-th update's decay min(decay**N, (k-1)/(k+9)), so no EMA
+                                  # keeps the initial weights (docs/method.md, EMA warm-up)
     log_every: int = 50           # lines appended to metrics.jsonl
     checkpoint_every: int = 1000  # and always at the last step
     keep_checkpoints: int = 2     # newest periodic checkpoints kept (0 keeps all)
@@ -167,6 +170,9 @@ class TrainConfig:
     fid_ref: str | None = None    # reference stats from `meanflow fid ref` (names the extractor)
     fid_n: int = 1000             # samples per evaluation (seeds 0..N-1, the same every time)
     fid_steps: list[int] = field(default_factory=lambda: [1])  # NFEs evaluated
+    energy_every: int = 250       # point data: energy distance of energy_n one-step EMA
+                                  # samples to held-out data every N steps (0 off)
+    energy_n: int = 2000          # samples (seeds 0..N-1) and reference points
 
 
 @dataclass
@@ -304,8 +310,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             if not isinstance(loaded, dict):
                 raise ConfigError(f"config file {path} must hold a mapping of sections")
             d = loaded
+    _drop_foreign_data_options(d, overrides or [])
     apply_overrides(d, overrides or [])
     return RunConfig.from_dict(d).validate()
+
+
+def _drop_foreign_data_options(d: dict[str, Any], overrides: list[str]) -> None:
+    """A file's ``data.options`` are keyword arguments of its ``data.name`` (a preset's
+    ``split: train`` for fashion-mnist): overrides naming other data drop them, so
+    ``--preset fmnist-unet --data my_folder`` works. Options in the overrides are kept."""
+    data, probe = d.get("data"), apply_overrides(copy.deepcopy(d), overrides).get("data")
+    if (isinstance(data, dict) and "options" in data and isinstance(probe, dict)
+            and probe.get("name") != data.get("name", DataConfig.name)):
+        del data["options"]
 
 
 def _number(name: str, value: Any, *, lo: float | None = None, hi: float | None = None,
@@ -435,6 +452,8 @@ def _validate(cfg: RunConfig) -> None:
     if not isinstance(tr.tf32, bool):
         raise ConfigError("train.tf32 must be true or false")
     _number("train.ema_every", tr.ema_every, lo=1, integer=True)
+    if not isinstance(tr.ema_warmup, bool):
+        raise ConfigError("train.ema_warmup must be true or false")
     if not isinstance(tr.fsdp, bool):
         raise ConfigError("train.fsdp must be true or false")
     if tr.fsdp and tr.compile is True:
@@ -453,6 +472,8 @@ def _validate(cfg: RunConfig) -> None:
     _number("train.fid_every", tr.fid_every, lo=0, integer=True)
     _number("train.fid_n", tr.fid_n, lo=2, integer=True)
     _step_counts("train.fid_steps", tr.fid_steps)
+    _number("train.energy_every", tr.energy_every, lo=0, integer=True)
+    _number("train.energy_n", tr.energy_n, lo=2, hi=100_000, integer=True)
     if tr.fid_every > 0 and not (isinstance(tr.fid_ref, str) and tr.fid_ref):
         raise ConfigError("train.fid_every > 0 needs train.fid_ref: make reference statistics "
                           "with `meanflow fid ref DATA -o stats.npz` and set train.fid_ref")

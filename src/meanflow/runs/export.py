@@ -10,7 +10,8 @@
   ``samples`` key;
 - ``.png``: an image grid (images) or a scatter plot (2-D points), see :mod:`meanflow.viz`;
 - ``.json``: the record, indented: checkpoint, step, weights, method, steps, schedule, seed,
-  n, vae, scale.
+  n, vae, scale; beside the .npz (``s.json``), or for a PNG alone under the PNG's name
+  (``p.png.json``, :func:`record_path`).
 
 Every file is written atomically (:mod:`meanflow.fileio`), and none that exists is replaced
 unless ``overwrite`` is given. Samples holding NaN or infinite values are refused, nothing
@@ -48,10 +49,15 @@ def can_draw(shape: tuple[int, ...]) -> bool:
 
 def record_path(npz: str | os.PathLike[str] | None,
                 png: str | os.PathLike[str] | None) -> Path:
-    """Where the JSON record goes: beside the .npz (``s.npz`` -> ``s.json``), else the PNG."""
+    """Where the JSON record goes: beside the .npz (``s.npz`` -> ``s.json``), else beside the
+    PNG under the PNG's full name (``p.png`` -> ``p.png.json``), so that a PNG-only call
+    never takes the record name of a later ``--out p.npz``."""
     if npz is None and png is None:
         raise ConfigError("nothing to write: give an .npz or a .png path")
-    return Path(npz if npz is not None else png).with_suffix(".json")
+    if npz is not None:
+        return Path(npz).with_suffix(".json")
+    png = Path(png)
+    return png.with_name(png.name + ".json")
 
 
 def sample_record(model: Model, samples: Samples) -> dict[str, Any]:

@@ -16,14 +16,15 @@ import contextlib
 import json
 import re
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from meanflow.errors import CheckpointError, ConfigError
 from meanflow.fileio import (FOLDER_LOCK, atomic_write_text, exclusive, is_temporary,
                              remove_stale_temporaries)
-from meanflow.runs.config import RunConfig
+from meanflow.runs.config import RunConfig, apply_overrides
 
-__all__ = ["RESUMABLE_KEYS", "config_differences", "prepare_run_dir", "check_run_dir",
+__all__ = ["RESUMABLE_KEYS", "LEGACY_DEFAULTS", "saved_settings", "saved_config",
+           "config_differences", "prepare_run_dir", "check_run_dir",
            "write_run_config", "hold_run_dir", "clean_run_dir", "foreign_entries",
            "new_run_dir", "truncate_metrics"]
 
@@ -34,10 +35,17 @@ _WRITTEN_INTO = (".", "checkpoints", "samples")
 RESUMABLE_KEYS = {("train", k) for k in (
     "steps", "epochs", "images", "log_every", "checkpoint_every", "keep_checkpoints", "device",
     "progress", "compile", "tf32", "sample_every", "sample_count", "sample_steps", "tensorboard",
-    "fid_every", "fid_ref", "fid_n", "fid_steps", "fsdp")} | {("model", "jvp_attention"),
+    "fid_every", "fid_ref", "fid_n", "fid_steps", "fsdp", "energy_every", "energy_n")} | {("model", "jvp_attention"),
                                                             ("objective", "jvp")} | {
     # what a diverged run is resumed with, from its last good checkpoint (train/guard.py)
     ("optim", k) for k in ("lr", "grad_clip", "warmup_steps")}
+
+# Settings added to meanflow after runs were made, and the value each had in such a run
+# (its behaviour then): a saved config.json without the key reads as this, not the default.
+LEGACY_DEFAULTS = {
+    ("data", "order"): "random",        # batches were drawn with replacement
+    ("train", "ema_warmup"): False,     # the EMA started from the initial weights
+}
 
 
 def config_differences(a: dict, b: dict, prefix: tuple = ()) -> list[tuple]:
@@ -84,18 +92,7 @@ def check_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> None:
     if not resume:
         raise ConfigError(f"output folder {run_dir} already holds a run: pass --resume to "
                           "continue it, or choose a new --out")
-    try:
-        old = json.loads(saved.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CheckpointError(f"{saved} is corrupt: restore it, or start a new run in "
-                              "another folder") from None
-    if not isinstance(old, dict):
-        raise CheckpointError(f"{saved} is not a meanflow config (it holds a JSON "
-                              f"{type(old).__name__}, not a mapping): restore it, or start a "
-                              "new run in another folder")
-    if isinstance(old.get("data"), dict):
-        # a run saved before data.order existed drew its batches with replacement
-        old["data"].setdefault("order", "random")
+    old = saved_settings(run_dir)
     try:  # other settings added to meanflow after the run was made take their defaults
         old = RunConfig.from_dict(old).to_dict()
     except (ConfigError, TypeError, ValueError, AttributeError):
@@ -105,6 +102,38 @@ def check_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> None:
         keys = ", ".join(".".join(map(str, d)) for d in diff)
         raise ConfigError(f"cannot resume {run_dir}: its config differs in {keys}; use "
                           "the same settings, or choose a new --out")
+
+
+def saved_settings(run_dir: Path) -> dict[str, Any]:
+    """The settings in ``run_dir/config.json`` as saved, with the values that settings added
+    to meanflow since then had in that run (:data:`LEGACY_DEFAULTS`); CheckpointError for a
+    file that is not a config."""
+    saved = Path(run_dir) / "config.json"
+    try:
+        old = json.loads(saved.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{saved} is corrupt: restore it, or start a new run in "
+                              "another folder") from None
+    if not isinstance(old, dict):
+        raise CheckpointError(f"{saved} is not a meanflow config (it holds a JSON "
+                              f"{type(old).__name__}, not a mapping): restore it, or start a "
+                              "new run in another folder")
+    for (section, key), value in LEGACY_DEFAULTS.items():
+        if isinstance(old.get(section), dict):
+            old[section].setdefault(key, value)
+    return old
+
+
+def saved_config(run_dir: Path, overrides: list[str] | None = None) -> RunConfig:
+    """The config a run folder was made with (:func:`saved_settings`), with dotted
+    ``overrides`` on top, validated: what ``meanflow train --resume --out DIR`` continues
+    with when given no --config (docs/design.md, Run folders, checkpoints and resume)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise ConfigError(f"--resume: {run_dir} holds no run to continue (no config.json); "
+                          "check the path, or drop --resume to start a new run there")
+    return RunConfig.from_dict(apply_overrides(saved_settings(run_dir),
+                                               overrides or [])).validate()
 
 
 def write_run_config(cfg: RunConfig, run_dir: Path) -> None:

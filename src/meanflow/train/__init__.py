@@ -8,7 +8,8 @@ package.
 """
 
 from meanflow.train.ema import EMA
+from meanflow.train.interrupt import Interrupted
 from meanflow.train.loop import check_config, train
 from meanflow.train.schedule import step_seed
 
-__all__ = ["train", "check_config", "EMA", "step_seed"]
+__all__ = ["train", "check_config", "EMA", "Interrupted", "step_seed"]

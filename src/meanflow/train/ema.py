@@ -10,7 +10,18 @@ from torch import Tensor, nn
 
 from meanflow.runs.checkpoint import ema_key
 
-__all__ = ["EMA"]
+__all__ = ["EMA", "warmup_decay", "WARMUP_OFFSET"]
+
+#: The warm-up's (k - 1)/(k + WARMUP_OFFSET - 1): the k-th update averages roughly the
+#: last tenth of the steps so far (docs/method.md, EMA).
+WARMUP_OFFSET = 10
+
+
+def warmup_decay(decay: float, k: int) -> float:
+    """The decay of the k-th EMA update (1-based) under the warm-up: min(decay, (k - 1) /
+    (k + 9)); 0 at the first update (a copy), ``decay`` once k >= (1 + 9·decay)/(1 - decay),
+    e.g. k >= 1 991 for 0.995 and 9 991 for 0.999."""
+    return min(decay, (k - 1) / (k + WARMUP_OFFSET - 1))
 
 
 class EMA:
@@ -22,15 +33,22 @@ class EMA:
     float64, ``shadow + (1 - d**N)·(θ - shadow)``, and stored in the shadow's dtype.
     N = 1 takes one fused ``_foreach_lerp_`` per decay instead.
 
+    With ``warmup`` the k-th update (k = n / N, 1-based) uses the decay
+    min(d**N, (k - 1)/(k + 9)) (:func:`warmup_decay`): the first update copies the weights,
+    so no average keeps the random initialisation, and the short horizon of the early updates
+    grows until it reaches d's (docs/method.md, EMA). Without it every update uses d**N, and
+    the averages start from the initial weights (the official codes).
+
     Floating-point parameters are averaged; buffers and integer entries are copied at each
     update.
     """
 
-    def __init__(self, model: nn.Module, decays: list[float], every: int = 1) -> None:
+    def __init__(self, model: nn.Module, decays: list[float], every: int = 1,
+                 warmup: bool = False) -> None:
         self.decays = [float(d) for d in decays]
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every={every!r} must be a positive integer")
-        self.every = every
+        self.every, self.warmup = every, bool(warmup)
         state = model.state_dict()
         params = {name for name, p in model.named_parameters() if p.is_floating_point()}
         self._avg_names = [k for k in state if k in params]
@@ -48,21 +66,31 @@ class EMA:
         ``every``. Returns whether it updated."""
         if n % self.every:
             return False
-        self.update(model)
+        self.update(model, n // self.every)
         return True
 
+    def decay(self, d: float, count: int | None = None) -> float:
+        """The decay of the ``count``-th update (1-based) of the average of decay ``d``:
+        d**every, or with ``warmup`` :func:`warmup_decay` (None: after the warm-up)."""
+        if self.warmup and count is not None:
+            return warmup_decay(d ** self.every, count)
+        return d ** self.every
+
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        """One update of every average, with decay d**every."""
+    def update(self, model: nn.Module, count: int | None = None) -> None:
+        """The ``count``-th update (1-based) of every average, with :meth:`decay` (None: the
+        decay after the warm-up, d**every)."""
         state = model.state_dict()
         current = [state[k] for k in self._avg_names]
         for d in self.decays:
             shadow = self.shadows[self.key(d)]
             if current and self.every == 1:
-                torch._foreach_lerp_([shadow[k] for k in self._avg_names], current, 1.0 - d)
+                weight = (1.0 - d if not self.warmup or count is None
+                          else 1.0 - self.decay(d, count))
+                torch._foreach_lerp_([shadow[k] for k in self._avg_names], current, weight)
             elif current:
                 # One tensor at a time: float64 copies of a whole large model would not fit.
-                weight = 1.0 - d ** self.every       # a Python float: float64
+                weight = 1.0 - self.decay(d, count)       # a Python float: float64
                 for k, theta in zip(self._avg_names, current):
                     old = shadow[k].double()
                     shadow[k].copy_(old + weight * (theta.double() - old))

@@ -23,7 +23,8 @@ sharded module, gradients reduce-scattered by it); checkpoints are gathered to f
 
 Every random draw of step k comes from seeds derived from (seed, rank, k)
 (:mod:`~meanflow.train.schedule`), so resuming from a checkpoint continues exactly where the
-run stopped.
+run stopped. Ctrl-C and SIGTERM end the step in progress, checkpoint it on every rank and stop
+with :class:`~meanflow.train.interrupt.Interrupted` (:mod:`~meanflow.train.interrupt`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,8 +51,9 @@ from meanflow.runs.folder import hold_run_dir, truncate_metrics, write_run_confi
 from meanflow.train import distributed as dist_
 from meanflow.train.ema import EMA
 from meanflow.train.guard import MAX_NONFINITE_IN_A_ROW, DivergenceGuard
+from meanflow.train.interrupt import Interrupted, StopSignals
 from meanflow.train.monitors import (Evaluations, FIDMonitor, TrainLog, fid_decoder,
-                                     tensorboard_writer)
+                                     startup_summary, tensorboard_writer)
 from meanflow.train.schedule import (data_position, epoch_order, lr_at, seed_step,
                                      take_batch, total_steps)
 from meanflow.train.state import (agreed_checkpoint, check_loss, check_position, loss_record,
@@ -211,7 +214,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, dataset: BatchSource | N
         opt = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr,
                                betas=tuple(cfg.optim.betas),
                                weight_decay=cfg.optim.weight_decay, foreach=True)
-        ema = EMA(model, tr.ema_decays, every=tr.ema_every)
+        ema = EMA(model, tr.ema_decays, every=tr.ema_every, warmup=tr.ema_warmup)
         ckpt, start, saved = (_resume(run_dir, model, ema, opt, data, loss_info, world, device,
                                       tr.fsdp) if resume else (None, 0, {}))
         # the first write into the folder, once nothing can refuse the run any more
@@ -253,31 +256,46 @@ def _loop(cfg: RunConfig, run_dir: Path, data: _Data, run: _Run, micro: int, com
                            compiled=compile_, autocast=autocast, grad_clip=cfg.optim.grad_clip,
                            fsdp=tr.fsdp)
     info = run.loss_info
+    if tr.progress and world.is_main:     # once per run, before the bar
+        print(startup_summary(cfg, run_dir, data.ds, data.shape, data.num_classes,
+                              data.info.get("class_names"), model, info, run.start,
+                              data.steps, device), file=sys.stderr)
     log = TrainLog(cfg, run_dir, world, device, run.start, data.steps,
                    first={"jvp": info["jvp"]} if "jvp" in info else None,
                    window=run.saved.get("log_window"))
     guard = DivergenceGuard(cfg, run_dir, good=run.ckpt)
     last_ckpt: Path | None = None
     model.train()
-    try:
-        for step in range(run.start, data.steps):
-            x, y, aug, gen = _batch(cfg, data, run.augment, step, micro, world, device)
-            stats = train_step(step, x, y, aug, gen, lr_at(cfg, step))
-            guard.step(step, stats, x, train_step.skipped, log.lowest)   # raises: diverged
-            done = step + 1
-            log.step(done, stats)
-            if done % tr.log_every == 0 or done == data.steps:
-                log.window(done, lr_at(cfg, step))
-            if guard.checkpoint_now(done % tr.checkpoint_every == 0, done == data.steps):
-                last_ckpt = write_checkpoint(run_dir, done, model, run.ema, run.opt, cfg,
-                                             data.info, world, device,
-                                             data_position(data.ds, data.order, done), info,
-                                             log.state(), guard.keep())
-                guard.written(last_ckpt)
-            if run.evals.active:
-                run.evals(done, data.steps, sampler_net, run.ema, run_dir, world, log)
-    finally:
-        log.close()
+
+    def checkpoint(done: int) -> Path:
+        path = write_checkpoint(run_dir, done, model, run.ema, run.opt, cfg, data.info, world,
+                                device, data_position(data.ds, data.order, done), info,
+                                log.state(), guard.keep())
+        guard.written(path)
+        return path
+
+    # Ctrl-C and SIGTERM end the step that runs and checkpoint it (train/interrupt.py)
+    with StopSignals() as signals:
+        try:
+            for step in range(run.start, data.steps):
+                x, y, aug, gen = _batch(cfg, data, run.augment, step, micro, world, device)
+                stats = train_step(step, x, y, aug, gen, lr_at(cfg, step))
+                guard.step(step, stats, x, train_step.skipped, log.lowest)   # raises: diverged
+                done = step + 1
+                log.step(done, stats)
+                if done % tr.log_every == 0 or done == data.steps:
+                    log.window(done, lr_at(cfg, step))
+                due = guard.checkpoint_now(done % tr.checkpoint_every == 0, done == data.steps)
+                if due:
+                    last_ckpt = checkpoint(done)
+                signum = signals.requested(world, device)
+                if signum is not None:
+                    raise Interrupted(signum, done, last_ckpt if due else checkpoint(done),
+                                      run_dir)
+                if run.evals.active:
+                    run.evals(done, data.steps, sampler_net, run.ema, run_dir, world, log)
+        finally:
+            log.close()
     return last_ckpt if last_ckpt is not None else find_checkpoint(run_dir)
 
 
@@ -298,7 +316,10 @@ def _resume(run_dir: Path, model: nn.Module, ema: EMA, opt: torch.optim.Optimize
     the run, writing nothing: returns it, its step and its ``state.json`` (None, 0 and {}
     when there is none yet)."""
     ckpt = agreed_checkpoint(run_dir, world, device)
-    if ckpt is None:
+    if ckpt is None:     # e.g. a run that diverged before its first checkpoint
+        if world.is_main and (run_dir / "config.json").is_file():
+            print(f"meanflow: {run_dir} holds no checkpoint yet: the run starts again from "
+                  "step 0", file=sys.stderr)
         return None, 0, {}
     start, state = restore(ckpt, model, ema, opt, device, fsdp)
     check_position(state.get("data_position"), data_position(data.ds, data.order, start),

@@ -29,13 +29,14 @@ from meanflow.metrics.fid import load_reference, sample_features, score_features
 from meanflow.runs.config import RunConfig
 from meanflow.sampling import generate, sampling_method
 from meanflow.train.ema import EMA
+from meanflow.train.energy import EnergyMonitor
 from meanflow.train.guard import explosion_warning
 from meanflow.train.state import sampling_ema
-from meanflow.viz import image_grid, save_samples_png
+from meanflow.viz import grid_columns, image_grid, save_samples_png
 from meanflow.world import World, mean_across
 
 __all__ = ["tensorboard_writer", "latent_decoder", "fid_decoder", "FIDMonitor", "sample_pngs",
-           "TrainLog", "Evaluations"]
+           "TrainLog", "Evaluations", "startup_summary", "SPEED_STEPS"]
 
 
 def tensorboard_writer(run_dir: Path | None):  # noqa: ANN201 (SummaryWriter is optional)
@@ -141,13 +142,50 @@ def sample_pngs(run_dir: Path, step: int, sampler_net: nn.Module, ema: EMA, cfg:
         x = x if decoded is None else decoded
         path = run_dir / "samples" / f"step_{step:07d}-nfe{k}.png"
         title = f"{method}, {k} step(s), EMA {ema.decays[0]:g}, step {step}"
-        # a class-conditional image grid gets one class per column
-        nrow = num_classes if (num_classes and len(shape) == 3 and num_classes <= 16) else None
+        # square-ish; a class-conditional grid keeps one class per column
+        nrow = grid_columns(n, num_classes if num_classes and num_classes <= 16 else None)
         save_samples_png(x, path, labels=y, title=title, nrow=nrow)
         if writer is not None and len(shape) == 3:
             grid = torch.from_numpy(image_grid(x, nrow))
             grid = grid[None] if grid.ndim == 2 else grid.permute(2, 0, 1)
             writer.add_image(f"samples/nfe{k}", grid, step)
+
+
+#: Steps timed (after the first, which pays for warm-up work) for the start-up summary's speed.
+SPEED_STEPS = 5
+
+
+def startup_summary(cfg: RunConfig, run_dir: Path, ds: Any, shape: tuple[int, ...],
+                    num_classes: int | None, class_names: list[str] | None, model: nn.Module,
+                    loss_info: dict[str, Any], start: int, steps: int,
+                    device: torch.device) -> str:
+    """The lines printed once when a run starts (``train.progress``): the folder, the data
+    (count, shape, classes), the model (parameters), the objective, the steps and the EMA.
+    The measured time per step follows a few steps later (:meth:`TrainLog.step`)."""
+    tr, o = cfg.train, cfg.objective
+    count = f"{len(ds):,} samples" if hasattr(ds, "__len__") else "drawn without end"
+    if num_classes is None:
+        classes = "unconditional"
+    else:
+        names = f": {', '.join(class_names[:8])}{', ...' if num_classes > 8 else ''}" \
+            if class_names else ""
+        classes = f"{num_classes} classes{names}"
+    params = sum(p.numel() for p in model.parameters())
+    objective = o.kind if o.kind != "meanflow" else (
+        f"meanflow (p={o.p:g}, c={o.c:g}, r != t for {o.fraction_r_neq_t:.0%}, du/dt "
+        f"{loss_info.get('jvp', o.jvp)})")
+    ema = ", ".join(f"{d:g}" for d in tr.ema_decays)
+    begun = f"from step {start} to {steps}" if start else f"{steps:,}"
+    return "\n".join([
+        f"meanflow train: {run_dir}",
+        f"  data       {cfg.data.name}: {count} of shape {tuple(shape)}, {classes}",
+        f"  model      {cfg.model.name}: {params:,} parameters, on {device}",
+        f"  objective  {objective}",
+        f"  steps      {begun}, batch {tr.batch_size}, lr {cfg.optim.lr:g}"
+        f"{f' (warm-up {cfg.optim.warmup_steps})' if cfg.optim.warmup_steps else ''}, "
+        f"EMA {ema}{' with warm-up' if tr.ema_warmup else ''} (sampling uses "
+        f"{tr.ema_decays[0]:g})",
+    ])
 
 
 class TrainLog:
@@ -177,6 +215,7 @@ class TrainLog:
         self.count, self.skipped = 0, 0
         self.lowest: tuple[float, int] | None = None    # (lowest window mean of mse, its step)
         self.warned = False
+        self.postfix: dict[str, str] = {}   # the latest evaluation, on the bar
         if window is not None:
             self.sums = {k: torch.tensor(v, dtype=getattr(torch, window["dtypes"][k]),
                                          device=device) for k, v in window["sums"].items()}
@@ -184,6 +223,9 @@ class TrainLog:
             self.lowest = None if window["lowest"] is None else tuple(window["lowest"])
         self.timed = 0                      # steps of the window timed by this process
         self.t_window = time.perf_counter()
+        # the summary's speed: timed from the end of the first step (train.progress only)
+        self.start, self.steps, self.t_first = start, steps, None
+        self.speed = tr.progress and world.is_main and steps - start > SPEED_STEPS + 1
 
     def step(self, done: int, stats: dict[str, Tensor] | None) -> None:
         """After each step: its stats (None: skipped, non-finite) into the window's sums."""
@@ -198,6 +240,8 @@ class TrainLog:
                 self.sums[k] = self.sums[k] + v.detach() if k in self.sums else v.detach()
             self.count += 1
             self.timed += 1
+        if self.speed:
+            self._time(done)
         if self.bar is None:
             return
         self.bar.update(1)
@@ -205,7 +249,22 @@ class TrainLog:
             rate = self.bar.format_dict.get("rate") or 0.0
             self.bar.set_postfix(loss=f"{float(stats['loss']):.4g}",
                                  mse=f"{float(stats['mse']):.4g}",
-                                 img_s=f"{rate * self.cfg.train.batch_size:.0f}", refresh=False)
+                                 img_s=f"{rate * self.cfg.train.batch_size:.0f}",
+                                 **self.postfix, refresh=False)
+
+    def _time(self, done: int) -> None:
+        """The start-up summary's last line, once: the time per step measured over the
+        ``SPEED_STEPS`` steps after the first, and what the rest of the run should take."""
+        now = time.perf_counter()
+        if done == self.start + 1:
+            self.t_first = now
+        elif done == self.start + 1 + SPEED_STEPS and self.t_first is not None:
+            per_step = (now - self.t_first) / SPEED_STEPS
+            left = self.steps - done
+            tqdm.write(f"  speed      {per_step:.3g} s/step (steps {self.start + 2} to {done}): "
+                       f"about {_duration(per_step * left)} for the {left:,} steps left",
+                       file=sys.stderr)
+            self.speed = False
 
     def state(self) -> dict[str, Any]:
         """The running window, for ``state.json`` (a collective: every rank calls it; the
@@ -254,13 +313,17 @@ class TrainLog:
             return
         self._write(record)
         done = record["step"]
+        scores = {k: v for k, v in record.items()
+                  if k.startswith(("fid_nfe", "kid_nfe", "energy_nfe")) and v is not None}
         if self.writer is not None:
-            for k, v in record.items():
-                if k.startswith(("fid_nfe", "kid_nfe")):
-                    self.writer.add_scalar(f"eval/{k}", v, done)
+            for k, v in scores.items():
+                self.writer.add_scalar(f"eval/{k}", v, done)
+        if "energy_nfe1" in record:    # shown beside the loss until the next evaluation
+            value = scores.get("energy_nfe1")
+            self.postfix["energy"] = "nan" if value is None else f"{value:.3g}"
         if self.bar is not None:
             self.bar.write(f"step {done}: " + ", ".join(
-                f"{k} {v:.4g}" for k, v in record.items() if k.startswith("fid_nfe")))
+                f"{k} {v:.4g}" for k, v in scores.items() if not k.startswith("kid")))
 
     def describe(self, what: str | None) -> None:
         """The bar's description: the objective, and what runs now (e.g. "FID")."""
@@ -282,6 +345,14 @@ class TrainLog:
         if self.world.is_main:
             with open(self.path, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 class Evaluations:
@@ -306,11 +377,14 @@ class Evaluations:
                 self.pngs = False
         self.fid = (FIDMonitor(cfg, shape, num_classes, device, self.decode)
                     if tr.fid_every > 0 else None)
+        # point data: the energy distance to data it does not train on (train/energy.py)
+        self.energy = (EnergyMonitor(cfg, ds, shape, num_classes)
+                       if tr.energy_every > 0 and len(shape) == 1 else None)
 
     @property
     def active(self) -> bool:
         """Whether the run samples at all (and so needs a sampling copy of the network)."""
-        return self.pngs or self.fid is not None
+        return self.pngs or self.fid is not None or self.energy is not None
 
     def __call__(self, done: int, steps: int, sampler_net: nn.Module | None, ema: EMA,
                  run_dir: Path, world: World, log: TrainLog) -> None:
@@ -321,9 +395,14 @@ class Evaluations:
         tr, last = self.cfg.train, done == steps
         fid = self.fid is not None and (last or done % tr.fid_every == 0)
         pngs = self.pngs and (last or (tr.sample_every > 0 and done % tr.sample_every == 0))
-        if not (fid or pngs):
+        energy = self.energy is not None and done % tr.energy_every == 0
+        if not (fid or pngs or energy):
             return
         weights = sampling_ema(ema, tr.fsdp)
+        if energy:
+            t0 = time.perf_counter()
+            log.evaluation(self.energy(sampler_net, weights, done, self.device, world))
+            log.not_training(time.perf_counter() - t0)
         if fid:
             t0 = time.perf_counter()
             log.describe("FID")
