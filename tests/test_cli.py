@@ -20,22 +20,15 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
-from meanflow.cli import main
 from meanflow.fileio import exclusive
 from meanflow.sampling import sample_seeded
 from meanflow.runs.load import load_model
 
+from cli_helpers import cli  # noqa: E402
+
 TINY_SET = ["--set", "model.options={width: 16, depth: 1, emb_dim: 8}",
             "--set", "train.progress=false", "--set", "train.checkpoint_every=2",
             "--batch-size", "16"]
-
-
-def cli(*args) -> int:
-    """Exit code of ``meanflow ARGS`` run in-process (argparse exits via SystemExit)."""
-    try:
-        return main([str(a) for a in args])
-    except SystemExit as exc:
-        return exc.code
 
 
 def assert_one_line_error(capsys, code: int, *needles: str) -> str:

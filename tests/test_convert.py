@@ -20,22 +20,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from meanflow.cli import main
 from meanflow.convert import (convert_official_checkpoint, official_parameter_names,
                               read_official_checkpoint, run_config_from_args,
                               to_meanflow_weights, unet_config_from_state)
 from meanflow.errors import CheckpointError
 from meanflow.models.unet import UNET_PRESETS, UNet, UNetConfig, fir_filter
 
+from cli_helpers import cli  # noqa: E402
+
 FIXTURES = Path(__file__).parent / "fixtures"
 MARKER_NAME = "pwned.txt"
-
-
-def cli(*args) -> int:
-    try:
-        return main([str(a) for a in args])
-    except SystemExit as exc:
-        return exc.code
 
 
 def official_args(**changes) -> argparse.Namespace:

@@ -16,13 +16,14 @@ import pytest
 import torch
 
 import meanflow
-from meanflow.cli import main
 from meanflow.errors import ConfigError
 from meanflow.runs import RunConfig
 from meanflow.train import train
 
 diffusers = pytest.importorskip("diffusers", reason="the pipeline needs diffusers")
 from meanflow.pipeline import MeanFlowPipeline  # noqa: E402  (after the skip)
+
+from cli_helpers import cli  # noqa: E402
 
 TINY_UNET = {"channels": 8, "channel_mult": [1, 2], "blocks_per_res": 1,
              "attn_resolutions": [], "emb_mult": 2}
@@ -37,13 +38,6 @@ def run_config(data: str, model: str, options: dict, conditional: bool = True,
     return RunConfig.from_dict({"model": {"name": model, "options": options},
                                 "data": {"name": data, "class_conditional": conditional},
                                 "objective": objective, "train": tr}).validate()
-
-
-def cli(*args) -> int:
-    try:
-        return main([str(a) for a in args])
-    except SystemExit as exc:
-        return exc.code
 
 
 def generators(seeds) -> list[torch.Generator]:

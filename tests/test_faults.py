@@ -17,13 +17,14 @@ import torch
 from safetensors import SafetensorError
 
 import meanflow.runs.checkpoint as ckpt_mod
-from meanflow.cli import main
 from meanflow.errors import CheckpointError, ConfigError
 from meanflow.fileio import exclusive
 from meanflow.runs.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from meanflow.runs.config import RunConfig
 from meanflow.runs.load import load_model
 from meanflow.train.loop import train
+
+from cli_helpers import cli  # noqa: E402
 
 TINY = {"width": 16, "depth": 1, "emb_dim": 8}
 
@@ -34,13 +35,6 @@ def config(steps: int = 4, width: int = 16, **train_opts) -> RunConfig:
     tr.update(train_opts)
     return RunConfig.from_dict({"model": {"options": {**TINY, "width": width}},
                                 "data": {"name": "8gaussians"}, "train": tr}).validate()
-
-
-def cli(*args) -> int:
-    try:
-        return main([str(a) for a in args])
-    except SystemExit as exc:
-        return exc.code
 
 
 def one_line(capsys, code: int, expected: int, *needles: str) -> str:

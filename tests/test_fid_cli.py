@@ -9,19 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from meanflow.cli import main
 from meanflow.metrics import FeatureStats
+
+from cli_helpers import cli  # noqa: E402
 
 
 def fid_value(out: str) -> float:
     return float(re.search(r"features, N=\d+\): (\S+)", out).group(1))
-
-
-def cli(*args) -> int:
-    try:
-        return main([str(a) for a in args])
-    except SystemExit as exc:
-        return exc.code
 
 
 @pytest.fixture(scope="module")

@@ -9,17 +9,11 @@ import json
 import numpy as np
 import pytest
 
-from meanflow.cli import main
+
+from cli_helpers import cli  # noqa: E402
 
 TINY = ["--steps", "2", "--batch-size", "16", "--set", "model.options={width: 16, depth: 1, "
         "emb_dim: 8}", "--set", "train.progress=false", "--set", "train.sample_count=0"]
-
-
-def cli(*args) -> int:
-    try:
-        return main([str(a) for a in args])
-    except SystemExit as exc:
-        return exc.code
 
 
 @pytest.fixture(scope="module")

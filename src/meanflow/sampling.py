@@ -10,8 +10,9 @@ Time convention: **t = 1 is noise, t = 0 is data**. A schedule is a decreasing s
 Seeded sampling: sample i is drawn from its own ``torch.Generator`` seeded with ``seeds[i]`` on the
 CPU, so its noise depends only on its seed, not on the batch size, the device or the number of
 GPUs. The sample itself agrees across batch sizes to float rounding, not always bit for bit:
-CPU convolution kernels pick their blocking by batch size (a U-Net sample differed by ~3e-4
-between a batch of one and of two); the same batch size gives the same bits.
+CPU kernels pick their blocking by batch size, so a trained network's sample can differ in
+the last bits between batch compositions (tests/runs/test_load.py bounds it); the same batch
+size gives the same bits.
 :func:`generate` is the one path from seeds to results that every consumer takes (the CLI's
 ``sample`` and ``fid calc``, FID and sample grids during training, ``meanflow.load(run).sample``):
 seeds shared out over the ranks, sampled in batches, optionally decoded batch by batch, and
@@ -21,7 +22,6 @@ gathered back in seed order.
 from __future__ import annotations
 
 import math
-import os
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -30,11 +30,10 @@ from tqdm.auto import tqdm
 
 from meanflow.errors import ConfigError
 from meanflow.objective.meanflow_loss import check_output
-from meanflow.world import World, broadcast_object, gather_sharded, shard
+from meanflow.world import World, broadcast_object, check_fits, gather_sharded, shard
 
 __all__ = ["sample", "euler_sample", "make_schedule", "seeded_noise", "sample_seeded",
-           "SAMPLING_METHODS", "sampling_method", "generate", "SEED_LIMIT", "memory_bytes",
-           "check_fits", "check_sampling"]
+           "SAMPLING_METHODS", "sampling_method", "generate", "SEED_LIMIT", "check_sampling"]
 
 #: Seeds are 64-bit unsigned in every command: 0 <= seed < 2**64 (what torch.Generator takes).
 SEED_LIMIT = 2 ** 64
@@ -230,37 +229,6 @@ def generate(net: Net, seeds: Sequence[int], shape: Sequence[int], *,
             else None)
     out = _gather(decoded, n, world, device, None) if decode is not None else None
     return kept, out
-
-
-def _format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
-def memory_bytes(device: torch.device | str = "cpu") -> int:
-    """The memory a tensor on ``device`` can use: the CUDA device's total, else the machine's
-    RAM (physical pages times page size)."""
-    device = torch.device(device)
-    if device.type == "cuda" and torch.cuda.is_available():
-        return int(torch.cuda.get_device_properties(device).total_memory)
-    try:
-        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):
-        return 2 ** 40      # unknown: a terabyte, so only absurd sizes are refused
-
-
-def check_fits(nbytes: float, what: str, fix: str,
-               device: torch.device | str = "cpu") -> None:
-    """A one-line ConfigError before any work when ``nbytes`` (an estimate, a lower bound of
-    what the work needs) exceeds the memory of ``device`` (docs/design.md, "Inputs")."""
-    have = memory_bytes(device)
-    if nbytes > have:
-        where = "the GPU" if torch.device(device).type == "cuda" else "this machine"
-        raise ConfigError(f"{what} needs at least {_format_bytes(nbytes)} and {where} has "
-                          f"{_format_bytes(have)}: {fix}")
 
 
 def check_sampling(n: int, shape: Sequence[int], batch_size: int, seed: int = 0,

@@ -34,7 +34,7 @@ from meanflow.errors import ConfigError
 
 __all__ = ["World", "resolve_device", "env_world", "setup", "teardown", "collective_device",
            "all_true", "mean_across", "broadcast_object", "on_main", "on_every", "shard",
-           "sharded_indices", "gather_sharded"]
+           "sharded_indices", "gather_sharded", "memory_bytes", "check_fits"]
 
 
 @dataclass(frozen=True)
@@ -267,3 +267,34 @@ def gather_sharded(local: Tensor, n: int, world: World | None,
     dist.all_gather(parts, padded)
     # row k of rank r is item k*W + r
     return torch.stack(parts, 1).reshape(m * world.size, *local.shape[1:])[:n].cpu()
+
+
+def _format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def memory_bytes(device: torch.device | str = "cpu") -> int:
+    """The memory a tensor on ``device`` can use: the CUDA device's total, else the machine's
+    RAM (physical pages times page size)."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 2 ** 40      # unknown: a terabyte, so only absurd sizes are refused
+
+
+def check_fits(nbytes: float, what: str, fix: str,
+               device: torch.device | str = "cpu") -> None:
+    """A one-line ConfigError before any work when ``nbytes`` (an estimate, a lower bound of
+    what the work needs) exceeds the memory of ``device`` (docs/design.md, "Inputs")."""
+    have = memory_bytes(device)
+    if nbytes > have:
+        where = "the GPU" if torch.device(device).type == "cuda" else "this machine"
+        raise ConfigError(f"{what} needs at least {_format_bytes(nbytes)} and {where} has "
+                          f"{_format_bytes(have)}: {fix}")

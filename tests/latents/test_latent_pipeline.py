@@ -15,22 +15,16 @@ diffusers = pytest.importorskip(
     "diffusers", reason="the latent pipeline needs the optional dependency diffusers "
     "(pip install 'meanflow[latents]')")
 
-from meanflow.cli import main  # noqa: E402
 from meanflow.data import LatentShards, build_dataset, load_image_folder  # noqa: E402
 from meanflow.errors import ConfigError, DataError  # noqa: E402
 from meanflow.latents import (decode_latents, encode_posterior, load_vae,  # noqa: E402
                               prepare_latents, shard_assignment, stats_from_shards)
 from meanflow.metrics import FeatureStats  # noqa: E402
 
+from cli_helpers import cli  # noqa: E402
+
 RES = 16          # images are cropped to 16 x 16; the tiny VAE downsamples by 2 -> (4, 8, 8)
 COUNTS = (5, 3, 4)  # unequal class sizes, so that shards of 5 straddle class boundaries
-
-
-def cli(*args) -> int:
-    try:
-        return main([str(a) for a in args])
-    except SystemExit as exc:
-        return exc.code
 
 
 def torchrun_cli(*args) -> int:

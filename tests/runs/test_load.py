@@ -12,25 +12,19 @@ import pytest
 import torch
 
 import meanflow
-from meanflow.cli import main
 from meanflow.errors import ConfigError
 from meanflow.pixels import to_uint8
 from meanflow.runs import Model, RunConfig, load
 from meanflow.sampling import sample_seeded
 from meanflow.train import train
 
+from cli_helpers import cli  # noqa: E402
+
 TINY = {"width": 16, "depth": 1, "emb_dim": 8}
 TINY_UNET = {"channels": 8, "channel_mult": [1, 2], "blocks_per_res": 1,
              "attn_resolutions": [], "emb_mult": 2}
 CLASSES = ("cat", "dog", "frog")      # sorted: the labels are 0, 1, 2
 RES = 16
-
-
-def cli(*args) -> int:
-    try:
-        return main([str(a) for a in args])
-    except SystemExit as exc:
-        return exc.code
 
 
 def run_config(data: str, model: str, model_options: dict, **data_extra) -> RunConfig:

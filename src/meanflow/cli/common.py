@@ -1,7 +1,7 @@
 """What every command of the CLI shares: the parser whose errors are one line, joining a
 torchrun job, the ``--ema`` choice, the test for rank 0, and the argument types that bound
 seeds (``0 <= seed < 2**64`` in every command) and read counts; sizes are checked against
-memory by :func:`meanflow.sampling.check_fits` (docs/design.md, "Inputs").
+memory by :func:`meanflow.world.check_fits` (docs/design.md, "Inputs").
 
 Every user error prints one line ``meanflow: error: ...`` and exits with status 2
 (docs/design.md, "Rules the layout keeps").
@@ -19,7 +19,8 @@ import torch
 
 from meanflow.errors import ConfigError
 from meanflow.fileio import refuse_existing
-from meanflow.sampling import SEED_LIMIT, check_fits
+from meanflow.sampling import SEED_LIMIT
+from meanflow.world import check_fits
 from meanflow.world import World, resolve_device, setup, teardown
 
 __all__ = ["Subparsers", "OneLineParser", "joined", "ema_choice", "is_rank_zero",

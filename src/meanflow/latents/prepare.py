@@ -46,7 +46,7 @@ from meanflow.latents.vae import (encode_posterior, latent_shape, load_vae, vae_
 from meanflow.metrics.extractors import load_extractor
 from meanflow.metrics.frechet import FeatureStats
 from meanflow.pixels import from_uint8
-from meanflow.sampling import check_fits
+from meanflow.world import check_fits
 from meanflow.world import World, resolve_device, setup, teardown
 
 __all__ = ["prepare_latents", "shard_assignment", "read_cropped", "stats_from_shards",
