@@ -395,7 +395,7 @@ def test_output_path_is_a_file(tmp_path, capsys):
 def _tamper(run: Path, dst: Path) -> Path:
     import shutil
     shutil.copytree(run, dst)
-    path = dst / "checkpoints" / "step_0000004" / "model.safetensors"
+    path = dst / "checkpoints" / "step_0000004" / "ema.safetensors"
     data = bytearray(path.read_bytes())
     data[-3] ^= 0x40
     path.write_bytes(bytes(data))

@@ -41,7 +41,7 @@ from meanflow.runs.build import model_options
 from meanflow.runs.load import Model, load
 
 __all__ = ["export_diffusers", "backbone_config", "PIPELINE_CLASS", "BACKBONE_CLASS",
-           "PIPELINE_MODULE", "WEIGHTS_NAME", "EXPORT_FORMATS", "EXPORT_COMMAND"]
+           "PIPELINE_MODULE", "WEIGHTS_NAME", "EXPORT_COMMAND"]
 
 #: Where the classes live: model_index.json names them so that diffusers finds them once
 #: ``meanflow.pipeline`` is imported (importing MeanFlowPipeline does it).
@@ -50,7 +50,6 @@ PIPELINE_CLASS = "MeanFlowPipeline"
 BACKBONE_CLASS = "MeanFlowBackbone"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 CONFIG_NAME = "config.json"
-EXPORT_FORMATS = ("diffusers",)
 EXPORT_COMMAND = "meanflow export"
 
 
@@ -96,6 +95,11 @@ def _export_vae(model: Model) -> Any:
         raise ConfigError(f"{model.checkpoint} trained on latents and the VAE that decodes them "
                           "is unknown: pass --vae PATH (vae=PATH), a diffusers AutoencoderKL "
                           "folder")
+    if not isinstance(model.vae["scale"], (int, float)):
+        raise ConfigError("this run's latents are normalised per channel "
+                          "(data.options.channel_norm), which the diffusers pipeline does not "
+                          "decode yet: sample it with meanflow sample, or export --format "
+                          "meanflow")
     vae = load_vae(model.vae["spec"], "cpu")
     try:
         decode_latents(vae, torch.zeros(1, *model.shape), model.vae["scale"])

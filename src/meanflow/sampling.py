@@ -33,7 +33,8 @@ from meanflow.objective.meanflow_loss import check_output
 from meanflow.world import World, broadcast_object, check_fits, gather_sharded, shard
 
 __all__ = ["sample", "euler_sample", "make_schedule", "seeded_noise", "sample_seeded",
-           "SAMPLING_METHODS", "sampling_method", "generate", "SEED_LIMIT", "check_sampling"]
+           "SAMPLING_METHODS", "sampling_method", "generate", "SEED_LIMIT", "check_sampling",
+           "GuidedNet", "with_guidance", "check_guidance"]
 
 #: Seeds are 64-bit unsigned in every command: 0 <= seed < 2**64 (what torch.Generator takes).
 SEED_LIMIT = 2 ** 64
@@ -137,6 +138,61 @@ def sample_seeded(net: Net, seeds: Sequence[int], shape: Sequence[int], steps: i
         yi = None if y is None else y[i:i + batch_size].to(device)
         out.append(fn(net, noise, steps, yi, schedule).cpu())
     return torch.cat(out)
+
+
+def check_guidance(omega: float, interval: Sequence[float] | None = None
+                   ) -> tuple[float, tuple[float, float]]:
+    """(ω, (t_min, t_max)) of sampling-time guidance, checked: ω >= 1 (1 is no guidance) and
+    0 <= t_min <= t_max <= 1 (default the whole path, [0, 1]). One-line ConfigError."""
+    if isinstance(omega, bool) or not isinstance(omega, (int, float)) \
+            or not math.isfinite(omega) or omega < 1:
+        raise ConfigError(f"guidance scale {omega!r} must be a number >= 1 (1: no guidance; "
+                          "the iMF paper samples with 7.5 to 10.5 at 1 NFE)")
+    pair = (0.0, 1.0) if interval is None else tuple(interval)
+    if (len(pair) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                  and math.isfinite(v) for v in pair)
+            or not 0 <= pair[0] <= pair[1] <= 1):
+        raise ConfigError(f"guidance interval {interval!r} must be two times 0 <= t_min <= "
+                          "t_max <= 1, e.g. 0.4,0.65")
+    return float(omega), (float(pair[0]), float(pair[1]))
+
+
+class GuidedNet(torch.nn.Module):
+    """A network conditioned on a guidance scale and interval (an iMF backbone, docs/imf.md
+    §9), sampled with the scale and interval chosen now: every call gives all rows ω and
+    [t_min, t_max]. It holds the network as a submodule, so its parameters (and dtype) show
+    through."""
+
+    def __init__(self, net: torch.nn.Module, omega: float,
+                 interval: tuple[float, float]) -> None:
+        super().__init__()
+        self.net = net
+        self.omega, self.interval = omega, interval
+
+    def forward(self, z: Tensor, t: Tensor, h: Tensor, y: Tensor | None = None) -> Tensor:
+        def rows(value: float) -> Tensor:
+            return torch.full((z.shape[0],), value, device=z.device, dtype=z.dtype)
+        return self.net(z, t, h, y, omega=rows(self.omega), t_min=rows(self.interval[0]),
+                        t_max=rows(self.interval[1]))
+
+
+def with_guidance(net: Net, omega: float | None, interval: Sequence[float] | None = None,
+                  class_conditional: bool = True) -> Net:
+    """``net`` sampled with guidance scale ``omega`` on ``interval`` (:class:`GuidedNet`), or
+    ``net`` itself when ``omega`` is None and no interval is given. Refused with one line for
+    a network that takes no guidance conditions (MeanFlow trains its guidance into the
+    network: its scale is fixed at training) and for an unconditional one."""
+    if omega is None and interval is None:
+        return net
+    omega, pair = check_guidance(1.0 if omega is None else omega, interval)
+    if not getattr(net, "takes_guidance", False):
+        raise ConfigError("this model was not trained with guidance conditioning (an iMF "
+                          "backbone, objective.kind imf); a MeanFlow model's guidance is "
+                          "trained in (objective.omega): drop --guidance / --interval")
+    if not class_conditional:
+        raise ConfigError("guidance needs a class-conditional model and this one is "
+                          "unconditional: drop --guidance / --interval")
+    return GuidedNet(net, omega, pair)
 
 
 def sampling_method(kind: str) -> str:

@@ -147,6 +147,21 @@ def test_fashion_mnist_fake_root(tmp_path, pixels, targets):
     write(tmp_path / "t10k-labels-idx1-ubyte.gz", idx_bytes(targets, 0x801))
     data = ImageArray.fashion_mnist(root=tmp_path, split="test")
     assert len(data) == 5 and data.shape == (1, 3, 4)
+    # labels up to 9: the set's ten classes, named as its README names them
+    assert data.class_names[0] == "T-shirt/top" and data.class_names[9] == "Ankle boot"
+    write(tmp_path / "t10k-labels-idx1-ubyte.gz", idx_bytes(targets % 4, 0x801))
+    assert ImageArray.fashion_mnist(root=tmp_path, split="test").class_names is None
+
+
+def test_class_names_are_checked(pixels, targets):
+    x = torch.from_numpy(pixels).unsqueeze(1)
+    y = torch.from_numpy(targets).long()
+    assert ImageArray(x, y, class_names=[str(k) for k in range(10)]).class_names[3] == "3"
+    for bad in (["a"] * 9, ["a"] * 9 + [""], ["a"] * 9 + [3]):
+        with pytest.raises(DataError, match="one name per class"):
+            ImageArray(x, y, class_names=bad)
+    with pytest.raises(DataError, match="one name per class"):
+        ImageArray(x, None, class_names=["a"])
 
 
 @pytest.mark.skipif(not (FASHION / "train-images-idx3-ubyte.gz").exists(),
@@ -218,6 +233,10 @@ def test_cifar10_reads_the_real_format(tmp_path):
     first = ((np.arange(3072)) % 256).astype(np.uint8).reshape(3, 32, 32)
     assert np.array_equal(train.images[0].numpy(), first)
     assert train.labels[:3].tolist() == [0, 1, 2]
+    assert train.class_names is None          # labels 0..7 only: not the set's ten classes
+    full = ImageArray.cifar10(_write_cifar(tmp_path / "ten", n=10))
+    assert full.class_names == ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
+                                "horse", "ship", "truck")
 
 
 def test_cifar10_refuses_code_in_a_pickle(tmp_path):

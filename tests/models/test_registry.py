@@ -40,3 +40,21 @@ def test_unet_tiny_takes_any_square_images(shape, classes):
 def test_unet_tiny_refuses_points():
     with pytest.raises(ConfigError, match="square images"):
         build_model_for_data("unet-tiny", (2,), None, {})
+
+
+@pytest.mark.parametrize("name", ["imf-dit-tiny/4", "imf-dit-s/4", "imf-dit-tiny/2"])
+def test_imf_dit_sizes_take_fashion_mnist(name):
+    """The small iMF DiTs build from the data (28×28×1, 10 classes) and return u, or (u, v)."""
+    net = build_model_for_data(name, (1, 28, 28), 10, {})
+    z = torch.randn(2, 1, 28, 28)
+    t = torch.full((2,), 0.5)
+    u, v = net(z, t, t / 2, torch.tensor([0, 10]), omega=torch.full((2,), 2.0), v_head=True)
+    assert u.shape == v.shape == z.shape and net.takes_guidance and net.has_v_head
+
+
+def test_unet_tiny_takes_the_imf_options():
+    net = build_model_for_data("unet-tiny", (1, 28, 28), 10,
+                               {"guidance_cond": True, "v_head": True})
+    z, t = torch.randn(2, 1, 28, 28), torch.full((2,), 0.5)
+    u, v = net(z, t, t / 2, omega=torch.full((2,), 2.0), t_min=torch.zeros(2), v_head=True)
+    assert u.shape == v.shape == z.shape and net.takes_guidance and net.has_v_head

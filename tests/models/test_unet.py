@@ -297,3 +297,76 @@ def test_func_jvp_treats_the_label_as_a_constant():
     _, explicit = torch.func.jvp(lambda z_, t_, a_: net(z_, t_, h, aug=a_), (z, t, aug),
                                  (v, torch.ones_like(t), torch.zeros_like(aug)))
     torch.testing.assert_close(closed, explicit, rtol=1e-12, atol=1e-12)
+
+
+# ---- the iMF options (guidance_cond, v_head) ----------------------------------------------
+
+def _guidance(dtype=torch.float64) -> dict:
+    return {"omega": torch.tensor([3.0, 1.5], dtype=dtype),
+            "t_min": torch.tensor([0.2, 0.0], dtype=dtype),
+            "t_max": torch.tensor([0.8, 0.6], dtype=dtype)}
+
+
+def test_imf_options_default_off_and_add_only_their_layers():
+    """Off by default (the same network, seed for seed); on, they add map_guidance (3n -> 2n,
+    no bias) and a copy of the output layers, nothing else."""
+    torch.manual_seed(0)
+    plain = build("unet-small", in_channels=1, input_size=28)
+    torch.manual_seed(0)
+    off = build("unet-small", in_channels=1, input_size=28, guidance_cond=False, v_head=False)
+    a, b = plain.state_dict(), off.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not plain.takes_guidance and not plain.has_v_head
+    on = build("unet-small", in_channels=1, input_size=28, guidance_cond=True, v_head=True)
+    n = 32 * 2                                           # channels * time_mult features
+    out = 2 * 32 + 32 * 1 * 9 + 1                        # GroupNorm(32) + conv 3x3 to 1
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(on) == count(plain) + 3 * n * 2 * n + out
+    assert on.parameter_counts()["v output"] == out and on.takes_guidance and on.has_v_head
+
+
+def test_imf_defaults_are_omega_one_and_the_unit_interval():
+    """omega/t_min/t_max None equal ω = 1 and [0, 1] bit for bit; ω reaches the output; the
+    v-head is not run unless asked, and u is the same either way."""
+    net = tiny_unet(guidance_cond=True, v_head=True)
+    calls = []
+    for module in (net.norm_out_v, net.conv_out_v):
+        module.register_forward_hook(lambda *_: calls.append(1))
+    g = torch.Generator().manual_seed(4)
+    z = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=g)
+    t, h = torch.tensor([0.6, 0.9], dtype=torch.float64), torch.tensor([0.1, 0.5],
+                                                                          dtype=torch.float64)
+    y = torch.tensor([0, 5])
+    base = net(z, t, h, y)
+    ones = torch.ones(2)
+    assert torch.equal(base, net(z, t, h, y, omega=ones, t_min=0 * ones, t_max=ones))
+    assert calls == []
+    u, v = net(z, t, h, y, **_guidance(), v_head=True)
+    assert len(calls) == 2 and torch.equal(u, net(z, t, h, y, **_guidance()))
+    assert (u - base).abs().max() > 1e-4 and (u - v).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("strategy", JVP_STRATEGIES)
+def test_imf_dudt_equals_finite_differences(strategy, dudt_point):
+    """With ω, t_min, t_max as constants of the JVP, du/dt equals a float64 central
+    difference along (v, 0, 1) under every strategy."""
+    net = tiny_unet(guidance_cond=True, v_head=True)
+    z, v, r, t, y = dudt_point
+    cond, eps = _guidance(), 1e-6
+    fd = (net(z + eps * v, t + eps, t + eps - r, y, **cond)
+          - net(z - eps * v, t - eps, t - eps - r, y, **cond)) / (2 * eps)
+    dudt = time_derivative(net, z, r, t, v, y, strategy=strategy, cond=cond)
+    torch.testing.assert_close(dudt, fd, rtol=1e-6, atol=1e-7)
+    plain = time_derivative(net, z, r, t, v, y, strategy=strategy)
+    assert (dudt - plain).abs().max() > 1e-4
+
+
+def test_imf_option_errors():
+    net = build(**{**TINY, "dropout": 0.0})
+    z, t = torch.randn(1, 3, 8, 8), torch.rand(1)
+    with pytest.raises(ConfigError, match="guidance_cond"):
+        net(z, t, t, omega=torch.ones(1))
+    with pytest.raises(ConfigError, match="v_head=true"):
+        net(z, t, t, v_head=True)
+    with pytest.raises(ConfigError, match="true or false"):
+        build(**{**TINY, "v_head": 1})

@@ -36,7 +36,7 @@ def test_npz_json_and_png_hold_the_samples_and_their_record(tmp_path):
     record = write_samples(m, out, npz=npz, png=png)
     assert record == {"checkpoint": str(m.checkpoint), "step": 7, "weights": "model",
                       "method": "meanflow", "steps": 1, "schedule": None, "seed": 2, "n": 5,
-                      "vae": None, "scale": None}
+                      "vae": None, "scale": None, "guidance": None}
     with np.load(npz, allow_pickle=False) as f:
         assert f.files == ["seeds", "labels", "meta", "samples"]
         assert f["seeds"].tolist() == [2, 3, 4, 5, 6] and f["labels"].tolist() == [0, 1, 2, 0, 1]

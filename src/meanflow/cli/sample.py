@@ -14,11 +14,12 @@ from meanflow.cli.common import (Subparsers, count_arg, ema_choice, is_rank_zero
                                  refuse_existing, seed_arg)
 from meanflow.errors import ConfigError
 from meanflow.fileio import exclusive, remove_stale_temporaries
+from meanflow.pretrained import PRETRAINED
 from meanflow.runs.export import can_draw, check_vae, record_path, write_samples
 from meanflow.runs.load import load
-from meanflow.sampling import check_sampling, make_schedule
+from meanflow.sampling import check_guidance, check_sampling, make_schedule
 
-__all__ = ["add_parser", "run", "parse_schedule"]
+__all__ = ["add_parser", "run", "parse_schedule", "parse_interval"]
 
 
 def _label(text: str) -> int | str:
@@ -34,7 +35,8 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
                                description="Draw samples from a run folder or checkpoint. "
                                "Sample i uses seed SEED+i, so results do not depend on the "
                                "batch size.")
-    sa.add_argument("checkpoint", type=Path, help="run folder or checkpoints/step_* folder")
+    sa.add_argument("checkpoint", type=Path, help="run folder, checkpoints/step_* folder, or "
+                    f"the name of a model shipped with meanflow ({', '.join(PRETRAINED)})")
     sa.add_argument("--n", "--num-samples", dest="n", type=count_arg, default=1000,
                     help="number of samples (default 1000; under torchrun write --num-samples: "
                     "torchrun reads --n as one of its own options)")
@@ -58,6 +60,11 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
                     "(2-D points); other samples are refused before sampling. Its record is "
                     "FILE.png.json when no --out is given")
     sa.add_argument("--nrow", type=count_arg, help="images per row of the --png grid")
+    sa.add_argument("--guidance", type=float, help="guidance scale w >= 1 of a model trained "
+                    "with guidance conditioning (iMF), chosen now, e.g. 8 (default 1: none); "
+                    "a MeanFlow model's guidance is trained in")
+    sa.add_argument("--interval", help="with --guidance: the times t_min,t_max where it acts, "
+                    "e.g. 0.4,0.65 (default 0,1)")
     sa.add_argument("--overwrite", action="store_true", help="replace existing output files")
     sa.add_argument("--vae", default="auto", help="decode latents with this diffusers "
                     "AutoencoderKL folder or pipeline folder (x = vae.decode(z / scale + shift): "
@@ -76,6 +83,21 @@ def parse_schedule(text: str | None) -> list[float] | None:
     except ValueError:
         raise ConfigError(f"--schedule {text!r} must be comma-separated numbers, "
                           "e.g. 1,0.5,0") from None
+
+
+def parse_interval(text: str | None) -> tuple[float, float] | None:
+    """--interval "0.4,0.65" -> (0.4, 0.65); None -> None. Checked by
+    :func:`meanflow.sampling.check_guidance`."""
+    if text is None:
+        return None
+    try:
+        pair = tuple(float(s) for s in text.split(","))
+    except ValueError:
+        pair = ()
+    if len(pair) != 2:
+        raise ConfigError(f"--interval {text!r} must be two comma-separated times, e.g. "
+                          "0.4,0.65")
+    return pair
 
 
 def run(args: argparse.Namespace) -> int:
@@ -98,6 +120,9 @@ def run(args: argparse.Namespace) -> int:
                           "seeds stay below 2**64; lower --seed or --n")
     schedule = parse_schedule(args.schedule)
     make_schedule(args.steps, schedule)  # bad --steps/--schedule fail before any work
+    args.interval = parse_interval(args.interval)
+    if args.guidance is not None or args.interval is not None:
+        check_guidance(1.0 if args.guidance is None else args.guidance, args.interval)
     ema = ema_choice(args.ema)
     with contextlib.ExitStack() as stack:
         if is_rank_zero():   # the one writer (docs/design.md, "What meanflow may overwrite")
@@ -127,7 +152,7 @@ def _sample(args: argparse.Namespace, out: Path | None, schedule: list[float] | 
         # under torchrun rank r draws samples r, r + W, ...; sample i depends on seed i alone
         samples = model.sample(args.n, labels=args.label, steps=args.steps, schedule=schedule,
                                seed=args.seed, batch_size=args.batch_size, progress=True,
-                               world=world)
+                               world=world, guidance=args.guidance, interval=args.interval)
         if not world.is_main:
             return 0
         write_samples(model, samples, npz=out, png=args.png, nrow=args.nrow,

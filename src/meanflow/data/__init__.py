@@ -183,8 +183,10 @@ def build_dataset(name_or_path: str | os.PathLike[str], **kwargs: Any) -> BatchS
             (:class:`LatentShards`). Names are matched before paths: write ``./moons``
             for a folder called ``moons``.
         **kwargs: constructor options of the toy class (e.g. ``std=0.3`` for ``8gaussians``),
-            ``labels=...`` for a point file, or ``resolution``, ``channels`` and ``hflip``
-            for an image folder.
+            ``labels=...`` for a point file, ``resolution``, ``channels`` and ``hflip``
+            for an image folder, or for a latent folder ``sample_posterior``, ``in_memory``
+            and ``scale`` or ``channel_norm`` (per-channel ``{mean: [...], std: [...]}``
+            replacing the folder's scale and shift, :class:`LatentShards`).
 
     Returns:
         The dataset, following :class:`BatchSource`.

@@ -54,6 +54,7 @@ class IdxSet:
         gz_sha256: file name -> SHA-256 of the official ``.gz`` file.
         raw_sha256: file name -> SHA-256 of its decompressed content.
         system_root: where a system package installs the files, or None.
+        class_names: the name of class k, where the set's authors named its classes.
     """
 
     name: str
@@ -62,6 +63,7 @@ class IdxSet:
     gz_sha256: dict[str, str]
     raw_sha256: dict[str, str]
     system_root: str | None = None
+    class_names: tuple[str, ...] | None = None
 
 
 #: The sets ``meanflow data`` knows. The Fashion-MNIST digests are those of the files
@@ -95,7 +97,10 @@ IDX_SETS: dict[str, IdxSet] = {
                 "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
             "t10k-labels-idx1-ubyte.gz":
                 "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34"},
-        system_root="/usr/share/datasets/fashion-mnist"),
+        system_root="/usr/share/datasets/fashion-mnist",
+        # the labels' names as the Fashion-MNIST README gives them, label 0 first
+        class_names=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                     "Sneaker", "Bag", "Ankle boot")),
     "mnist": IdxSet(
         name="mnist", title="MNIST",
         mirrors=("https://ossci-datasets.s3.amazonaws.com/mnist/",

@@ -17,6 +17,7 @@ import pickle
 import zipfile
 import zlib
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -31,6 +32,9 @@ __all__ = ["ImageArray", "FASHION_MNIST_ROOT", "CIFAR10_TRAIN", "CIFAR10_TEST"]
 
 CIFAR10_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR10_TEST = ("test_batch",)
+# the labels' names as the CIFAR-10 page gives them, label 0 first
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                   "ship", "truck")
 
 # The only globals a CIFAR-10 batch pickle needs: numpy's array reconstruction, and the codec
 # call with which protocol-2 pickles written by Python 3 carry raw bytes. None runs code.
@@ -69,13 +73,16 @@ class ImageArray:
             ``max(labels) + 1``.
         hflip: if true, each drawn image is mirrored left-right with probability 1/2 (drawn
             from the generator given to ``batch`` or ``take``).
+        class_names: optional name of each class, label k first (``num_classes`` of them);
+            a run records them, and ``meanflow sample --label`` accepts them.
 
     Raises:
         DataError: if a shape, dtype or label is invalid.
         ConfigError: if ``hflip`` is not a bool.
     """
 
-    def __init__(self, images: Tensor, labels: Tensor | None = None, hflip: bool = False) -> None:
+    def __init__(self, images: Tensor, labels: Tensor | None = None, hflip: bool = False,
+                 class_names: Sequence[str] | None = None) -> None:
         if not isinstance(images, Tensor):
             raise DataError(f"images must be a torch.Tensor, got {type(images).__name__}; "
                             "convert them with torch.as_tensor")
@@ -103,6 +110,23 @@ class ImageArray:
         self.num_classes: int | None = (
             None if self.labels is None else int(self.labels.max()) + 1
         )
+        if class_names is not None and (
+                self.num_classes is None or len(class_names) != self.num_classes
+                or not all(isinstance(name, str) and name for name in class_names)):
+            raise DataError(f"class_names must name each of the {self.num_classes} classes of "
+                            f"the labels with a non-empty string, got {len(class_names)}; "
+                            "give one name per class, label 0 first")
+        #: The name of class k, or ``None`` where the data name no classes.
+        self.class_names: tuple[str, ...] | None = (
+            None if class_names is None else tuple(class_names))
+
+    def named(self, class_names: Sequence[str] | None) -> ImageArray:
+        """Itself, its classes named ``class_names`` where the labels hold exactly that many
+        classes (a standard set's names; a cut-down copy of the set keeps its classes unnamed,
+        since label k may then not be the set's class k)."""
+        if class_names is not None and self.num_classes == len(class_names):
+            self.class_names = tuple(class_names)
+        return self
 
     def __len__(self) -> int:
         """Number of images ``N``."""
@@ -143,13 +167,14 @@ class ImageArray:
     @classmethod
     def from_idx(cls, images_path: str | os.PathLike[str],
                  labels_path: str | os.PathLike[str] | None = None,
-                 hflip: bool = False) -> ImageArray:
+                 hflip: bool = False,
+                 class_names: Sequence[str] | None = None) -> ImageArray:
         """Read MNIST-style IDX files (gzipped or not; detected from the content).
 
         Args:
             images_path: IDX file of ``uint8`` images ``(N, H, W)`` (magic ``0x00000803``).
             labels_path: optional IDX file of ``uint8`` labels ``(N,)`` (magic ``0x00000801``).
-            hflip: see :class:`ImageArray`.
+            hflip, class_names: see :class:`ImageArray` (names need the labels).
 
         Returns:
             An :class:`ImageArray` with shape ``(1, H, W)``.
@@ -169,7 +194,7 @@ class ImageArray:
                                 f"holds {images.shape[0]} images; give the matching labels file")
         x = torch.from_numpy(images).unsqueeze(1)
         y = None if labels is None else torch.from_numpy(labels).to(torch.int64)
-        return cls(x, y, hflip=hflip)
+        return cls(x, y, hflip=hflip, class_names=None if y is None else class_names)
 
     @classmethod
     def fashion_mnist(cls, root: str | os.PathLike[str] | None = None,
@@ -208,7 +233,8 @@ class ImageArray:
         prefix = prefixes[split]
         files = (f"{prefix}-images-idx3-ubyte.gz", f"{prefix}-labels-idx1-ubyte.gz")
         folder = find_idx_set(name, root, files)
-        return cls.from_idx(folder / files[0], folder / files[1], hflip=hflip)
+        data = cls.from_idx(folder / files[0], folder / files[1], hflip=hflip)
+        return data.named(IDX_SETS[name].class_names)
 
     @classmethod
     def cifar10(cls, root: str | os.PathLike[str], split: str = "train",
@@ -246,8 +272,9 @@ class ImageArray:
                                 "re-download cifar-10-python.tar.gz")
             images.append(data.reshape(-1, 3, 32, 32))
             labels.append(y)
-        return cls(torch.from_numpy(np.concatenate(images)),
+        data = cls(torch.from_numpy(np.concatenate(images)),
                    torch.from_numpy(np.concatenate(labels)), hflip=hflip)
+        return data.named(CIFAR10_CLASSES)
 
     @classmethod
     def from_npz(cls, path: str | os.PathLike[str], key: str = "x",

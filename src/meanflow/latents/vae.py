@@ -10,7 +10,8 @@ own warnings and log lines are silenced while loading: the error says what faile
 
 Latents are stored unscaled; the model sees ``scale * (z - shift)`` (scale 0.18215 and no
 shift for SD-VAE; SD3 and FLUX VAEs have a ``shift_factor`` in their config) and decoding
-computes ``z / scale + shift`` again.
+computes ``z / scale + shift`` again. Scale and shift may also be per channel (C values each,
+the iMF recipe's ``channel_norm``: scale_c = 1 / sigma_c, shift_c = mu_c, docs/imf.md).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import os
 import socket
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence, Union
 from urllib.parse import urlparse
 
 import torch
@@ -195,14 +196,55 @@ def vae_shift(vae: Any) -> float:
     return shift
 
 
+#: A decoding scale or shift: one number, or C (a sequence or a 1-D tensor), one per channel.
+PerChannel = Union[float, Sequence[float], Tensor]
+
+
+def _per_channel(value: Any, name: str, z: Tensor, device: torch.device) -> Tensor:
+    """C per-channel values as a float32 (1, C, 1, ..., 1) tensor on ``device`` to broadcast
+    over ``z`` (B, C, ...); a one-line ConfigError unless they are C finite numbers (and, for
+    the scale, positive)."""
+    try:
+        values = (value.detach().to("cpu", torch.float64) if isinstance(value, Tensor)
+                  else torch.as_tensor(value, dtype=torch.float64)).flatten()
+    except (TypeError, ValueError, RuntimeError):
+        raise ConfigError(f"{name}={value!r} must be one number or a list of numbers, one "
+                          "per latent channel") from None
+    channels = z.shape[1] if z.dim() > 1 else 0
+    if values.numel() != channels:
+        raise ConfigError(f"{name} has {values.numel()} value(s) and the latents have "
+                          f"{channels} channel(s): give one number, or one per channel")
+    if not torch.isfinite(values).all() or (name == "scale" and not (values > 0).all()):
+        raise ConfigError(f"{name}={values.tolist()} must hold finite numbers"
+                          + (", all positive" if name == "scale" else ""))
+    shape = (1, channels) + (1,) * (z.dim() - 2)
+    return values.to(torch.float32).view(shape).to(device)
+
+
+def _is_scalar(value: Any) -> bool:
+    """One number for all channels (a Python or NumPy number, a 0-d tensor)."""
+    return isinstance(value, str) or not isinstance(value, (Sequence, Tensor)) \
+        or (isinstance(value, Tensor) and value.dim() == 0)
+
+
 @torch.no_grad()
-def decode_latents(vae: Any, z: Tensor, scale: float = SD_VAE_SCALE,
-                   batch_size: int = 32, shift: float | None = None) -> Tensor:
+def decode_latents(vae: Any, z: Tensor, scale: PerChannel = SD_VAE_SCALE,
+                   batch_size: int = 32, shift: PerChannel | None = None) -> Tensor:
     """Images (B, 3, H, W) in [-1, 1] (float32, CPU) of model-space latents ``z`` (B, C, h, w):
     ``vae.decode(z / scale + shift)``, clamped; ``shift`` is by default the VAE's own
-    (:func:`vae_shift`), the one ``prepare-latents`` subtracted before scaling."""
+    (:func:`vae_shift`), the one ``prepare-latents`` subtracted before scaling.
+
+    ``scale`` and ``shift`` are each one number or C, one per channel (a sequence or 1-D
+    tensor, e.g. from :func:`meanflow.data.latents.latent_transform`), broadcast over
+    (B, C, h, w) in float32: a ``channel_norm`` run's samples decode as ``z * sigma_c + mu_c``
+    (up to the float32 rounding of 1 / sigma_c). One number for both is the scalar path,
+    unchanged."""
     device = next(vae.parameters()).device
-    shift = vae_shift(vae) if shift is None else float(shift)
+    if shift is None:
+        shift = vae_shift(vae)
+    shift = float(shift) if _is_scalar(shift) else _per_channel(shift, "shift", z, device)
+    if not _is_scalar(scale):
+        scale = _per_channel(scale, "scale", z, device)
     out = []
     for i in range(0, z.shape[0], batch_size):
         chunk = z[i:i + batch_size].to(device, torch.float32) / scale + shift

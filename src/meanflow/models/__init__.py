@@ -3,6 +3,11 @@
 Every backbone honours ``net(z, t, h, y=None) -> tensor shaped like z``. A U-Net built with
 ``augment_dim > 0`` also takes ``aug=`` (B, augment_dim), the EDM augmentation label; ``None``
 means not augmented.
+
+iMF backbones (docs/imf.md) have ``takes_guidance = True`` and also take the keywords
+``omega``, ``t_min``, ``t_max`` ((B,) tensors; None: ω = 1 and the interval [0, 1]); with
+``has_v_head = True`` they take ``v_head=True`` and return (u, v). The ``imf-dit-*`` networks
+are both; a U-Net is one with ``guidance_cond`` (and ``v_head``) on.
 """
 
 from __future__ import annotations
@@ -15,11 +20,12 @@ from torch import nn
 
 from meanflow.errors import ConfigError
 from meanflow.models.dit import DIT_SIZES, DiT, DiTConfig
+from meanflow.models.imf_dit import IMF_DIT_SIZES, IMFDiT, IMFDiTConfig
 from meanflow.models.mlp import MLP, MLPConfig
 from meanflow.models.unet import UNET_PRESETS, UNet, UNetConfig
 
 __all__ = ["MODELS", "build_model", "build_model_for_data", "backbone_family", "MLP",
-           "MLPConfig", "DiT", "DiTConfig", "UNet", "UNetConfig"]
+           "MLPConfig", "DiT", "DiTConfig", "IMFDiT", "IMFDiTConfig", "UNet", "UNetConfig"]
 
 # name -> (config dataclass, module class, preset values of the config)
 MODELS: dict[str, tuple[type, Callable[[Any], nn.Module], dict[str, Any]]] = {
@@ -29,6 +35,12 @@ for _size, (_depth, _width, _heads) in DIT_SIZES.items():
     for _patch in (2, 4, 8):
         MODELS[f"dit-{_size}/{_patch}"] = (DiTConfig, DiT, {
             "depth": _depth, "width": _width, "heads": _heads, "patch": _patch})
+# the iMF paper's B, M, L, XL at patch 2; the small sizes also at patch 4 (e.g. 28x28 images)
+for _size, (_depth, _head_depth, _width, _heads) in IMF_DIT_SIZES.items():
+    for _patch in ((2, 4) if _size in ("tiny", "s") else (2,)):
+        MODELS[f"imf-dit-{_size}/{_patch}"] = (IMFDiTConfig, IMFDiT, {
+            "depth": _depth, "head_depth": _head_depth, "width": _width, "heads": _heads,
+            "patch": _patch})
 for _name, _preset in UNET_PRESETS.items():
     MODELS[_name] = (UNetConfig, UNet, dict(_preset))
 # The U-Net of the fmnist-unet preset as a name for any image data on a CPU: one block per
@@ -70,7 +82,7 @@ def build_model_for_data(name: str, sample_shape: tuple[int, ...], num_classes: 
     derived: dict[str, Any] = {"num_classes": num_classes}
     if name == "mlp":
         derived["dim"] = math.prod(sample_shape)
-    elif name.startswith(("dit-", "unet-")):
+    elif name.startswith(("dit-", "imf-dit-", "unet-")):
         if len(sample_shape) != 3 or sample_shape[1] != sample_shape[2]:
             raise ConfigError(f"model {name!r} needs square images (C, H, H); the data have "
                               f"shape {tuple(sample_shape)}")
@@ -83,10 +95,11 @@ def build_model_for_data(name: str, sample_shape: tuple[int, ...], num_classes: 
 
 
 def backbone_family(net: object) -> str | None:
-    """"unet", "dit" or "mlp" for a backbone of this package, also inside a DDP/FSDP wrapper
-    (``.module``) or a ``torch.compile``'d module (``._orig_mod``); None for anything else."""
+    """"unet", "dit", "imf-dit" or "mlp" for a backbone of this package, also inside a
+    DDP/FSDP wrapper (``.module``) or a ``torch.compile``'d module (``._orig_mod``); None for
+    anything else."""
     for _ in range(4):                                   # wrappers nest a few levels at most
-        for cls, family in ((UNet, "unet"), (DiT, "dit"), (MLP, "mlp")):
+        for cls, family in ((UNet, "unet"), (DiT, "dit"), (IMFDiT, "imf-dit"), (MLP, "mlp")):
             if isinstance(net, cls):
                 return family
         inner = getattr(net, "module", None)

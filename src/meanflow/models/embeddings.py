@@ -15,29 +15,32 @@ __all__ = ["SinusoidalEmbedding", "TimeEmbedder", "LabelEmbedder", "init_embedde
 class SinusoidalEmbedding(nn.Module):
     """Raw time s in [0, 1] (no ×1000 scaling, docs/method.md §4) -> [sin(ω_i s), cos(ω_i s)].
 
-    The angular frequencies ω_i are geometric from ``min_freq`` to ``max_freq``.
-    (B,) -> (B, dim).
+    The angular frequencies ω_i are geometric from ``min_freq`` to ``max_freq`` (in that order;
+    ``min_freq`` may be the larger). ``cos_first`` puts the cosines first. (B,) -> (B, dim).
     """
 
-    def __init__(self, dim: int, max_freq: float = 1000.0, min_freq: float = 1.0) -> None:
+    def __init__(self, dim: int, max_freq: float = 1000.0, min_freq: float = 1.0,
+                 cos_first: bool = False) -> None:
         super().__init__()
         if dim % 2:
             raise ValueError(f"embedding dim must be even, got {dim}")
         freqs = torch.exp(torch.linspace(math.log(min_freq), math.log(max_freq), dim // 2))
         self.register_buffer("freqs", freqs, persistent=False)
+        self.cos_first = cos_first
 
     def forward(self, s: Tensor) -> Tensor:
         angles = s.to(self.freqs.dtype)[:, None] * self.freqs[None]      # (B, dim/2)
-        return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)  # (B, dim)
+        parts = [torch.sin(angles), torch.cos(angles)]
+        return torch.cat(parts[::-1] if self.cos_first else parts, dim=1)  # (B, dim)
 
 
 class TimeEmbedder(nn.Module):
     """Sinusoidal features followed by a two-layer SiLU MLP: (B,) -> (B, dim)."""
 
     def __init__(self, dim: int, freq_dim: int = 128, max_freq: float = 1000.0,
-                 min_freq: float = 1.0) -> None:
+                 min_freq: float = 1.0, cos_first: bool = False) -> None:
         super().__init__()
-        self.freq = SinusoidalEmbedding(freq_dim, max_freq, min_freq)
+        self.freq = SinusoidalEmbedding(freq_dim, max_freq, min_freq, cos_first)
         self.mlp = nn.Sequential(Linear(freq_dim, dim), nn.SiLU(), Linear(dim, dim))
 
     def forward(self, s: Tensor) -> Tensor:

@@ -7,7 +7,8 @@ same function through an ``autograd.Function`` whose ``jvp`` skips absent tangen
 input tangent ẋ it is just ẋ·Wᵀ. Values, gradients and tangents are those of
 ``torch.nn.Linear``. :class:`Conv2d` does the same for convolutions, whose native rule costs up
 to three convolutions per layer where one is needed; :func:`group_norm` and :func:`layer_norm`
-have exact rules of a few fused passes; :func:`dropout` has a one-multiply rule.
+have exact rules of a few fused passes (:func:`rms_norm` too, for the iMF DiT);
+:func:`dropout` has a one-multiply rule.
 
 When each layer takes its lean path (:func:`meanflow.models.forward_mode.use_lean`), and why
 they all step aside while torch.compile traces: see :mod:`meanflow.models.forward_mode`.
@@ -21,9 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from meanflow.models.forward_mode import use_lean
+from meanflow.models.forward_mode import has_tangent, use_lean
 
-__all__ = ["Linear", "linear", "Conv2d", "conv2d", "group_norm", "layer_norm", "dropout"]
+__all__ = ["Linear", "linear", "Conv2d", "conv2d", "group_norm", "layer_norm", "dropout",
+           "rms_norm", "RMSNorm"]
 
 
 class _LinearFn(torch.autograd.Function):
@@ -355,3 +357,68 @@ def dropout(x: Tensor, p: float, training: bool) -> Tensor:
     if training and 0.0 < p < 1.0 and x.device.type == "cpu" and use_lean(x):
         return _DropoutFn.apply(x, p)[0]
     return F.dropout(x, p, training)
+
+
+class _RMSNormFn(torch.autograd.Function):
+    """RMS normalisation over the last dimension without a scale, y = x·ρ with
+    ρ = 1/sqrt(mean(x²) + eps), and the exact forward-AD rule ẏ = ρ·(ẋ − y·mean(y·ẋ)): a dot
+    product and one fused pass. The backward has the same form, ρ·(g − y·mean(y·g))."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: Tensor, eps: float) -> tuple:
+        rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        return x * rstd, rstd
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        y, rstd = output
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(rstd)
+        ctx.save_for_backward(y, rstd)
+        ctx.save_for_forward(y, rstd)
+
+    @staticmethod
+    def _project(y: Tensor, rstd: Tensor, d: Tensor) -> Tensor:
+        proj = (y * d).mean(-1, keepdim=True)                             # mean(y·d)
+        return torch.addcmul(d, y, proj, value=-1.0).mul_(rstd)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor | None, *_: Any) -> tuple:
+        if grad is None:
+            return None, None
+        y, rstd = ctx.saved_tensors
+        return _RMSNormFn._project(y, rstd, grad), None
+
+    @staticmethod
+    def jvp(ctx: Any, x_t: Tensor | None, *_: Any) -> tuple:
+        if x_t is None:
+            return None, None
+        y, rstd = ctx.saved_tensors
+        return _RMSNormFn._project(y, rstd, x_t), None
+
+
+def rms_norm(x: Tensor, eps: float) -> Tensor:
+    """x / sqrt(mean(x², last dim) + eps), no scale. Without grad or with a forward-mode
+    tangent (outside autocast) it runs :class:`_RMSNormFn`, whose JVP is one projection; while
+    torch.compile traces, or with a tangent under autocast, the same formula in plain tensor
+    operations (PyTorch's own rules); otherwise (a plain training forward) ``F.rms_norm``."""
+    if use_lean(x) and not torch.is_autocast_enabled(x.device.type):
+        return _RMSNormFn.apply(x, eps)[0]
+    if torch.compiler.is_compiling() or has_tangent(x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return F.rms_norm(x, x.shape[-1:], eps=eps)
+
+
+class RMSNorm(nn.Module):
+    """RMS normalisation over the last dimension (eps 1e-6) times a learned per-channel scale
+    that starts at one."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return rms_norm(x, self.eps) * self.weight

@@ -35,6 +35,15 @@ that which divides C where it does not); its affine scale and shift are applied 
 Contract: ``net(z, t, h, y=None, aug=None)`` with z (B, C, H, W), t and h (B,), y (B,)
 labels (index ``num_classes`` is the null class) and aug (B, augment_dim); output
 (B, C, H, W). ``aug=None`` is the zero label, "not augmented", which is what sampling uses.
+
+iMF options (docs/imf.md; both off by default, leaving the network above unchanged):
+``guidance_cond`` adds the keywords ``omega``, ``t_min``, ``t_max`` ((B,); None: ω = 1 and the
+interval [0, 1]): the same sinusoidal features of 1 − 1/ω, t_min and t_max, concatenated and
+mapped by a bias-free linear layer (``map_guidance``), are added where the label is, before
+the two mapping layers. ``v_head`` adds a second output (``norm_out_v``, ``conv_out_v``, a copy
+of the output layers on the last decoder features) returned by ``v_head=True`` as (u, v).
+Unlike the iMF DiT (models/imf_dit.py), the U-Net keeps t as an input: the MeanFlow
+comparison shares the network.
 """
 
 from __future__ import annotations
@@ -87,6 +96,8 @@ class UNetConfig:
     resample_filter: list[int] = field(default_factory=lambda: [1, 3, 3, 1])
     attention: str = "auto"         # "auto": fused when possible; "math": always explicit
     augment_dim: int = 0            # width of the augmentation label (EDMAugment.label_dim)
+    guidance_cond: bool = False     # iMF: also embed 1 − 1/ω, t_min, t_max
+    v_head: bool = False            # iMF: a second output layer for v
 
     def __post_init__(self) -> None:
         check_common(self, ("in_channels", "input_size", "channels", "blocks_per_res",
@@ -96,6 +107,9 @@ class UNetConfig:
             raise ConfigError(f"model augment_dim={self.augment_dim!r} must be a non-negative "
                               "integer (the augmentation's label_dim, 6 for the official "
                               "recipe; 0 for none)")
+        for name in ("guidance_cond", "v_head"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"model {name}={getattr(self, name)!r} must be true or false")
         for name in ("channel_mult", "attn_resolutions", "resample_filter"):
             value = getattr(self, name)
             if not isinstance(value, (list, tuple)) or not all(
@@ -244,6 +258,9 @@ class UNet(nn.Module):
             self.map_label = nn.Embedding(cfg.num_classes + 1, 2 * time_dim)
         if cfg.augment_dim > 0:
             self.map_augment = Linear(cfg.augment_dim, 2 * time_dim, bias=False)
+        self.takes_guidance, self.has_v_head = cfg.guidance_cond, cfg.v_head
+        if cfg.guidance_cond:
+            self.map_guidance = Linear(3 * time_dim, 2 * time_dim, bias=False)
         self.map_layer0 = Linear(2 * time_dim, emb_dim)
         self.map_layer1 = Linear(emb_dim, emb_dim)
 
@@ -279,6 +296,9 @@ class UNet(nn.Module):
         assert not skips
         self.norm_out = GroupNorm(cout)
         self.conv_out = Conv2d(cout, cfg.in_channels, 3, padding=1)
+        if cfg.v_head:
+            self.norm_out_v = GroupNorm(cout)
+            self.conv_out_v = Conv2d(cout, cfg.in_channels, 3, padding=1)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -294,7 +314,7 @@ class UNet(nn.Module):
             bound = math.sqrt(6.0 / (classes + width)) * math.sqrt(classes)
             nn.init.uniform_(self.map_label.weight, -bound, bound)
         with torch.no_grad():
-            near_zero = [self.conv_out]
+            near_zero = [self.conv_out] + ([self.conv_out_v] if self.cfg.v_head else [])
             for block in self.modules():
                 if isinstance(block, ResBlock):
                     near_zero.append(block.conv1)
@@ -316,6 +336,8 @@ class UNet(nn.Module):
                 key = f"{side} {block.res}x{block.res}"
                 parts[key] = parts.get(key, 0) + count(block)
         parts["output"] = count(self.norm_out) + count(self.conv_out)
+        if self.cfg.v_head:
+            parts["v output"] = count(self.norm_out_v) + count(self.conv_out_v)
         return parts
 
     def time_features(self, s: Tensor) -> Tensor:
@@ -324,9 +346,17 @@ class UNet(nn.Module):
         angles = s[:, None] * self.freqs.to(s.dtype)[None]            # (B, n/2)
         return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
 
-    def embed(self, t: Tensor, h: Tensor, y: Tensor | None, aug: Tensor | None) -> Tensor:
-        """The mapping network: (t, h, y, aug) -> the blocks' embedding (B, channels*emb_mult)."""
+    def embed(self, t: Tensor, h: Tensor, y: Tensor | None, aug: Tensor | None,
+              guidance: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
+        """The mapping network: (t, h, y, aug) and, with ``guidance_cond``, (ω, t_min, t_max)
+        -> the blocks' embedding (B, channels*emb_mult)."""
         emb = torch.cat([self.time_features(t), self.time_features(h)], dim=1)  # (B, 2n)
+        if guidance is not None:
+            omega, t_min, t_max = guidance
+            feats = torch.cat([self.time_features((1 - 1 / omega).to(emb.dtype)),
+                               self.time_features(t_min.to(emb.dtype)),
+                               self.time_features(t_max.to(emb.dtype))], dim=1)  # (B, 3n)
+            emb = emb + self.map_guidance(feats)
         if self.cfg.num_classes is not None:
             if y is None:
                 y = torch.full((t.shape[0],), self.cfg.num_classes, device=t.device,
@@ -338,9 +368,13 @@ class UNet(nn.Module):
         return F.silu(self.map_layer1(emb))                            # (B, E)
 
     def forward(self, z: Tensor, t: Tensor, h: Tensor, y: Tensor | None = None,
-                aug: Tensor | None = None) -> Tensor:
+                aug: Tensor | None = None, *, omega: Tensor | None = None,
+                t_min: Tensor | None = None, t_max: Tensor | None = None,
+                v_head: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """u(z, r, t) for h = t - r. ``aug`` (B, augment_dim) is the augmentation label;
-        ``None`` means no augmentation (zeros), which is what sampling uses."""
+        ``None`` means no augmentation (zeros), which is what sampling uses. ``omega``,
+        ``t_min``, ``t_max`` need ``guidance_cond`` and ``v_head=True`` (returns (u, v)) needs
+        ``v_head`` in the config (module docstring)."""
         B, C, H, W = z.shape
         if (C, H, W) != (self.cfg.in_channels, self.cfg.input_size, self.cfg.input_size):
             raise ConfigError(f"U-Net built for {self.cfg.in_channels}×{self.cfg.input_size}×"
@@ -354,7 +388,18 @@ class UNet(nn.Module):
             if aug.shape != (B, A):
                 raise ConfigError(f"augmentation label has shape {tuple(aug.shape)}, the "
                                   f"U-Net needs ({B}, {A}): one augment_dim-wide row per sample")
-        emb = self.embed(t, h, y, aug)                                 # (B, E)
+        guidance = None
+        if self.cfg.guidance_cond:
+            ones = torch.ones_like(t)
+            guidance = (ones if omega is None else omega,
+                        torch.zeros_like(t) if t_min is None else t_min,
+                        ones if t_max is None else t_max)
+        elif omega is not None or t_min is not None or t_max is not None:
+            raise ConfigError("this U-Net takes no guidance conditions (omega, t_min, t_max): "
+                              "build it with guidance_cond=true")
+        if v_head and not self.cfg.v_head:
+            raise ConfigError("this U-Net has no v-head: build it with v_head=true")
+        emb = self.embed(t, h, y, aug, guidance)                       # (B, E)
         x = self.conv_in(z)                                            # (B, C0, H, W)
         skips = [x]
         for block in self.encoder:
@@ -364,4 +409,7 @@ class UNet(nn.Module):
             if block.takes_skip:
                 x = torch.cat([x, skips.pop()], dim=1)                 # (B, C + C_skip, ·, ·)
             x = block(x, emb, self.fir)
-        return self.conv_out(F.silu(self.norm_out(x)))                 # (B, C, H, W)
+        u = self.conv_out(F.silu(self.norm_out(x)))                    # (B, C, H, W)
+        if not v_head:
+            return u
+        return u, self.conv_out_v(F.silu(self.norm_out_v(x)))

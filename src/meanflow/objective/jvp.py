@@ -27,6 +27,10 @@ Every JVP evaluation runs inside :func:`meanflow.models.forward_mode.jvp_pass`, 
 know they are in a JVP pass while torch.compile traces (where dual tensors cannot be seen).
 Extra per-sample conditioning of the network (``cond``, e.g. ``{"aug": labels}``) is passed as
 keyword arguments to every network call and carries no tangent.
+
+A network with a second, instantaneous-velocity head (the improved MeanFlow contract,
+docs/imf.md §1, §6) is driven with ``v_head=True``: every strategy then also returns that
+head's output, with its autograd graph and without tangent.
 """
 
 from __future__ import annotations
@@ -147,6 +151,22 @@ def _fn(net: Net, y: Tensor | None,
     return f
 
 
+def _fn_with_v(net: Net, y: Tensor | None,
+               cond: Cond | None = None) -> Callable[[Tensor, Tensor, Tensor], tuple]:
+    """f(z, r, t) = net(z, t, t - r, y, **cond, v_head=True) -> (u, v): a backbone with a
+    second (instantaneous-velocity) head (docs/imf.md §6)."""
+    extra = dict(cond) if cond else {}
+
+    def f(z: Tensor, r: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        out = net(z, t, t - r, y, v_head=True, **extra)
+        if not isinstance(out, tuple) or len(out) != 2:
+            raise ConfigError(f"net(..., v_head=True) returned {type(out).__name__}: a "
+                              "backbone with a v-head must return the pair (u, v); for a "
+                              "network without one use the boundary variant")
+        return out
+    return f
+
+
 def _time_tangents(r: Tensor, t: Tensor, dr_dt: tuple[float, float]) -> tuple[Tensor, Tensor]:
     dr, dt = dr_dt
     return torch.full_like(r, dr), torch.full_like(t, dt)
@@ -171,6 +191,30 @@ def _jvp_forward_ad(f: Callable, z: Tensor, r: Tensor, t: Tensor, v: Tensor,
     if dudt is None:  # the output does not depend on (z, r, t) at all
         dudt = torch.zeros_like(u)
     return u, dudt
+
+
+def _jvp_func_with_v(f: Callable, z: Tensor, r: Tensor, t: Tensor, v: Tensor,
+                     dr_dt: tuple[float, float]) -> tuple[Tensor, Tensor, Tensor]:
+    """(u, JVP of u, v-head output) through ``torch.func.jvp`` with the v output as auxiliary:
+    it carries the autograd graph and no tangent."""
+    with jvp_pass():
+        return torch.func.jvp(f, (z, r, t), (v, *_time_tangents(r, t, dr_dt)), has_aux=True)
+
+
+def _jvp_forward_ad_with_v(f: Callable, z: Tensor, r: Tensor, t: Tensor, v: Tensor,
+                           dr_dt: tuple[float, float]) -> tuple[Tensor, Tensor, Tensor]:
+    """(u, JVP of u, v-head output) on forward-AD dual tensors; the v output's tangent is
+    dropped, its primal keeps the autograd graph."""
+    r_dot, t_dot = _time_tangents(r, t, dr_dt)
+    with jvp_pass(), forward_ad.dual_level():
+        out_u, out_v = f(forward_ad.make_dual(z, v),
+                         forward_ad.make_dual(r, r_dot),
+                         forward_ad.make_dual(t, t_dot))
+        u, dudt = forward_ad.unpack_dual(out_u)
+        v_out = forward_ad.unpack_dual(out_v).primal
+    if dudt is None:
+        dudt = torch.zeros_like(u)
+    return u, dudt, v_out
 
 
 def _jvp_precision(device: torch.device, keep_autocast: bool) -> contextlib.AbstractContextManager:
@@ -217,8 +261,10 @@ class JVPStrategy:
 
     def u_and_dudt(self, net: Net, z: Tensor, r: Tensor, t: Tensor, v: Tensor,
                    y: Tensor | None = None, *, jvp_net: Net | None = None,
-                   cond: Cond | None = None) -> tuple[Tensor, Tensor]:
-        """(u, du/dt), both (B, *S); the arguments as in :func:`u_and_dudt`."""
+                   cond: Cond | None = None,
+                   v_head: bool = False) -> tuple[Tensor, ...]:
+        """(u, du/dt), both (B, *S); with ``v_head`` (u, du/dt, v); the arguments as in
+        :func:`u_and_dudt`."""
         strategy, dr_dt = self.resolve(net, z, jvp_net), TANGENTS[self.tangent]
         f = _fn(net, y, cond)
         if strategy in ("func", "forward_ad"):
@@ -226,6 +272,11 @@ class JVPStrategy:
                 raise ConfigError(f"JVP strategy {strategy!r} computes u and du/dt in one pass, "
                                   "so it cannot take a separate no-grad jvp_net: use 'split', "
                                   "or all-reduce the gradients by hand")
+            if v_head:
+                jvp_v = _jvp_func_with_v if strategy == "func" else _jvp_forward_ad_with_v
+                with _jvp_precision(z.device, self.autocast):
+                    u, dudt, v_out = jvp_v(_fn_with_v(net, y, cond), z, r, t, v, dr_dt)
+                return u, dudt.detach(), v_out
             jvp = _jvp_func if strategy == "func" else _jvp_forward_ad
             with _jvp_precision(z.device, self.autocast):
                 u, dudt = jvp(f, z, r, t, v, dr_dt)
@@ -235,6 +286,9 @@ class JVPStrategy:
             with torch.no_grad(), _jvp_precision(z.device, self.autocast):
                 _, dudt = _jvp_forward_ad(f_jvp, z, r, t, v, dr_dt)
             rewind()
+            if v_head:   # the JVP pass ran the u-head alone; the grad pass runs both heads
+                u, v_out = _fn_with_v(net, y, cond)(z, r, t)
+                return u, dudt, v_out
             u = f(z, r, t)
         return u, dudt
 
@@ -250,8 +304,9 @@ class JVPStrategy:
 def u_and_dudt(net: Net, z: Tensor, r: Tensor, t: Tensor, v: Tensor, y: Tensor | None = None,
                strategy: str = "split", jvp_autocast: bool = False,
                tangent: str = "v01", jvp_net: Net | None = None,
-               cond: Cond | None = None) -> tuple[Tensor, Tensor]:
-    """Average velocity and its total time derivative.
+               cond: Cond | None = None, v_head: bool = False) -> tuple[Tensor, ...]:
+    """Average velocity and its total time derivative (and, with ``v_head``, the output of the
+    network's instantaneous-velocity head).
 
     Args:
         net: backbone ``net(z, t, h, y=None, **cond)``.
@@ -272,13 +327,19 @@ def u_and_dudt(net: Net, z: Tensor, r: Tensor, t: Tensor, v: Tensor, y: Tensor |
         cond: extra per-sample conditioning, each value (B, ...), passed to every network call
             as keyword arguments (e.g. ``{"aug": labels}`` for a U-Net with augment_dim); held
             constant by the JVP.
+        v_head: the network has a second head (the iMF contract, docs/imf.md §6):
+            ``net(..., v_head=True)`` returns (u, v). Its v is returned too, from the same
+            evaluation where the strategy has one pass ("func": an auxiliary output without
+            tangent; "forward_ad": the primal of the dual output); "split" runs its no-grad JVP
+            without the flag (u alone) and its grad pass with it.
 
     Returns:
         ``(u, dudt)``, both (B, *S): u = net(z, t, t - r, y, **cond) carries the autograd graph
-        when grad mode is on; dudt is detached (it only enters the stop-gradient target).
+        when grad mode is on; dudt is detached (it only enters the stop-gradient target). With
+        ``v_head``: ``(u, dudt, v)``, v carrying the autograd graph like u.
     """
     return JVPStrategy(strategy, tangent, jvp_autocast).u_and_dudt(
-        net, z, r, t, v, y, jvp_net=jvp_net, cond=cond)
+        net, z, r, t, v, y, jvp_net=jvp_net, cond=cond, v_head=v_head)
 
 
 def time_derivative(net: Net, z: Tensor, r: Tensor, t: Tensor, v: Tensor,

@@ -12,7 +12,7 @@ from meanflow.errors import ConfigError
 from meanflow.models import build_model_for_data
 from meanflow.runs.config import RunConfig
 
-__all__ = ["build_augment", "model_options", "build_network"]
+__all__ = ["build_augment", "model_options", "build_network", "check_pairing"]
 
 
 def build_augment(cfg: RunConfig) -> EDMAugment | None:
@@ -44,5 +44,34 @@ def model_options(cfg: RunConfig, shape: tuple[int, ...]) -> dict[str, Any]:
 def build_network(cfg: RunConfig, shape: tuple[int, ...], num_classes: int | None) -> nn.Module:
     """The run's backbone (fresh weights, on the current default device) for samples of
     ``shape`` (one sample, e.g. (C, H, W)) and ``num_classes`` (None: unconditional)."""
-    return build_model_for_data(cfg.model.name, tuple(shape), num_classes,
-                                model_options(cfg, tuple(shape)))
+    net = build_model_for_data(cfg.model.name, tuple(shape), num_classes,
+                               model_options(cfg, tuple(shape)))
+    check_pairing(cfg, net, num_classes)
+    return net
+
+
+def check_pairing(cfg: RunConfig, net: nn.Module, num_classes: int | None) -> None:
+    """The objective and the backbone fit (docs/imf.md §1): iMF's guidance conditions need a
+    network that takes them (class-conditional runs) and its v-head variant a second head;
+    a v-head is trained by iMF alone (any other objective would leave it without gradients).
+    One-line ConfigError naming the setting to change."""
+    o, name = cfg.objective, cfg.model.name
+    takes, v_head = getattr(net, "takes_guidance", False), getattr(net, "has_v_head", False)
+    if o.kind == "imf":
+        unet = name.startswith("unet")
+        if num_classes is not None and not takes:
+            fix = ("set model.options.guidance_cond=true" if unet
+                   else "use an imf-dit-* model or a U-Net with model.options.guidance_cond")
+            raise ConfigError(f"objective.kind=imf conditions the network on the guidance "
+                              f"scale and interval, which model {name!r} does not take: {fix}")
+        if o.imf_variant == "v_head" and not v_head:
+            fix = ("set model.options.v_head=true" if unet or name.startswith("imf-dit")
+                   else "use an imf-dit-* model or a U-Net with model.options.v_head")
+            raise ConfigError(f"objective.imf_variant=v_head trains a second (v) head, which "
+                              f"model {name!r} lacks: {fix}, or set imf_variant=boundary")
+        if o.imf_variant == "boundary" and v_head:
+            raise ConfigError(f"objective.imf_variant=boundary trains no v-head, and model "
+                              f"{name!r} has one: set model.options.v_head=false")
+    elif v_head:
+        raise ConfigError(f"model {name!r} has a v-head, which only objective.kind=imf trains: "
+                          "set model.options.v_head=false")

@@ -40,6 +40,7 @@ from torch import Tensor
 
 from meanflow.errors import CheckpointError
 from meanflow.fileio import file_sha256, temporary_dir
+from meanflow.pretrained import PRETRAINED, resolve_pretrained
 
 __all__ = ["save_checkpoint", "load_checkpoint", "find_checkpoint", "list_checkpoints",
            "optimizer_tensors", "load_optimizer_tensors", "ema_key", "check_state",
@@ -243,12 +244,14 @@ def list_checkpoints(run_dir: Path, quiet: bool = False) -> list[Path]:
 
 
 def find_checkpoint(path: Path) -> Path:
-    """A checkpoint folder itself, or the newest one of a run folder."""
-    path = Path(path)
+    """A checkpoint folder itself, the newest one of a run folder, or the folder of a model
+    shipped with meanflow given by name (:mod:`meanflow.pretrained`; a path that exists wins)."""
+    path = resolve_pretrained(path)
     if (path / "state.json").is_file():
         return path
     found = list_checkpoints(path)
     if not found:
         raise CheckpointError(f"no checkpoint found in {path}: give a run folder written by "
-                              "meanflow train (it holds checkpoints/step_*) or a step folder")
+                              "meanflow train (it holds checkpoints/step_*), a step folder, "
+                              f"or a shipped model ({', '.join(PRETRAINED)})")
     return found[-1]

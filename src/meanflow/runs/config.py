@@ -4,16 +4,15 @@ A config is built from defaults, then a YAML/JSON file, then dotted overrides su
 ``objective.p=0.5``; ``validate()`` checks every value and raises a one-line ConfigError. The
 objective's settings and the augmentation's are checked by constructing what they describe
 (:meth:`ObjectiveConfig.build`, :class:`~meanflow.data.EDMAugment`), whose messages are given
-with the setting's full name (``objective.p=...``).
+with the setting's full name (``objective.p=...``); :mod:`meanflow.runs.checks` holds the
+checks, this module the settings and their defaults.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import inspect
 import json
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,19 +20,15 @@ from typing import Any
 
 import yaml
 
-from meanflow.data.augment import EDMAugment
+from meanflow.data.latents import is_latent_folder
 from meanflow.errors import ConfigError
-from meanflow.models import attention
-from meanflow.objective import FlowMatchingLoss, MeanFlowLoss
-from meanflow.sampling import SEED_LIMIT  # seeds are 64-bit unsigned in every command
+from meanflow.objective import FlowMatchingLoss, IMFLoss, MeanFlowLoss
+from meanflow.runs.checks import AMP_MODES, OBJECTIVES, SEED_LIMIT, validate_run
 
 __all__ = ["ModelConfig", "DataConfig", "ObjectiveConfig", "OptimConfig", "TrainConfig",
            "RunConfig", "load_config", "apply_overrides", "train_bytes", "OBJECTIVES",
            "AMP_MODES", "SEED_LIMIT"]
 
-OBJECTIVES = ("meanflow", "flow_matching")
-DATA_ORDERS = ("epochs", "random")
-AMP_MODES = ("none", "bf16")
 
 # Settings removed from the config: (the one value still read, from the config.json of runs
 # made before the removal, where it was the default; where the setting went).
@@ -42,6 +37,13 @@ REMOVED = {
                           "MeanFlowLoss(tangent=...), given to train(loss_fn=...) in Python "
                           "(experiments/toy_ablations.py)"),
 }
+
+
+#: What ``objective.kind: imf`` changes in the defaults of the settings it shares with
+#: MeanFlow (official iMF code, docs/imf.md §7): half the rows with r = t, the first ones, the
+#: dropped labels among them, and the adaptive weight's offset 0.01.
+IMF_DEFAULTS = {"fraction_r_neq_t": 0.5, "c": 0.01, "r_eq_t_rows": "first",
+                "label_drop_rows": "first"}
 
 
 @dataclass
@@ -70,7 +72,8 @@ class DataConfig:
 
 @dataclass
 class ObjectiveConfig:
-    kind: str = "meanflow"        # "meanflow" or the "flow_matching" baseline
+    kind: str = "meanflow"        # "meanflow", "imf" (improved MeanFlow, docs/imf.md) or
+                                  # the "flow_matching" baseline
     time_sampler: str = "logit_normal"
     mu: float = -0.4              # LN(mu, sigma) for t and r (paper Tab. 1d)
     sigma: float = 1.0
@@ -97,13 +100,22 @@ class ObjectiveConfig:
     jvp_precision: str = "fp32"   # under train.amp: "fp32" keeps the JVP pass out of autocast,
                                   # "amp" runs it in bf16 too (a joint strategy's one pass
                                   # then stays under autocast as a whole)
+    # imf only (docs/imf.md §3); kind imf also changes the defaults of fraction_r_neq_t, c
+    # and the row layouts to its own (IMF_DEFAULTS) unless they are given
+    imf_variant: str = "v_head"   # "v_head" (a second head predicts v) or "boundary" (v̂ is u
+                                  # at h = 0: no extra parameters)
+    omega_range: list[float] = field(default_factory=lambda: [1.0, 8.0])  # ω drawn per sample
+    omega_beta: float = 1.0       # ω's density ∝ ω^-beta on omega_range (1: log-uniform)
+    t_min_range: list[float] = field(default_factory=lambda: [0.0, 0.5])  # guidance interval
+    t_max_range: list[float] = field(default_factory=lambda: [0.5, 1.0])  # ends, uniform
 
     def build(self, num_classes: int | None = None, *, jvp: str | None = None,
-              **changes: Any) -> MeanFlowLoss | FlowMatchingLoss:
+              **changes: Any) -> MeanFlowLoss | IMFLoss | FlowMatchingLoss:
         """The loss these settings describe, for ``num_classes`` classes (None:
-        unconditional): a :class:`MeanFlowLoss` or a :class:`FlowMatchingLoss`.
+        unconditional): a :class:`MeanFlowLoss`, :class:`IMFLoss` or
+        :class:`FlowMatchingLoss`.
 
-        ``jvp`` replaces ``self.jvp`` (MeanFlow only; the training loop passes the strategy
+        ``jvp`` replaces ``self.jvp`` (not flow matching; the training loop passes the strategy
         it resolved "auto" to). ``changes`` are further constructor arguments, e.g.
         ``tangent="v10"`` (a wrong tangent of paper Tab. 1b, for ablations: the config does
         not offer it). The constructors check every value; their one-line ConfigErrors name
@@ -114,6 +126,18 @@ class ObjectiveConfig:
                                         sigma=self.sigma, label_drop=self.label_drop,
                                         num_classes=num_classes,
                                         label_drop_rows=self.label_drop_rows, **changes)
+            if self.kind == "imf":
+                return IMFLoss(variant=self.imf_variant, time_sampler=self.time_sampler,
+                               mu=self.mu, sigma=self.sigma,
+                               fraction_r_neq_t=self.fraction_r_neq_t,
+                               r_eq_t_rows=self.r_eq_t_rows,
+                               omega_range=tuple(self.omega_range), beta=self.omega_beta,
+                               t_min_range=tuple(self.t_min_range),
+                               t_max_range=tuple(self.t_max_range),
+                               label_drop=self.label_drop,
+                               label_drop_rows=self.label_drop_rows, num_classes=num_classes,
+                               p=self.p, c=self.c, jvp=self.jvp if jvp is None else jvp,
+                               jvp_precision=self.jvp_precision, **changes)
             return MeanFlowLoss(time_sampler=self.time_sampler, mu=self.mu, sigma=self.sigma,
                                 mu_r=self.mu_r, sigma_r=self.sigma_r,
                                 fraction_r_neq_t=self.fraction_r_neq_t, p=self.p, c=self.c,
@@ -126,6 +150,10 @@ class ObjectiveConfig:
                                 label_drop_rows=self.label_drop_rows, **changes)
         except ConfigError as exc:
             keys = [f.name for f in dataclasses.fields(self)] + list(changes)
+            if self.kind == "imf":        # IMFLoss's names of two settings
+                exc = ConfigError(re.sub(r"^(unknown )?(variant|beta)\b", lambda m: (
+                    m[1] or "") + {"variant": "imf_variant", "beta": "omega_beta"}[m[2]],
+                    str(exc), count=1))
             raise _named("objective", keys, exc) from None
 
 
@@ -197,7 +225,7 @@ class RunConfig:
         return _from_dict(cls, d, "")
 
     def validate(self) -> "RunConfig":
-        _validate(self)
+        validate_run(self)
         return self
 
 
@@ -312,83 +340,26 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             d = loaded
     _drop_foreign_data_options(d, overrides or [])
     apply_overrides(d, overrides or [])
+    objective = d.get("objective")
+    if isinstance(objective, dict) and objective.get("kind") == "imf":
+        for key, value in IMF_DEFAULTS.items():     # iMF's own, where not given
+            objective.setdefault(key, value)
     return RunConfig.from_dict(d).validate()
 
 
 def _drop_foreign_data_options(d: dict[str, Any], overrides: list[str]) -> None:
     """A file's ``data.options`` are keyword arguments of its ``data.name`` (a preset's
     ``split: train`` for fashion-mnist): overrides naming other data drop them, so
-    ``--preset fmnist-unet --data my_folder`` works. Options in the overrides are kept."""
+    ``--preset fmnist-unet --data my_folder`` works. Options in the overrides are kept, and so
+    is ``channel_norm`` when the other data is a latent folder too: it belongs to the recipe
+    (the iMF presets' latent normalisation), not to one folder."""
     data, probe = d.get("data"), apply_overrides(copy.deepcopy(d), overrides).get("data")
     if (isinstance(data, dict) and "options" in data and isinstance(probe, dict)
             and probe.get("name") != data.get("name", DataConfig.name)):
-        del data["options"]
-
-
-def _number(name: str, value: Any, *, lo: float | None = None, hi: float | None = None,
-            lo_open: bool = False, integer: bool = False) -> None:
-    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok_type or not math.isfinite(value):
-        kind = "an integer" if integer else "a number"
-        raise ConfigError(f"{name}={value!r} must be {kind}")
-    if lo is not None and (value <= lo if lo_open else value < lo):
-        raise ConfigError(f"{name}={value!r} must be {'>' if lo_open else '>='} {lo}")
-    if hi is not None and value > hi:
-        raise ConfigError(f"{name}={value!r} must be <= {hi}")
-
-
-def _step_counts(name: str, value: Any) -> None:
-    if (not isinstance(value, (list, tuple)) or not value or not all(
-            isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in value)):
-        raise ConfigError(f"{name}={value!r} must be a list of positive step counts, "
-                          "e.g. [1, 2]")
-
-
-def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"unknown {name} {value!r}: choose one of {', '.join(choices)}")
-
-
-def _jvp_attention(value: Any) -> None:
-    # read at call time: the tuple of implementations may grow (e.g. a GPU kernel)
-    impls = attention.JVP_ATTENTION_IMPLS
-    if value is not None and value not in impls:
-        raise ConfigError(f"unknown model.jvp_attention {value!r}: choose one of "
-                          f"{', '.join(impls)}, or null for the default (math)")
-
-
-def _augment(p: Any, options: Any) -> None:
-    """data.augment is EDMAugment's p and data.augment_options its other keyword arguments;
-    it checks their values (its messages, "augment <keyword>=...", name the setting)."""
-    if not isinstance(options, dict):
-        raise ConfigError("data.augment_options must be a mapping of EDMAugment settings, "
-                          "e.g. {yflip: 1, rotate_frac: 1}")
-    try:
-        EDMAugment(p=p, **options)
-    except TypeError:
-        accepted = [n for n in inspect.signature(EDMAugment).parameters if n != "p"]
-        unknown = sorted(set(options) - set(accepted))
-        raise ConfigError(f"unknown data.augment_options {', '.join(unknown)}: choose from "
-                          f"{', '.join(accepted)}") from None
-    except ConfigError as exc:
-        msg = re.sub(r"^augment (\w+)", lambda m: "data.augment" if m[1] == "p"
-                     else f"data.augment_options.{m[1]}", str(exc), count=1)
-        raise ConfigError(msg) from None
-
-
-def _objective(cfg: RunConfig) -> None:
-    """The objective's settings, checked by constructing the loss (every setting of the kind's
-    loss, then, for flow matching, the MeanFlow ones it keeps in the run's config too);
-    guidance needs labels, which the data gives."""
-    o = cfg.objective
-    _choice("objective.kind", o.kind, OBJECTIVES)
-    # a stand-in class count: the data's is known when training starts
-    o.build(num_classes=1)
-    if o.kind != "meanflow":
-        dataclasses.replace(o, kind="meanflow").build(num_classes=1)
-    if (o.omega != 1 or o.kappa != 0) and not cfg.data.class_conditional:
-        raise ConfigError("guidance (objective.omega != 1 or kappa != 0) needs labels: set "
-                          "data.class_conditional=true, or omega=1 and kappa=0")
+        options, name = data.pop("options"), probe.get("name")
+        if (isinstance(options, dict) and "channel_norm" in options and isinstance(name, str)
+                and is_latent_folder(name)):
+            data["options"] = {"channel_norm": options["channel_norm"]}
 
 
 def train_bytes(cfg: RunConfig, num_params: int, sample_numel: int, world_size: int = 1) -> int:
@@ -401,98 +372,3 @@ def train_bytes(cfg: RunConfig, num_params: int, sample_numel: int, world_size: 
     shards = world_size if tr.fsdp else 1
     per_rank = -(-tr.batch_size // max(1, world_size))
     return 4 * (copies * num_params // shards + 4 * per_rank * sample_numel)
-
-
-def _validate(cfg: RunConfig) -> None:
-    o, opt, tr = cfg.objective, cfg.optim, cfg.train
-    if not isinstance(cfg.model.name, str) or not cfg.model.name:
-        raise ConfigError(f"model.name={cfg.model.name!r} must be a backbone name, e.g. mlp "
-                          "or unet-cifar10")
-    if not isinstance(o.kind, str) or not isinstance(o.time_sampler, str):
-        raise ConfigError("objective.kind and objective.time_sampler must be names, e.g. "
-                          "meanflow and logit_normal")
-    _objective(cfg)
-    if not isinstance(cfg.data.name, str) or not cfg.data.name:
-        raise ConfigError("data.name must be a toy dataset name or a file path")
-    if not isinstance(cfg.data.class_conditional, bool):
-        raise ConfigError("data.class_conditional must be true or false")
-    _jvp_attention(cfg.model.jvp_attention)
-    for section, value in (("model.options", cfg.model.options),
-                           ("data.options", cfg.data.options),
-                           ("data.augment_options", cfg.data.augment_options)):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{section} must be a mapping of keyword arguments")
-    _number("optim.lr", opt.lr, lo=0, lo_open=True)
-    if (not isinstance(opt.betas, (list, tuple)) or len(opt.betas) != 2
-            or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in opt.betas)):
-        raise ConfigError(f"optim.betas={opt.betas!r} must be two numbers in [0, 1), "
-                          "e.g. [0.9, 0.999]")
-    _number("optim.weight_decay", opt.weight_decay, lo=0)
-    _number("optim.warmup_steps", opt.warmup_steps, lo=0, integer=True)
-    if opt.grad_clip is not None:
-        _number("optim.grad_clip", opt.grad_clip, lo=0, lo_open=True)
-    _number("train.steps", tr.steps, lo=1, integer=True)
-    if tr.epochs is not None and tr.images is not None:
-        raise ConfigError("give the training length once: train.epochs or train.images "
-                          "(or neither, to use train.steps), not both")
-    if tr.epochs is not None:
-        _number("train.epochs", tr.epochs, lo=0, lo_open=True)
-    if tr.images is not None:
-        _number("train.images", tr.images, lo=1, integer=True)
-    _number("train.batch_size", tr.batch_size, lo=1, integer=True)
-    _number("train.grad_accumulation", tr.grad_accumulation, lo=1, integer=True)
-    if tr.batch_size % tr.grad_accumulation:
-        raise ConfigError(f"train.batch_size={tr.batch_size} is not divisible by "
-                          f"train.grad_accumulation={tr.grad_accumulation}: the global batch "
-                          "is split into equal micro-batches")
-    _choice("train.amp", tr.amp, AMP_MODES)
-    if not isinstance(tr.compile, bool) and tr.compile != "auto":
-        raise ConfigError(f"train.compile={tr.compile!r} must be true, false or auto (on for "
-                          "CUDA devices)")
-    if not isinstance(tr.tf32, bool):
-        raise ConfigError("train.tf32 must be true or false")
-    _number("train.ema_every", tr.ema_every, lo=1, integer=True)
-    if not isinstance(tr.ema_warmup, bool):
-        raise ConfigError("train.ema_warmup must be true or false")
-    if not isinstance(tr.fsdp, bool):
-        raise ConfigError("train.fsdp must be true or false")
-    if tr.fsdp and tr.compile is True:
-        raise ConfigError("train.fsdp with train.compile is not supported: set one of them "
-                          "to false (compile: auto leaves compilation off under FSDP)")
-    if tr.fsdp and o.kind == "meanflow" and o.jvp == "forward_ad":
-        raise ConfigError("objective.jvp=forward_ad fails under train.fsdp (FSDP2's post-backward "
-                          "hook has no forward-mode rule that torch accepts: 'A custom Function's "
-                          "forward is returning a view ... but the jvp is not returning a view'): "
-                          "use objective.jvp=split or func")
-    if not isinstance(tr.tensorboard, bool):
-        raise ConfigError("train.tensorboard must be true or false")
-    _number("train.sample_every", tr.sample_every, lo=0, integer=True)
-    _number("train.sample_count", tr.sample_count, lo=0, integer=True)
-    _step_counts("train.sample_steps", tr.sample_steps)
-    _number("train.fid_every", tr.fid_every, lo=0, integer=True)
-    _number("train.fid_n", tr.fid_n, lo=2, integer=True)
-    _step_counts("train.fid_steps", tr.fid_steps)
-    _number("train.energy_every", tr.energy_every, lo=0, integer=True)
-    _number("train.energy_n", tr.energy_n, lo=2, hi=100_000, integer=True)
-    if tr.fid_every > 0 and not (isinstance(tr.fid_ref, str) and tr.fid_ref):
-        raise ConfigError("train.fid_every > 0 needs train.fid_ref: make reference statistics "
-                          "with `meanflow fid ref DATA -o stats.npz` and set train.fid_ref")
-    _choice("data.order", cfg.data.order, DATA_ORDERS)
-    _augment(cfg.data.augment, cfg.data.augment_options)
-    _number("train.seed", tr.seed, lo=0, hi=SEED_LIMIT - 1, integer=True)
-    _number("train.log_every", tr.log_every, lo=1, integer=True)
-    _number("train.checkpoint_every", tr.checkpoint_every, lo=1, integer=True)
-    _number("train.keep_checkpoints", tr.keep_checkpoints, lo=0, integer=True)
-    if (not isinstance(tr.ema_decays, (list, tuple))
-            or not all(isinstance(d, (int, float)) and 0 < d < 1 for d in tr.ema_decays)):
-        raise ConfigError(f"train.ema_decays={tr.ema_decays!r} must be a list of decays in "
-                          "(0, 1), e.g. [0.999]")
-    if not tr.ema_decays:
-        raise ConfigError("train.ema_decays is empty: give at least one decay, e.g. [0.999] "
-                          "(samplers use EMA weights)")
-    if len({f"{d:g}" for d in tr.ema_decays}) != len(tr.ema_decays):
-        raise ConfigError(f"train.ema_decays={tr.ema_decays!r} repeats a decay: list each "
-                          "once")
-    if not isinstance(tr.device, str) or not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?",
-                                                             tr.device):
-        raise ConfigError(f"train.device={tr.device!r} must be auto, cpu, mps, cuda or cuda:N")

@@ -10,7 +10,7 @@
   ``samples`` key;
 - ``.png``: an image grid (images) or a scatter plot (2-D points), see :mod:`meanflow.viz`;
 - ``.json``: the record, indented: checkpoint, step, weights, method, steps, schedule, seed,
-  n, vae, scale; beside the .npz (``s.json``), or for a PNG alone under the PNG's name
+  n, vae, scale, guidance (an iMF model's scale and interval chosen at sampling, else null); beside the .npz (``s.json``), or for a PNG alone under the PNG's name
   (``p.png.json``, :func:`record_path`).
 
 Every file is written atomically (:mod:`meanflow.fileio`), and none that exists is replaced
@@ -70,7 +70,8 @@ def sample_record(model: Model, samples: Samples) -> dict[str, Any]:
             "schedule": samples.schedule, "seed": seeds[0] if contiguous else None,
             "n": len(samples),
             "vae": None if model.vae is None else model.vae["spec"],
-            "scale": None if model.vae is None else model.vae["scale"]}
+            "scale": None if model.vae is None else model.vae["scale"],
+            "guidance": samples.guidance}
 
 
 def check_vae(model: Model) -> None:

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from meanflow.data.latents import is_latent_folder, read_latent_index
+from meanflow.data.latents import is_latent_folder, latent_transform, read_latent_index
 from meanflow.errors import CheckpointError, ConfigError, DataError
 from meanflow.latents.vae import SD_VAE_SCALE, decode_latents, load_vae
 from meanflow.pixels import to_uint8
@@ -32,7 +32,7 @@ from meanflow.runs.checkpoint import (check_state, checkpoint_step, ema_key,
                                       find_checkpoint, list_checkpoints,
                                       load_checkpoint)
 from meanflow.runs.config import RunConfig
-from meanflow.sampling import generate, sampling_method
+from meanflow.sampling import generate, sampling_method, with_guidance
 from meanflow.world import World, resolve_device
 
 __all__ = ["LoadedModel", "load_model", "Model", "Samples", "load", "resolve_vae"]
@@ -73,7 +73,7 @@ def load_model(path: str | os.PathLike[str], ema: float | str | None = "auto",
     width when the run used ``data.augment``).
     """
     ckpt = find_checkpoint(Path(path))
-    tensors, state = load_checkpoint(ckpt, device, parts=("model", "ema"))
+    _, state = load_checkpoint(ckpt, device, parts=())
     fields = check_state(state, ckpt)      # bounded before anything is built from it
     shape, num_classes, decays = fields["shape"], fields["num_classes"], fields["decays"]
     try:
@@ -82,7 +82,13 @@ def load_model(path: str | os.PathLike[str], ema: float | str | None = "auto",
     except (KeyError, TypeError, ValueError, AttributeError, ConfigError):
         raise CheckpointError(f"{ckpt / 'state.json'} lacks the config, data or EMA fields of a "
                               "meanflow checkpoint: restore it or use another checkpoint") from None
-    weights, sd = _chosen_weights(tensors, ckpt, ema, decays)
+    weights = _chosen_weights(ckpt, ema, decays)
+    part = "model" if weights == "model" else "ema"
+    if f"{part}.safetensors" not in state["sha256"]:     # a release holds one set of weights
+        held = ", ".join(str(d) for d in decays) or "none"
+        raise ConfigError(f"{ckpt} holds only the weights --ema {held} chooses (an export "
+                          f"of one set of weights): choose --ema {held.split(', ')[0]}")
+    sd = _weights(load_checkpoint(ckpt, device, parts=(part,))[0], weights)
     if not _all_finite(sd):
         raise CheckpointError(_diverged(ckpt, weights, ema))
     net = build_network(cfg, shape, num_classes)
@@ -98,18 +104,23 @@ def load_model(path: str | os.PathLike[str], ema: float | str | None = "auto",
                        weights=weights, checkpoint=ckpt, class_names=class_names)
 
 
-def _chosen_weights(tensors: dict[str, dict[str, Tensor]], ckpt: Path, ema: float | str | None,
-                    decays: list[float]) -> tuple[str, dict[str, Tensor]]:
-    """The name and tensors of the weights ``ema`` chooses: "model", or an EMA's key."""
+def _chosen_weights(ckpt: Path, ema: float | str | None, decays: list[float]) -> str:
+    """The name of the weights ``ema`` chooses: "model", or an EMA's key."""
     if ema is None or (ema == "auto" and not decays):
-        return "model", tensors["model"]
+        return "model"
     decay = decays[0] if ema == "auto" else float(ema)
     if decay not in decays:
         raise ConfigError(f"checkpoint {ckpt} has no EMA with decay {ema}: choose one of "
                           f"{', '.join(map(str, decays))} or none")
-    key = ema_key(decay)
-    prefix = key + "."
-    return key, {k[len(prefix):]: v for k, v in tensors["ema"].items() if k.startswith(prefix)}
+    return ema_key(decay)
+
+
+def _weights(tensors: dict[str, dict[str, Tensor]], weights: str) -> dict[str, Tensor]:
+    """The tensors of the weights named ``weights`` ("model" or an EMA's key)."""
+    if weights == "model":
+        return tensors["model"]
+    prefix = weights + "."
+    return {k[len(prefix):]: v for k, v in tensors["ema"].items() if k.startswith(prefix)}
 
 
 def _all_finite(tensors: dict[str, Tensor]) -> bool:
@@ -129,10 +140,10 @@ def _diverged(ckpt: Path, weights: str, ema: float | str | None) -> str:
             try:
                 tensors, state = load_checkpoint(earlier, parts=("model", "ema"))
                 decays = check_state(state, earlier)["decays"]
-                chosen = _chosen_weights(tensors, earlier, ema, decays)
+                chosen = _chosen_weights(earlier, ema, decays)
             except (CheckpointError, ConfigError):
                 continue
-            if chosen[0] == weights and _all_finite(chosen[1]):
+            if chosen == weights and _all_finite(_weights(tensors, chosen)):
                 good = earlier
                 break
     fix = (f"sample the earlier checkpoint {good}" if good is not None
@@ -150,21 +161,25 @@ def _latent_index(config: RunConfig) -> dict[str, Any] | None:
 
 
 def resolve_vae(spec: str | os.PathLike[str] | None, config: RunConfig) -> dict[str, Any] | None:
-    """Which VAE decodes a run's samples: ``{"spec", "scale", "auto"}``, or None for none.
+    """Which VAE decodes a run's samples: ``{"spec", "scale", "shift", "auto"}``, or None.
 
     ``spec`` "none" -> None; None or "auto" -> the VAE recorded in the run's latent folder
     (``config.data.name``) when it trained on one, else None; a path or hub id -> that VAE.
-    The scale is the latent folder's when known, else the SD-VAE 0.18215.
+    Scale and shift are what the run's latents were made with
+    (:func:`meanflow.data.latents.latent_transform`: the folder's, ``data.options.scale``, or
+    per-channel ones under ``data.options.channel_norm``); without a folder the SD-VAE 0.18215
+    and the VAE's own shift (None).
     """
     if spec == "none":
         return None
     index = _latent_index(config)
-    scale = float(index["scale"]) if index is not None else SD_VAE_SCALE
+    scale, shift = latent_transform(index, config.data.options)
+    scale = SD_VAE_SCALE if scale is None else scale
     if spec in (None, "auto"):
         if index is None or not (index.get("vae") or {}).get("spec"):
             return None
-        return {"spec": index["vae"]["spec"], "scale": scale, "auto": True}
-    return {"spec": os.fspath(spec), "scale": scale, "auto": False}
+        return {"spec": index["vae"]["spec"], "scale": scale, "shift": shift, "auto": True}
+    return {"spec": os.fspath(spec), "scale": scale, "shift": shift, "auto": False}
 
 
 def _one_label(labels: Any) -> bool:
@@ -192,6 +207,7 @@ class Samples:
     steps: int
     schedule: list[float] | None
     decoded: bool                     # whether ``images`` come from the VAE
+    guidance: dict[str, Any] | None = None   # {"omega", "interval"} chosen at sampling time
 
     def __len__(self) -> int:
         return len(self.seeds)
@@ -264,15 +280,23 @@ class Model(LoadedModel):
                 raise DataError(f"{exc} [it is the VAE recorded with the run's latents: pass "
                                 "--vae PATH (load(..., vae=PATH)) where it is now, or --vae "
                                 "none to keep the latents]") from None
-        return decode_latents(self._vae_net, z, self.vae["scale"], batch_size=max(1, len(z)))
+        return decode_latents(self._vae_net, z, self.vae["scale"], batch_size=max(1, len(z)),
+                              shift=self.vae.get("shift"))
 
     def sample(self, n: int | None = None, *, labels: Any = None, steps: int = 1,
                schedule: Sequence[float] | None = None, seed: int = 0,
                seeds: Sequence[int] | None = None, batch_size: int = 500, decode: bool = True,
-               progress: bool = False, world: World | None = None) -> Samples:
+               progress: bool = False, world: World | None = None,
+               guidance: float | None = None,
+               interval: Sequence[float] | None = None) -> Samples:
         """``n`` samples, sample i from seed ``seed + i`` (or ``seeds[i]``) with label
         ``labels[i]`` (see :meth:`labels_for`; default balanced over the classes), in
         ``steps`` network calls on the ``schedule`` (default uniform).
+
+        ``guidance`` (ω >= 1) and ``interval`` ((t_min, t_max), default (0, 1)) choose the
+        guidance of a model trained with guidance conditioning (iMF, docs/imf.md §9), e.g.
+        ``guidance=8, interval=(0.4, 0.65)``; None samples it at ω = 1. A MeanFlow model's
+        guidance is trained in, and refuses both.
 
         Sample i depends on its seed and label alone, not on ``n``, ``batch_size`` or the
         number of processes: under torchrun (``world`` from :func:`meanflow.world.setup`) the
@@ -292,10 +316,11 @@ class Model(LoadedModel):
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ConfigError(f"n={n!r} must be a positive number of samples")
         seeds = seeds if seeds is not None else list(range(seed, seed + n))
+        net = with_guidance(self.net, guidance, interval, self.num_classes is not None)
         y = self.labels_for(n, labels)
         decoder = self._to_images if decode and self.vae is not None else None
         main = world is None or world.is_main
-        x, decoded = generate(self.net, seeds, self.shape, labels=y, steps=steps,
+        x, decoded = generate(net, seeds, self.shape, labels=y, steps=steps,
                               schedule=schedule, method=self.method, decode=decoder,
                               batch_size=batch_size, device=self.device, world=world,
                               progress=progress and main)
@@ -310,7 +335,9 @@ class Model(LoadedModel):
         return Samples(samples=x, images=images, labels=y, classes=classes, seeds=seeds,
                        method=self.method, steps=steps,
                        schedule=None if schedule is None else [float(t) for t in schedule],
-                       decoded=decoded is not None)
+                       decoded=decoded is not None,
+                       guidance=None if net is self.net else
+                       {"omega": net.omega, "interval": list(net.interval)})
 
     def _to_images(self, z: Tensor) -> Tensor:
         """A batch of latents as the uint8 images (b, 3, H, W) a file would hold."""

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from meanflow.data import BatchSource, EpochOrder, build_dataset
 from meanflow.errors import ConfigError
 from meanflow.models.attention import set_jvp_attention
-from meanflow.objective import FlowMatchingLoss, MeanFlowLoss, resolve_jvp
+from meanflow.objective import FlowMatchingLoss, IMFLoss, MeanFlowLoss, resolve_jvp
 from meanflow.runs.build import build_augment, build_network
 from meanflow.runs.checkpoint import find_checkpoint
 from meanflow.runs.config import RunConfig
@@ -73,7 +73,8 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False,
     ``dataset`` overrides ``cfg.data`` (for Python users with data in memory).
 
     ``loss_fn`` overrides the loss that ``cfg.objective`` describes: a constructed
-    :class:`~meanflow.objective.MeanFlowLoss` (``objective.kind: meanflow``) or
+    :class:`~meanflow.objective.MeanFlowLoss` (``objective.kind: meanflow``),
+    :class:`~meanflow.objective.IMFLoss` (``imf``) or
     :class:`~meanflow.objective.FlowMatchingLoss` (``flow_matching``) with the data's
     ``num_classes``, for what the config does not offer, e.g. the wrong JVP tangents of paper
     Tab. 1b: ``train(cfg, out, loss_fn=cfg.objective.build(None, tangent="v10"))``. It runs as
@@ -125,9 +126,9 @@ def resolve_loss(cfg: RunConfig, num_classes: int | None, device: torch.device,
     "auto" is decided). ConfigError for what cannot run (forward_ad under FSDP or compile)."""
     o = cfg.objective
     if given is None:
-        jvp = _strategy(o.jvp, cfg, device, compiled) if o.kind == "meanflow" else None
+        jvp = _strategy(o.jvp, cfg, device, compiled) if o.kind != "flow_matching" else None
         return o.build(num_classes, jvp=jvp)
-    kind = MeanFlowLoss if o.kind == "meanflow" else FlowMatchingLoss
+    kind = {"meanflow": MeanFlowLoss, "imf": IMFLoss}.get(o.kind, FlowMatchingLoss)
     if not isinstance(given, kind):
         raise ConfigError(f"loss_fn is a {type(given).__name__} and objective.kind is "
                           f"{o.kind!r} (which decides how the run samples): give a "
@@ -136,7 +137,7 @@ def resolve_loss(cfg: RunConfig, num_classes: int | None, device: torch.device,
         raise ConfigError(f"loss_fn has num_classes={given.num_classes} and the data gives "
                           f"{num_classes} (data.class_conditional={cfg.data.class_conditional}): "
                           f"build the loss with num_classes={num_classes}")
-    if isinstance(given, MeanFlowLoss):
+    if isinstance(given, (MeanFlowLoss, IMFLoss)):
         jvp = _strategy(given.jvp, cfg, device, compiled)   # refuses what cannot run here
         if jvp != given.jvp:      # "auto": resolved as for the config's loss, on a copy
             given = copy.copy(given)

@@ -59,8 +59,11 @@ def latent_decoder(ds: Any, device: torch.device) -> Callable[[Tensor], Tensor] 
     if not (isinstance(vae, dict) and vae.get("spec")):
         return None
     model = load_vae(vae["spec"], device)
-    scale = float(getattr(ds, "scale"))
-    return lambda z: decode_latents(model, z, scale)
+    # per-channel (data.options.channel_norm): scale and shift are tuples, the shift the
+    # data's own; otherwise the VAE's own shift, as prepare-latents subtracted it
+    scale = ds.scale
+    shift = ds.shift if getattr(ds, "channel_norm", None) else None
+    return lambda z: decode_latents(model, z, scale, shift=shift)
 
 
 def fid_decoder(ds: Any, device: torch.device) -> Callable[[Tensor], Tensor] | None:

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from meanflow.errors import ConfigError
-from meanflow.objective import MeanFlowLoss
+from meanflow.objective import IMFLoss, MeanFlowLoss
 from meanflow.train import distributed as dist_
 from meanflow.train.ema import EMA
 from meanflow.world import World, all_true
@@ -41,7 +41,7 @@ COMPILE_BACKEND = "inductor"
 # du/dt strategies that give u and du/dt in one pass, which cannot go through DDP
 JOINT_STRATEGIES = ("func", "forward_ad")
 # the loss's stats of the raw (unweighted) error, which must be finite for a step to count
-RAW_ERROR_STATS = ("mse", "u_minus_v")
+RAW_ERROR_STATS = ("mse", "u_minus_v", "mse_v")
 
 
 def _raw_error_finite(stats: dict[str, Tensor]) -> Tensor:
@@ -160,7 +160,8 @@ def check_compiled(model: nn.Module, loss_fn: Any, compiled_call: Callable, x: T
     strategy = getattr(loss_fn, "jvp", "-")
     net = probe if wrap is None else wrap(probe)
     # jvp_net: the unwrapped probe, for MeanFlow's no-grad passes (flow matching has none)
-    extra = ({"jvp_net": probe} if wrap is not None and isinstance(loss_fn, MeanFlowLoss)
+    jvp_loss = isinstance(loss_fn, (MeanFlowLoss, IMFLoss))
+    extra = ({"jvp_net": probe} if wrap is not None and jvp_loss
              else {})
 
     def run(call: Callable) -> tuple[Tensor, Tensor]:
@@ -226,7 +227,7 @@ class TrainStep:
         self.train_net: nn.Module = (model if joint or fsdp
                                      else dist_.wrap_ddp(model, world, device))
         wrapped = self.train_net is not model
-        self.jvp_net = model if wrapped and isinstance(loss_fn, MeanFlowLoss) else None
+        self.jvp_net = model if wrapped and isinstance(loss_fn, (MeanFlowLoss, IMFLoss)) else None
         self.no_sync = getattr(self.train_net, "no_sync", None) if wrapped else None
         self.sync_by_hand = world.enabled and joint and not fsdp
         self.skipped = ""          # what was non-finite in the last skipped step
