@@ -15,7 +15,7 @@ from cli_helpers import cli  # noqa: E402
 
 
 def fid_value(out: str) -> float:
-    return float(re.search(r"features, N=\d+\): (\S+)", out).group(1))
+    return float(re.search(r"features, N=\d+\): (\S+) \[[a-z-]+ protocol\]", out).group(1))
 
 
 @pytest.fixture(scope="module")
@@ -217,3 +217,75 @@ def test_default_n_is_the_references_and_an_npz_record_keeps_its_weights(images,
     assert json.loads((tmp_path / "g.json").read_text())["n"] == 40
     assert cli("fid", "calc", run, "--ref", root / "ref.npz", "--n", 8) == 0
     assert "N = " not in capsys.readouterr().out.split("FID")[0]
+
+
+def _adm_files(tmp_path):
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(2048, 4))
+    np.savez(tmp_path / "VIRTUAL_tiny.npz", mu=rng.normal(size=2048) * 0.1,
+             sigma=a @ a.T / 4, arr_0=np.zeros((2, 8, 8, 3), np.uint8))
+    np.savez(tmp_path / "s.npz", images=rng.integers(0, 256, (3, 8, 8, 3), dtype=np.uint8))
+    return tmp_path / "s.npz", tmp_path / "VIRTUAL_tiny.npz"
+
+
+def test_an_adm_reference_batch_under_another_protocol_is_one_line(tmp_path, capsys):
+    samples, ref = _adm_files(tmp_path)
+    assert cli("fid", "calc", samples, "--ref", ref, "--protocol", "meanflow-jax",
+               "--out", tmp_path / "r.json") == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "made under the 'adm' protocol" in err
+    assert not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.slow
+def test_an_adm_reference_batch_is_scored_under_its_protocol(tmp_path, capsys):
+    """`fid calc --ref VIRTUAL_*.npz` (ADM's mu / sigma, made by the test): scored under the
+    adm protocol and recorded; no KID (the file keeps no features), unknown reference N.
+    Slow: a 2048-d Fréchet distance and the Inception file's checksum take a while."""
+    from meanflow.metrics import extractors
+    try:
+        extractors.inception_file()
+    except Exception:
+        pytest.skip("Inception weights not installed (make inception)")
+    samples, ref = _adm_files(tmp_path)
+    assert cli("fid", "calc", samples, "--ref", ref, "--device", "cpu",
+               "--out", tmp_path / "r.json") == 0
+    assert "[adm protocol]" in capsys.readouterr().out
+    record = json.loads((tmp_path / "r.json").read_text())
+    assert record["protocol"]["name"] == "adm" and record["extractor"]["protocol"] == "adm"
+    assert record["ref_n"] is None and record["n"] == 3 and "kid" not in record
+    assert record["ref_source"] == "ADM reference batch" and record["fid"] > 0
+
+
+def test_paper_protocols_sample_50000_with_random_labels(images, tmp_path, monkeypatch):
+    """Under a paper protocol a class-conditional run is sampled as the official code does:
+    labels uniform at random from the recorded seed, N = 50 000 by default."""
+    from meanflow.metrics import fid as fid_module
+    from meanflow.metrics.extractors import Extractor
+    from meanflow.metrics.protocols import PROTOCOLS
+    root, _ = images
+    run = tmp_path / "run"
+    assert cli("train", "--out", run, "--steps", 1, "--data", root / "imgs.npz",
+               "--class-conditional", "--model", "unet-small", "--batch-size", 8,
+               "--set", "model.options={channels: 8, channel_mult: [1, 2], blocks_per_res: 1, "
+               "attn_resolutions: [], emb_mult: 2}",
+               "--set", "train.progress=false", "--set", "train.sample_count=0") == 0
+    ext = Extractor("fake", lambda x: x.mean(dim=(2, 3)), torch.device("cpu"),
+                    {"extractor": "fake"}, lambda x: x, batch_size=8,
+                    protocol=PROTOCOLS["py-meanflow"])
+    ref = FeatureStats.from_features(np.random.default_rng(0).normal(size=(10, 1)))
+    seen = {}
+
+    def fake_features(net, seeds, shape, ext, *, labels=None, **kwargs):
+        seen.update(seeds=seeds, labels=labels)
+        return np.random.default_rng(1).normal(size=(len(seeds), 1))
+
+    monkeypatch.setattr(fid_module, "load_reference", lambda *a, **k: (ref, ext))
+    monkeypatch.setattr(fid_module, "sample_features", fake_features)
+    monkeypatch.setattr(fid_module, "check_sampling", lambda *a, **k: None)
+    record = fid_module.fid_of(run, "unused.npz", n=None, seed=7, device="cpu")
+    assert record["n"] == 50000 and seen["seeds"][0] == 7 and len(seen["seeds"]) == 50000
+    assert record["labels"] == "random" and record["label_seed"] == 7
+    expect = torch.randint(4, (50000,), generator=torch.Generator().manual_seed(7))
+    assert torch.equal(seen["labels"], expect)
+    assert record["protocol"]["name"] == "py-meanflow"

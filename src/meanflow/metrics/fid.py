@@ -4,11 +4,17 @@ Features come from an *extractor* (:mod:`meanflow.metrics.extractors`): ``incept
 standard FID Inception-v3; ``fmnist``, the repo's own Fashion-MNIST classifier (128-d, CPU
 speed, its own scale: not comparable with Inception FIDs); or a TorchScript / state-dict file.
 Reference files keep the extractor's identity and 5 000 feature rows, so KID comes with every
-FID. Every result records the extractor, N, NFE, guidance, checkpoint and seed.
+FID. Every result records the extractor, the protocol, N, NFE, guidance, checkpoint and seed.
 
-Generated images are scored as an 8-bit file would hold them (:func:`meanflow.pixels.quantize`)
-and featurised batch by batch as :func:`meanflow.sampling.generate` makes them
-(:func:`sample_features`), the way ``fid calc`` and FID during training both do it.
+A *protocol* (:mod:`meanflow.metrics.protocols`, docs/fid.md) says how generated images are
+quantised to 8 bits and fed to the Inception network: ``pytorch-fid``, or the pipeline of the
+papers' official evaluators (``meanflow-jax``, ``adm``, ``py-meanflow``). Reference files record
+theirs, and are only compared with samples processed the same way. Downloaded reference files
+(ADM's ``mu`` / ``sigma``, the JAX MeanFlow repo's ``ref_mu`` / ``ref_sigma``) are read too.
+
+Generated images are scored as the protocol's evaluator would hold them (8 bits) and featurised
+batch by batch as :func:`meanflow.sampling.generate` makes them (:func:`sample_features`), the
+way ``fid calc`` and FID during training both do it.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -26,10 +32,11 @@ from meanflow.data import build_dataset
 from meanflow.errors import ConfigError, DataError
 from meanflow.metrics.extractors import Extractor, load_extractor
 from meanflow.metrics.frechet import FeatureStats, frechet_distance, kid, precision_recall
-from meanflow.pixels import from_uint8, quantize
+from meanflow.metrics.protocols import default_protocol, read_reference, reference_n
+from meanflow.pixels import from_uint8
 from meanflow.runs.export import check_vae
 from meanflow.runs.load import load
-from meanflow.sampling import check_sampling, generate
+from meanflow.sampling import check_sampling, generate, with_guidance
 from meanflow.world import World, gather_sharded, resolve_device, sharded_indices
 
 __all__ = ["EXTRACTORS", "load_reference", "reference_stats", "fid_of", "score_features",
@@ -40,13 +47,20 @@ KID_FEATURES = 5000                   # feature rows kept in stats files for KID
 
 
 def load_reference(ref: str | os.PathLike[str], device: torch.device | str = "cpu",
-                   extractor: str | None = None) -> tuple[FeatureStats, Extractor]:
+                   extractor: str | None = None, protocol: str | None = None
+                   ) -> tuple[FeatureStats, Extractor]:
     """Reference statistics and the extractor they were made with: the one recorded in the
     file, or ``extractor`` (where its file is now), whose name and checksum must match, so that
-    features of two different networks are never compared."""
-    ref_stats = FeatureStats.load(ref)
+    features of two different networks are never compared. The extractor follows the file's
+    protocol; ``protocol``, when given, must be that one."""
+    ref_stats = read_reference(ref)
     made_with = ref_stats.meta.get("extractor", "fmnist")
-    ext = load_extractor(extractor or made_with, device)
+    made_under = ref_stats.meta["protocol"]
+    if protocol is not None and protocol != made_under:
+        raise ConfigError(f"{ref} holds statistics made under the {made_under!r} protocol, not "
+                          f"{protocol!r}: drop --protocol, or recompute the reference with "
+                          f"meanflow fid ref --protocol {protocol}")
+    ext = load_extractor(extractor or made_with, device, protocol=made_under)
     got = ext.identity["extractor"]
     if got != made_with and (got in EXTRACTORS or made_with in EXTRACTORS):
         raise ConfigError(f"{ref} holds {made_with!r} features, but the extractor given is "
@@ -98,10 +112,13 @@ def _dataset_images(data: str, options: dict[str, Any], n: int | None) -> Tensor
 def reference_stats(data: str, out: str | os.PathLike[str], options: dict[str, Any] | None = None,
                     n: int | None = None, extractor: str = "fmnist",
                     device: str = "auto", keep: int = KID_FEATURES,
-                    progress: bool = True) -> FeatureStats:
+                    progress: bool = True, protocol: str | None = None) -> FeatureStats:
     """Feature statistics of the first ``n`` images (all by default) of a dataset, saved with
-    the extractor's identity and ``keep`` feature rows (for KID)."""
-    ext = load_extractor(extractor, resolve_device(device))   # before the slow data loading
+    the extractor's identity, the protocol and ``keep`` feature rows (for KID). ``protocol``
+    defaults to the papers' one for the dataset (:func:`default_protocol`). The images are
+    8-bit already, so only the protocol's network input applies to them."""
+    chosen = protocol if protocol is not None else default_protocol(data, extractor)
+    ext = load_extractor(extractor, resolve_device(device), protocol=chosen)   # before the data
     images = _dataset_images(data, options or {}, n)
     stats = FeatureStats.from_features(
         ext.features(images, progress=progress),
@@ -111,10 +128,12 @@ def reference_stats(data: str, out: str | os.PathLike[str], options: dict[str, A
     return stats
 
 
-def _load_samples(path: Path, n: int | None) -> tuple[Tensor, dict[str, Any]]:
-    """Samples in [-1, 1] from a ``meanflow sample`` .npz (``samples``, or uint8 ``images``)."""
+def _load_samples(path: Path, n: int | None) -> tuple[Tensor, dict[str, Any], bool]:
+    """Samples in [-1, 1] from a ``meanflow sample`` .npz (``samples``, or uint8 ``images``),
+    its record, and whether they are 8-bit already (``images``)."""
     try:
         with np.load(path, allow_pickle=False) as f:
+            eight_bit = "samples" not in f.files
             if "samples" in f.files:
                 raw = f["samples"]
                 _check_layout(path, "samples", raw, "(N, C, H, W) real numbers",
@@ -137,7 +156,7 @@ def _load_samples(path: Path, n: int | None) -> tuple[Tensor, dict[str, Any]]:
     except (OSError, ValueError, EOFError) as exc:
         raise DataError(f"cannot read samples from {path} ({' '.join(str(exc).split())}); "
                         "write them with meanflow sample --out FILE.npz") from None
-    return (x[:n] if n is not None else x), meta
+    return (x[:n] if n is not None else x), meta, eight_bit
 
 
 def _check_layout(path: Path, key: str, array: np.ndarray, layout: str, ok: bool) -> None:
@@ -155,10 +174,11 @@ def sample_features(net: nn.Module, seeds: list[int], shape: tuple[int, ...], ex
                     progress: bool = False) -> np.ndarray:
     """Features (N, D) float64 of the samples of ``seeds`` (:func:`meanflow.sampling.generate`):
     each batch decoded (``decode``: latents -> images in [-1, 1]; None for pixel models),
-    quantised to 8 bits and featurised at once, so no more than a batch of images is ever
-    held. Under torchrun (``world``) the rows are gathered in seed order on every rank."""
+    quantised to 8 bits the way of the extractor's protocol and featurised at once, so no more
+    than a batch of images is ever held. Under torchrun (``world``) the rows are gathered in
+    seed order on every rank."""
     def features(x: Tensor) -> Tensor:
-        images = quantize(decode(x) if decode is not None else x)
+        images = ext.quantize(decode(x) if decode is not None else x)
         return torch.from_numpy(np.asarray(ext.features(images), dtype=np.float64))
 
     _, feats = generate(net, seeds, shape, labels=labels, steps=steps, method=method,
@@ -172,29 +192,48 @@ def fid_of(source: str | os.PathLike[str], ref: str | os.PathLike[str],
            ema: float | str | None = "auto", batch_size: int = 500, device: str = "auto",
            extractor: str | None = None, pr: bool = False, progress: bool = True,
            world: World | None = None, vae: str | os.PathLike[str] | None = "auto",
-           note: Callable[[str], None] | None = None) -> dict[str, Any]:
+           note: Callable[[str], None] | None = None,
+           protocol: str | None = None, guidance: float | None = None,
+           interval: Sequence[float] | None = None) -> dict[str, Any]:
     """FID (and KID) of a samples .npz, or of N fresh samples of a run folder / checkpoint
-    (sample i from seed SEED+i, labels balanced over classes), against a reference stats file.
+    (sample i from seed SEED+i), against a reference stats file, under the reference's
+    protocol (``protocol``, when given, must be it: docs/fid.md).
 
-    ``n``: samples scored; None takes min(10 000, the reference's N) fresh samples of a run
-    (50 000 for a latent run decoded by its VAE), or of a .npz's samples its first as many (all
-    when it holds fewer): more samples than the reference has images cost time and leave the
-    score's bias to the smaller set. ``note`` is told, before any sampling, when that rule
-    lowered N; the record then holds ``n_default``. A latent run's samples are decoded by ``vae``
-    (:func:`meanflow.runs.load.load`: "auto" is the VAE recorded with its latents, "none"
-    scores the latents). The extractor is the one recorded in the reference file;
-    ``extractor`` may name where its file now is (its checksum must match). Samples are
-    quantised to 8 bits first. Under torchrun (``world`` from :func:`meanflow.world.setup`)
-    rank r samples and featurises samples r, r + W, ... and the features are gathered in
-    sample order, so the result does not depend on the number of processes; every rank
-    returns the record.
+    Under ``pytorch-fid`` a class-conditional run's labels are balanced over classes; under
+    the papers' protocols they are drawn uniformly at random as the official code does, from
+    ``torch.Generator().manual_seed(SEED)`` (recorded as ``label_seed``), and N defaults to the
+    official 50 000 (a .npz: its first 50 000 samples, all when it holds fewer).
+
+    ``n``: samples scored; None takes (under ``pytorch-fid``) min(10 000, the reference's N)
+    fresh samples of a run (50 000 for a latent run decoded by its VAE), or of a .npz's samples
+    its first as many (all when it holds fewer): more samples than the reference has images
+    cost time and leave the score's bias to the smaller set. ``note`` is told, before any
+    sampling, when that rule lowered N; the record then holds ``n_default``. A latent run's
+    samples are decoded by ``vae`` (:func:`meanflow.runs.load.load`: "auto" is the VAE
+    recorded with its latents, "none" scores the latents). The extractor is the one recorded
+    in the reference file; ``extractor`` may name where its file now is (its checksum must
+    match). Samples are quantised to 8 bits first, the protocol's way (uint8 ``images`` are
+    already). Under torchrun (``world`` from :func:`meanflow.world.setup`) rank r samples and
+    featurises samples r, r + W, ... and the features are gathered in sample order, so the
+    result does not depend on the number of processes; every rank
+    returns the record. ``guidance`` and ``interval`` choose the guidance of a run trained with
+    guidance conditioning (iMF: :func:`meanflow.sampling.with_guidance`, refused for others).
     """
     dev = resolve_device(device)
     main = world is None or world.is_main
-    ref_stats, ext = load_reference(ref, dev, extractor)
+    ref_stats, ext = load_reference(ref, dev, extractor, protocol)
+    paper = ext.protocol.samples
     source = Path(source)
-    record: dict[str, Any] = {"extractor": ext.identity, "ref": str(ref), "ref_n": ref_stats.n}
+    ref_n = reference_n(ref_stats)
+    record: dict[str, Any] = {"extractor": ext.identity, "protocol": ext.protocol.describe(),
+                              "ref": str(ref), "ref_n": ref_n}
+    if ref_n is None:
+        record["ref_source"] = ref_stats.meta.get("source")
+
     def default_count(base: int) -> int:
+        if paper is not None or ref_n is None:
+            record["n_default"] = f"{paper or base} (the {ext.protocol.name} protocol's)"
+            return paper or base
         count = min(base, ref_stats.n)
         record["n_default"] = f"min({base}, the reference's N {ref_stats.n})"
         if count < base and note is not None:
@@ -203,13 +242,14 @@ def fid_of(source: str | os.PathLike[str], ref: str | os.PathLike[str],
         return count
 
     if source.suffix == ".npz":
-        x, meta = _load_samples(source, n if n is not None else default_count(10000))
+        x, meta, eight_bit = _load_samples(source, n if n is not None else default_count(10000))
         count = int(x.shape[0])
         if count < 2:
             raise ConfigError(f"FID needs at least 2 samples, got {count}: raise --n")
         mine = x[sharded_indices(count, world)]
-        local = torch.from_numpy(np.asarray(ext.features(quantize(mine), progress=progress
-                                                         and main), dtype=np.float64))
+        images = mine if eight_bit else ext.quantize(mine)
+        local = torch.from_numpy(np.asarray(ext.features(images, progress=progress and main),
+                                            dtype=np.float64))
         feats = gather_sharded(local, count, world, dev).numpy()
         # what the .npz's record (meanflow sample's) says: which weights of which checkpoint
         # made the samples, and how
@@ -221,6 +261,7 @@ def fid_of(source: str | os.PathLike[str], ref: str | os.PathLike[str],
             record.update(vae=meta["vae"], scale=meta.get("scale"))
     else:
         model = load(source, ema=ema, device=dev, vae=vae)
+        net = with_guidance(model.net, guidance, interval, model.num_classes is not None)
         count = n if n is not None else default_count(50000 if model.vae is not None
                                                       else 10000)
         if count < 2:
@@ -229,8 +270,11 @@ def fid_of(source: str | os.PathLike[str], ref: str | os.PathLike[str],
         check_sampling(count, model.shape, batch_size, seed, dev, keep_samples=False,
                        row_bytes=8 * 2048)
         check_vae(model)
-        y = model.labels_for(count)
-        feats = sample_features(model.net, list(range(seed, seed + count)), model.shape, ext,
+        random_labels = ext.protocol.labels == "random" and model.num_classes is not None
+        y = (torch.randint(model.num_classes, (count,),
+                           generator=torch.Generator().manual_seed(seed))
+             if random_labels else model.labels_for(count))
+        feats = sample_features(net, list(range(seed, seed + count)), model.shape, ext,
                                 labels=y, steps=steps, method=model.method,
                                 decode=model.decode if model.vae is not None else None,
                                 batch_size=batch_size, device=dev, world=world,
@@ -239,8 +283,11 @@ def fid_of(source: str | os.PathLike[str], ref: str | os.PathLike[str],
         record.update(checkpoint=str(model.checkpoint), step=model.step,
                       weights=model.weights, method=model.method, steps=steps, seed=seed,
                       guidance={"omega": o.omega, "kappa": o.kappa,
-                                "t_interval": list(o.t_interval)},
-                      labels="balanced" if y is not None else None)
+                                "t_interval": list(o.t_interval)} if net is model.net else
+                      {"omega": net.omega, "interval": list(net.interval), "at": "sampling"},
+                      labels=None if y is None else "random" if random_labels else "balanced")
+        if random_labels:
+            record["label_seed"] = seed
         if model.vae is not None:
             record.update(vae=model.vae["spec"], scale=model.vae["scale"])
     record.update(n=count, quantized=True, **score_features(feats, ref_stats, pr=pr))
