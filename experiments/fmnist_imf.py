@@ -40,8 +40,9 @@ import meanflow
 from meanflow.cli import main as meanflow_cli
 from meanflow.data import ImageArray
 from meanflow.fileio import atomic_path, atomic_write_text
-from meanflow.metrics import FeatureStats, frechet_distance, kid
+from meanflow.metrics import FeatureStats
 from meanflow.metrics.classifier import fmnist_features, fmnist_predict
+from meanflow.metrics.fid import score_features
 from meanflow.pixels import from_uint8, quantize
 
 COMMON = ["--preset", "fmnist-unet", "--class-conditional", "--model", "unet-tiny",
@@ -74,20 +75,16 @@ def score(args: argparse.Namespace) -> None:
     test = ImageArray.fashion_mnist(split="test")
     n = min(args.n, len(test))
     real_x = from_uint8(test.images[:n])
-    real = fmnist_features(real_x)
-    ref = FeatureStats.from_features(real)
+    ref = FeatureStats.from_features(fmnist_features(real_x), keep=n)
     rows, pictures = [], []
 
     def row(name: str, model, steps: int, **guidance) -> None:
         drawn = model.sample(n, steps=steps, progress=True, **guidance)
         x = quantize(drawn.samples)
-        feats = fmnist_features(x)
-        k, k_se = kid(feats, real)
         acc = float((fmnist_predict(x) == drawn.labels).double().mean())
         rows.append({"name": name, "steps": steps, "train_step": model.step,
-                     "guidance": drawn.guidance,
-                     "fid": frechet_distance(FeatureStats.from_features(feats), ref),
-                     "kid": k, "kid_se": k_se, "class_accuracy": acc})
+                     "guidance": drawn.guidance, **score_features(fmnist_features(x), ref),
+                     "class_accuracy": acc})
         pictures.append((name, x[:10]))
         print(f"{name}: FID {rows[-1]['fid']:.3f}, accuracy {acc:.3f}", flush=True)
 

@@ -6,7 +6,7 @@ import pytest
 
 from meanflow.errors import ConfigError
 from meanflow.fileio import (OWNER_MARK, atomic_path, atomic_write_text, claim_folder,
-                             file_sha256, folder_owner, refuse_existing)
+                             file_sha256, folder_owner, new_folder, refuse_existing)
 
 
 def test_failed_write_keeps_the_old_file_and_no_temporary(tmp_path):
@@ -137,3 +137,28 @@ def test_an_existing_output_file_needs_overwrite(tmp_path):
     (tmp_path / "d.npz").mkdir()
     with pytest.raises(ConfigError, match="is a folder"):
         refuse_existing(tmp_path / "d.npz", overwrite=True)
+
+
+def test_new_folder_lands_whole_or_not_at_all(tmp_path):
+    """The filled folder replaces an empty OUT; an error inside, or an OUT that filled up
+    meanwhile (the check runs again before the rename), leaves no temporary and OUT as it was."""
+    def check(out):
+        if out.exists() and any(out.iterdir()):
+            raise ValueError("taken")
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with new_folder(out, check) as tmp:
+        (tmp / "a.txt").write_text("a")
+    assert [p.name for p in out.iterdir()] == ["a.txt"]
+    assert (out / "a.txt").stat().st_mode & 0o044          # readable by others
+    with pytest.raises(RuntimeError):
+        with new_folder(tmp_path / "b", check) as tmp:
+            (tmp / "x").write_text("x")
+            raise RuntimeError("disk full")
+    with pytest.raises(ValueError, match="taken"):
+        with new_folder(out, check) as tmp:
+            (tmp / "b.txt").write_text("b")
+    assert [p.name for p in out.iterdir()] == ["a.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ import torch
 from safetensors.torch import save_file
 
 from meanflow.errors import ConfigError
-from meanflow.fileio import claim_folder, temporary_dir
+from meanflow.fileio import claim_folder, new_folder
 from meanflow.latents.vae import decode_latents, load_vae
 from meanflow.runs.build import model_options
 from meanflow.runs.load import Model, load
@@ -112,15 +111,6 @@ def _export_vae(model: Model) -> Any:
     return vae
 
 
-def _open_permissions(folder: Path) -> None:
-    """The modes ``mkdir`` and ``open`` would give (the temporary folder is made 0700, and
-    some writers make files 0600): the export is for others to read."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in [folder, *folder.rglob("*")]:
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
-
-
 def _readme(model: Model, out: Path) -> str:
     kind = ("latent" if model.latent else "image" if len(model.shape) == 3 else "point")
     if model.num_classes is None:
@@ -170,8 +160,7 @@ def export_diffusers(run_or_checkpoint: str | os.PathLike[str], out: str | os.Pa
               **backbone_config(model)}
     weights = {f"net.{k}": v.detach().cpu().contiguous().clone()
                for k, v in model.net.state_dict().items()}
-    tmp = temporary_dir(out)
-    try:
+    with new_folder(out, _check_out) as tmp:   # out is still new or empty when it lands
         (tmp / "backbone").mkdir()
         save_file(weights, str(tmp / "backbone" / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / "backbone" / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
@@ -179,12 +168,4 @@ def export_diffusers(run_or_checkpoint: str | os.PathLike[str], out: str | os.Pa
             vae_net.save_pretrained(tmp / "vae", safe_serialization=True)
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         (tmp / "README.md").write_text(_readme(model, out))
-        _open_permissions(tmp)
-        _check_out(out)                   # still new or empty: then it takes the folder's place
-        if out.is_dir():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

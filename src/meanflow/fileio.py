@@ -38,7 +38,7 @@ except ImportError:          # Windows: the lock falls back to a PID file
 
 __all__ = ["atomic_path", "atomic_write_text", "file_sha256", "exclusive", "lock_path",
            "remove_stale_temporaries", "is_temporary", "temporary_dir", "claim_folder",
-           "folder_owner", "refuse_existing", "OWNER_MARK"]
+           "folder_owner", "refuse_existing", "OWNER_MARK", "new_folder"]
 
 #: Names of our temporaries: ``.<name>.<random>.tmp<suffix>`` and ``.<name>.tmp-<random>``.
 _TEMP_FILE = re.compile(r"^\.(?P<dest>.+)\.[A-Za-z0-9_]{6,}\.tmp(\.[A-Za-z0-9]+)?$")
@@ -94,6 +94,31 @@ def temporary_dir(dest: str | os.PathLike[str]) -> Path:
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-"))
+
+
+@contextlib.contextmanager
+def new_folder(out: str | os.PathLike[str],
+               check: Callable[[Path], None]) -> Iterator[Path]:
+    """Yields a temporary folder beside ``out`` to fill; on success its modes become those
+    ``mkdir`` and ``open`` would give (it is made 0700; the folder is for others to read),
+    ``check(out)`` runs once more (``out`` still new, or an empty folder, which is replaced)
+    and the folder is renamed onto ``out``, so ``out`` is whole or absent. On any error the
+    temporary folder is removed."""
+    out = Path(out)
+    tmp = temporary_dir(out)
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        for path in [tmp, *tmp.rglob("*")]:
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+        check(out)
+        if out.is_dir():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def is_temporary(name: str) -> bool:

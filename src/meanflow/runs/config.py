@@ -150,11 +150,10 @@ class ObjectiveConfig:
                                 label_drop_rows=self.label_drop_rows, **changes)
         except ConfigError as exc:
             keys = [f.name for f in dataclasses.fields(self)] + list(changes)
-            if self.kind == "imf":        # IMFLoss's names of two settings
-                exc = ConfigError(re.sub(r"^(unknown )?(variant|beta)\b", lambda m: (
-                    m[1] or "") + {"variant": "imf_variant", "beta": "omega_beta"}[m[2]],
-                    str(exc), count=1))
-            raise _named("objective", keys, exc) from None
+            # IMFLoss calls two settings by shorter names than the config
+            aliases = {"variant": "imf_variant", "beta": "omega_beta"} if self.kind == "imf" \
+                else {}
+            raise _named("objective", keys, exc, aliases) from None
 
 
 @dataclass
@@ -269,12 +268,16 @@ def _without_removed(d: dict[str, Any], prefix: str) -> dict[str, Any]:
     return out
 
 
-def _named(section: str, keys: list[str], exc: ConfigError) -> ConfigError:
+def _named(section: str, keys: list[str], exc: ConfigError,
+           aliases: dict[str, str] | None = None) -> ConfigError:
     """A constructor's ConfigError, whose message starts with the keyword it checked (or
-    "unknown <keyword>"), with that keyword as the setting's full name ``section.keyword``."""
+    "unknown <keyword>"), with that keyword as the setting's full name ``section.keyword``;
+    ``aliases`` maps a constructor's keyword to the setting's name where they differ."""
     msg = str(exc)
-    names = "|".join(sorted(map(re.escape, keys), key=len, reverse=True))
-    named = re.sub(rf"^(unknown )?({names})\b", rf"\g<1>{section}.\g<2>", msg, count=1)
+    aliases = aliases or {}
+    names = "|".join(sorted(map(re.escape, [*keys, *aliases]), key=len, reverse=True))
+    named = re.sub(rf"^(unknown )?({names})\b",
+                   lambda m: f"{m[1] or ''}{section}.{aliases.get(m[2], m[2])}", msg, count=1)
     return ConfigError(named if named != msg else f"{section}: {msg}")
 
 

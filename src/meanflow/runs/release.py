@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 from safetensors.torch import save_file
 
 from meanflow.errors import ConfigError
-from meanflow.fileio import file_sha256, temporary_dir
+from meanflow.fileio import file_sha256, new_folder
 from meanflow.runs.checkpoint import (FORMAT_VERSION, check_state, ema_key, find_checkpoint,
                                       load_checkpoint)
 
@@ -71,21 +70,11 @@ def export_release(run_or_checkpoint: str | os.PathLike[str], out: str | os.Path
     record.update(ema_decays=kept, format_version=FORMAT_VERSION,
                   release={"from": str(ckpt), "step": state["step"], "weights": weights,
                            **(notes or {})})
-    tmp = temporary_dir(out)
-    try:
+    with new_folder(out, _check_out) as tmp:   # out is still new or empty when it lands
         fname = f"{part}.safetensors"
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / fname))
         record["sha256"] = {fname: file_sha256(tmp / fname)}
         (tmp / "state.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-        for path in (tmp, *tmp.iterdir()):      # others read a release: not the temp's 0700
-            path.chmod(0o755 if path.is_dir() else 0o644)
-        _check_out(out)                    # still new or empty: then it takes the folder's place
-        if out.is_dir():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
