@@ -6,6 +6,8 @@ training weights, against the folder itself.
 
     python experiments/shapes_first_run.py [--out runs/shapes] [--models mlp unet-tiny unet-small]
     python experiments/shapes_first_run.py --models unet-tiny --batch-size 256 --order random
+    python experiments/shapes_first_run.py --models unet-tiny --decays 0.999 0.95 0.9 0.8 0.6 \
+        --tag=-ema    # FID against the EMA's window at step 300
 
 Everything goes through the command line a user types: ``meanflow train --data DIR --steps
 300 --batch-size 32 --model M``, ``meanflow fid ref DIR --extractor inception`` and ``meanflow fid calc RUN
@@ -20,9 +22,16 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
 
-from meanflow.cli import main as meanflow
+import meanflow
+from meanflow.cli import main as meanflow_cli
+from meanflow.fileio import atomic_path
+from meanflow.metrics import energy_distance
+from meanflow.pixels import from_uint8, quantize
+from meanflow.runs.load import Model
+from meanflow.viz import image_grid
 
 
 def make_folder(root: Path, n: int = 200, size: int = 32, seed: int = 0) -> None:
@@ -43,8 +52,11 @@ def make_folder(root: Path, n: int = 200, size: int = 32, seed: int = 0) -> None
         img.save(root / kind / f"{k:04d}.png")
 
 
+WEIGHTS = {"auto": "default weights (EMA)", "none": "raw weights"}
+
+
 def run(args: list) -> None:
-    code = meanflow([str(a) for a in args])
+    code = meanflow_cli([str(a) for a in args])
     if code:
         raise SystemExit(f"meanflow {' '.join(map(str, args))} exited with {code}")
 
@@ -58,6 +70,12 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--order", default="epochs", help="data.order; 'random' draws batches with "
                    "replacement, so a batch may exceed the folder (e.g. the default 256)")
+    p.add_argument("--decays", type=float, nargs="+", help="train.ema_decays (default: the "
+                   "CLI's); every decay is scored too, which measures FID against the EMA's "
+                   "window at the last step")
+    p.add_argument("--tag", default="", help="suffix of the run folders' names")
+    p.add_argument("--figure", type=Path, help="a PNG of 10 samples (seeds 0..9) per row of "
+                   "the table, e.g. docs/shapes-first-run.png")
     args = p.parse_args()
     data, ref = args.out / "data", args.out / "ref-inception.npz"
     if not data.is_dir():
@@ -66,22 +84,72 @@ def main() -> None:
         run(["fid", "ref", data, "--extractor", "inception", "--out", ref])
     rows = []
     for model in args.models:
-        out = args.out / (model if (args.batch_size, args.order) == (32, "epochs")
-                          else f"{model}-b{args.batch_size}-{args.order}")
+        out = args.out / ((model if (args.batch_size, args.order) == (32, "epochs")
+                           else f"{model}-b{args.batch_size}-{args.order}") + args.tag)
+        decays = ["--set", f"train.ema_decays=[{','.join(map(str, args.decays))}]"] \
+            if args.decays else []
         if not (out / "checkpoints").is_dir():
             run(["train", "--data", data, "--out", out, "--steps", args.steps, "--model", model,
                  "--batch-size", args.batch_size, "--set", f"data.order={args.order}",
-                 "--set", "train.progress=false"])
-        for ema in ("auto", "none"):
+                 "--set", "train.progress=false", *decays])
+        for ema in ("auto", "none", *map(str, args.decays or [])):
             result = out / f"fid-{ema}.json"
             if not result.is_file():
                 run(["fid", "calc", out, "--ref", ref, "--n", args.n, "--ema", ema,
                      "--out", result])
             score = json.loads(result.read_text())
-            rows.append((model, ema, score))
-    print(f"{'model':10s} {'weights':8s} {'FID':>8s} {'KID':>9s}")
-    for model, ema, score in rows:
-        print(f"{model:10s} {ema:8s} {score['fid']:8.2f} {score['kid']:9.4f}")
+            x = weights(out, ema).sample(args.n, seed=0).samples
+            rows.append((model, ema, score, pixel_energy(x, data), x[:10]))
+    print(f"{'model':10s} {'weights':8s} {'FID':>8s} {'KID x 1e3':>14s} {'pixel ED':>9s}")
+    for model, ema, score, energy, _ in rows:
+        print(f"{model:10s} {ema:8s} {score['fid']:8.2f} {1e3 * score['kid']:7.1f} ± "
+              f"{1e3 * score['kid_se']:.1f} {energy:9.3f}")
+    if args.figure:
+        real = folder_images(data)
+        figure(args.figure, [("the folder", real[torch.randperm(len(real),
+                              generator=torch.Generator().manual_seed(0))[:10]])] +
+               [(f"{m}, batch {args.batch_size}\n{WEIGHTS.get(e, f'EMA {e}')}", x)
+                for m, e, _, _, x in rows])
+
+
+def weights(run_dir: Path, ema: str) -> Model:
+    """The run's weights as ``fid calc --ema`` names them: auto, none or a decay."""
+    return meanflow.load(run_dir, ema=None if ema == "none" else
+                         (ema if ema == "auto" else float(ema)))
+
+
+def pixel_energy(samples: torch.Tensor, data: Path) -> float:
+    """Energy distance, in pixel space ([-1, 1], 8-bit), between one-step samples (seeds
+    0..n-1, the ones ``fid calc`` scores) and the folder's images: no feature network, so it
+    sees what Inception features may not (speckle, smoothness)."""
+    real = folder_images(data)
+    x = quantize(samples)
+    return energy_distance(x.flatten(1).double(), real.flatten(1).double())
+
+
+def folder_images(data: Path) -> torch.Tensor:
+    """The folder's PNGs as (N, 3, H, W) floats in [-1, 1], in file-name order."""
+    return from_uint8(torch.as_tensor(np.stack(
+        [np.asarray(Image.open(f).convert("RGB")) for f in sorted(data.rglob("*.png"))]))
+        .permute(0, 3, 1, 2).contiguous())
+
+
+def figure(path: Path, rows: list) -> None:
+    """One row of samples per (name, images) pair, names on the left."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(rows), 1, figsize=(6.4, 0.75 * len(rows) + 0.2), squeeze=False)
+    for ax, (name, x) in zip(axes[:, 0], rows):
+        ax.imshow(image_grid(quantize(x), nrow=len(x)))
+        ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=7)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -113,7 +113,76 @@ def test_dry_run_prints_resolved_yaml_and_creates_nothing(tmp_path, capsys):
     assert d["objective"]["kind"] == "flow_matching" and d["objective"]["jvp"] == "func"
     assert d["optim"]["lr"] == 1e-4                      # --set wins over --lr
     assert d["train"]["steps"] == 33 and d["train"]["ema_decays"] == [0.9]
+    assert d["model"]["name"] == "mlp"                   # auto, resolved for 2-D points
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------- model.name auto
+
+def test_auto_model_on_points_is_the_mlp_bit_for_bit(tmp_path):
+    """Without --model, points train the MLP: the same config.json and the same weights, bit
+    for bit, as --model mlp."""
+    auto, mlp = tmp_path / "auto", tmp_path / "mlp"
+    assert cli("train", "--out", auto, "--steps", 2, *TINY_SET) == 0
+    assert cli("train", "--out", mlp, "--steps", 2, "--model", "mlp", *TINY_SET) == 0
+    assert (auto / "config.json").read_text() == (mlp / "config.json").read_text()
+    assert json.loads((auto / "config.json").read_text())["model"]["name"] == "mlp"
+    for part in ("model", "ema", "optimizer"):
+        ta, tb = (load_file(str(r / "checkpoints" / "step_0000002" / f"{part}.safetensors"))
+                  for r in (auto, mlp))
+        assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def _gray_images(path: Path) -> Path:
+    np.savez(path, x=np.random.default_rng(0).integers(0, 256, (12, 8, 8), dtype=np.uint8))
+    return path
+
+
+def test_auto_model_on_images_is_unet_tiny_and_recorded_so(tmp_path, monkeypatch, capsys):
+    """Without --model, uint8 images train unet-tiny: --dry-run prints it, the default folder
+    is named by it, config.json/.yaml and the checkpoint hold it, never "auto"; the run
+    resumes from its folder alone, or with a config file that names no model."""
+    monkeypatch.chdir(tmp_path)
+    data = _gray_images(tmp_path / "imgs.npz")
+    flags = ["--data", data, "--batch-size", 4, "--set", "train.progress=false",
+             "--set", "train.sample_count=0"]
+    assert cli("train", "--dry-run", "--steps", 1, *flags) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["model"]["name"] == "unet-tiny"
+    assert cli("train", "--steps", 1, *flags) == 0
+    run = tmp_path / "runs" / "00001-imgs-meanflow-unet-tiny"
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == [run.name]
+    assert json.loads((run / "config.json").read_text())["model"]["name"] == "unet-tiny"
+    assert yaml.safe_load((run / "config.yaml").read_text())["model"]["name"] == "unet-tiny"
+    loaded = load_model(run)
+    assert loaded.config.model.name == "unet-tiny" and type(loaded.net).__name__ == "UNet"
+    assert cli("train", "--resume", "--out", run, "--steps", 2) == 0
+    cfg = tmp_path / "cfg.yaml"        # model.name left to auto, as at the start
+    cfg.write_text(f"data: {{name: {data}}}\ntrain: {{batch_size: 4, progress: false, "
+                   "sample_count: 0}\n")
+    assert cli("train", "--config", cfg, "--resume", "--out", run, "--steps", 3) == 0
+    assert (run / "checkpoints" / "step_0000003").is_dir()
+    assert json.loads((run / "config.json").read_text())["model"]["name"] == "unet-tiny"
+
+
+def test_auto_model_on_an_image_folder_and_explicit_names_kept(tmp_path, capsys):
+    """An image folder resolves to unet-tiny too; a name given by --model, --set or a preset
+    is never changed, also on images (an MLP on images if asked for)."""
+    rng = np.random.default_rng(0)
+    (tmp_path / "folder").mkdir()
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(
+            tmp_path / "folder" / f"{i}.png")
+    data = _gray_images(tmp_path / "imgs.npz")
+
+    def printed(*args) -> str:
+        assert cli("train", "--dry-run", "--batch-size", 4, *args) == 0
+        return yaml.safe_load(capsys.readouterr().out)["model"]["name"]
+    assert printed("--data", tmp_path / "folder") == "unet-tiny"
+    assert printed("--data", data, "--model", "mlp") == "mlp"
+    assert printed("--data", data, "--set", "model.name=unet-small") == "unet-small"
+    assert printed("--preset", "fmnist-unet", "--data", data) == "unet-small"
+    assert printed("--data", data, "--set", "model.name=auto") == "unet-tiny"
+    assert printed("--data", "moons", "--model", "auto") == "mlp"
 
 
 def test_train_writes_a_run(run_dir, capsys):

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from meanflow.data import build_dataset
 from meanflow.errors import CheckpointError, ConfigError
 from meanflow.sampling import sample_seeded
+from meanflow.runs.build import resolve_model
 from meanflow.runs.config import RunConfig, load_config
 from meanflow.runs.folder import saved_config
 from meanflow.runs.load import load_model
@@ -35,7 +36,9 @@ def make_config(steps: int = 6, kind: str = "meanflow", model: dict | None = Non
           "progress": False, "keep_checkpoints": 0, "sample_count": 0}
     tr.update(train_opts)
     return RunConfig.from_dict({
-        "model": {"options": {**TINY, **(model or {})}},
+        # the MLP named: these runs compare their folders with this config, and "auto" is
+        # resolved there (tests/runs/test_build.py)
+        "model": {"name": "mlp", "options": {**TINY, **(model or {})}},
         "data": data or {"name": "8gaussians"},
         "objective": {"kind": kind, **(objective or {})},
         "train": tr,
@@ -752,14 +755,17 @@ def test_copying_a_run_folder_keeps_it_loadable(tmp_path):
 
 
 def test_new_run_dir_is_named_by_content_and_numbered(tmp_path):
-    """Without --out, runs get fresh folders runs/NNNNN-<data>[-cond]-<objective>-<model>."""
+    """Without --out, runs get fresh folders runs/NNNNN-<data>[-cond]-<objective>-<model>,
+    <model> the backbone model.name auto resolved to (as meanflow train gives the config)."""
     from meanflow.runs.folder import new_run_dir
     cfg = RunConfig.from_dict({"data": {"name": str(tmp_path / "my points.npz"),
                                         "class_conditional": True},
                                "objective": {"kind": "flow_matching"}})
-    first = new_run_dir(cfg, tmp_path / "runs")
+    first = new_run_dir(resolve_model(cfg, (3,)), tmp_path / "runs")
     assert first.name == "00001-my_points-cond-flow_matching-mlp"
     first.mkdir(parents=True)
     (tmp_path / "runs" / "notes.txt").write_text("not a run")
-    second = new_run_dir(RunConfig(), tmp_path / "runs")
+    second = new_run_dir(resolve_model(RunConfig(), (2,)), tmp_path / "runs")
     assert second.name == "00002-8gaussians-meanflow-mlp"
+    third = new_run_dir(resolve_model(RunConfig(), (1, 8, 8)), tmp_path / "runs")
+    assert third.name == "00002-8gaussians-meanflow-unet-tiny"

@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 
 from meanflow.cli.common import Subparsers, check_fits, count_arg, is_rank_zero, seed_arg
-from meanflow.data import build_dataset
+from meanflow.data import BatchSource, build_dataset
 from meanflow.errors import ConfigError
 from meanflow.presets import preset_path
-from meanflow.runs.build import build_network
+from meanflow.runs.build import build_network, resolve_model
 from meanflow.runs.config import RunConfig, load_config, train_bytes
 from meanflow.runs.folder import check_run_dir, new_run_dir, saved_config
 from meanflow.train import check_config, train
@@ -55,8 +55,8 @@ def add_parser(subparsers: Subparsers) -> argparse.ArgumentParser:
     tr.add_argument("--class-conditional", action="store_true",
                     help="condition on the data's labels (enables guidance)")
     tr.add_argument("--objective", help="meanflow (default) or flow_matching")
-    tr.add_argument("--model", help="backbone name (default mlp; unet-tiny: a small, fast "
-                    "U-Net for any images on a CPU)")
+    tr.add_argument("--model", help="backbone name (default auto: mlp for points, unet-tiny "
+                    "for images, a small U-Net fast on a CPU)")
     tr.add_argument("--steps", type=count_arg, help="training steps")
     tr.add_argument("--batch-size", type=count_arg, help="batch size")
     tr.add_argument("--lr", type=float, help="learning rate")
@@ -93,14 +93,19 @@ def run(args: argparse.Namespace) -> int:
         cfg = saved_config(out, overrides + args.overrides)
     else:
         cfg = load_config(config, overrides + args.overrides)
+    # model.name auto resolved from the data, so that the printed config, the folder's name
+    # and the resume check see the backbone the run trains
+    ds = build_dataset(cfg.data.name, **cfg.data.options)
+    cfg = resolve_model(cfg, tuple(ds.shape))
     if args.dry_run:
         check_config(cfg)  # data, model and loss are built too, so a dry run catches all
-        check_memory(cfg)
+        check_memory(cfg, ds)
         if out is not None:
             check_run_dir(cfg, out, args.resume)   # writes nothing
         print(cfg.to_yaml(), end="")
         return 0
-    check_memory(cfg)
+    check_memory(cfg, ds)
+    del ds    # train builds its own
     if out is None:
         out = new_run_dir(cfg)
     try:
@@ -114,13 +119,16 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def check_memory(cfg: RunConfig) -> None:
+def check_memory(cfg: RunConfig, ds: BatchSource | None = None) -> None:
     """A one-line ConfigError, before any work, when the data holds fewer than 2 samples or
     the run cannot fit the device's memory:
     the parameters are counted on a meta-device build (no memory used), and
-    :func:`meanflow.runs.config.train_bytes` gives what training needs at least."""
+    :func:`meanflow.runs.config.train_bytes` gives what training needs at least. ``ds``: the
+    run's dataset, if built already (else built here from ``cfg.data``)."""
     cfg.validate()
-    ds = build_dataset(cfg.data.name, **cfg.data.options)
+    if ds is None:
+        ds = build_dataset(cfg.data.name, **cfg.data.options)
+    cfg = resolve_model(cfg, tuple(ds.shape))
     if hasattr(ds, "__len__") and len(ds) < 2:   # one picture is not a distribution
         raise ConfigError(f"{cfg.data.name} holds {len(ds)} sample(s): a dataset needs at "
                           "least 2; give more data")

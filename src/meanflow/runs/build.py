@@ -1,8 +1,13 @@
 """A run's network and augmentation from its config: built the same way when it trains and
-when it is loaded again to sample, so that the saved weights always fit."""
+when it is loaded again to sample, so that the saved weights always fit.
+
+``model.name: auto`` (the default) is decided here, from the shape of one sample
+(:func:`resolve_model`): training resolves it once it has the data, and the run folder, its
+name and its checkpoints record the backbone it chose (docs/design.md, Backbones)."""
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from torch import nn
@@ -12,7 +17,27 @@ from meanflow.errors import ConfigError
 from meanflow.models import build_model_for_data
 from meanflow.runs.config import RunConfig
 
-__all__ = ["build_augment", "model_options", "build_network", "check_pairing"]
+__all__ = ["AUTO_MODEL", "auto_model_name", "resolve_model", "build_augment", "model_options",
+           "build_network", "check_pairing"]
+
+#: The ``model.name`` that leaves the backbone to the data (:func:`auto_model_name`).
+AUTO_MODEL = "auto"
+
+
+def auto_model_name(shape: tuple[int, ...]) -> str:
+    """The backbone ``model.name: auto`` stands for on samples of ``shape`` (one sample):
+    ``unet-tiny`` for images and latents (C, H, W), ``mlp`` for anything else (points)."""
+    return "unet-tiny" if len(shape) == 3 else "mlp"
+
+
+def resolve_model(cfg: RunConfig, shape: tuple[int, ...]) -> RunConfig:
+    """``cfg`` with ``model.name: auto`` replaced by the backbone it stands for on samples of
+    ``shape`` (:func:`auto_model_name`), as a copy; any other name returns ``cfg`` itself."""
+    if cfg.model.name != AUTO_MODEL:
+        return cfg
+    resolved = copy.deepcopy(cfg)
+    resolved.model.name = auto_model_name(tuple(shape))
+    return resolved
 
 
 def build_augment(cfg: RunConfig) -> EDMAugment | None:
@@ -26,7 +51,9 @@ def build_augment(cfg: RunConfig) -> EDMAugment | None:
 def model_options(cfg: RunConfig, shape: tuple[int, ...]) -> dict[str, Any]:
     """The backbone options of a run on samples of ``shape``: ``model.options``, plus
     ``augment_dim`` (the augmentation's ``label_dim``) when EDM augmentation is on. Training
-    and :func:`meanflow.runs.load.load_model` build the network from these."""
+    and :func:`meanflow.runs.load.load_model` build the network from these (``model.name:
+    auto`` resolved for ``shape`` first)."""
+    cfg = resolve_model(cfg, shape)
     options = dict(cfg.model.options)
     augment = build_augment(cfg)
     if augment is not None:
@@ -43,7 +70,9 @@ def model_options(cfg: RunConfig, shape: tuple[int, ...]) -> dict[str, Any]:
 
 def build_network(cfg: RunConfig, shape: tuple[int, ...], num_classes: int | None) -> nn.Module:
     """The run's backbone (fresh weights, on the current default device) for samples of
-    ``shape`` (one sample, e.g. (C, H, W)) and ``num_classes`` (None: unconditional)."""
+    ``shape`` (one sample, e.g. (C, H, W)) and ``num_classes`` (None: unconditional);
+    ``model.name: auto`` is resolved for ``shape`` (:func:`resolve_model`)."""
+    cfg = resolve_model(cfg, tuple(shape))
     net = build_model_for_data(cfg.model.name, tuple(shape), num_classes,
                                model_options(cfg, tuple(shape)))
     check_pairing(cfg, net, num_classes)

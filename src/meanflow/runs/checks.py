@@ -101,7 +101,8 @@ def validate_run(cfg: Any) -> None:
     o, opt, tr = cfg.objective, cfg.optim, cfg.train
     if not isinstance(cfg.model.name, str) or not cfg.model.name:
         raise ConfigError(f"model.name={cfg.model.name!r} must be a backbone name, e.g. mlp "
-                          "or unet-cifar10")
+                          "or unet-tiny, or auto (the data's: mlp for points, unet-tiny for "
+                          "images)")
     if not isinstance(o.kind, str) or not isinstance(o.time_sampler, str):
         raise ConfigError("objective.kind and objective.time_sampler must be names, e.g. "
                           "meanflow and logit_normal")

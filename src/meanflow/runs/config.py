@@ -48,7 +48,9 @@ IMF_DEFAULTS = {"fraction_r_neq_t": 0.5, "c": 0.01, "r_eq_t_rows": "first",
 
 @dataclass
 class ModelConfig:
-    name: str = "mlp"                                      # registry name (meanflow.models)
+    name: str = "auto"            # registry name (meanflow.models), or "auto": mlp for
+                                  # points, unet-tiny for images (C, H, W), resolved from the
+                                  # data when training starts (runs.build.resolve_model)
     options: dict[str, Any] = field(default_factory=dict)  # the backbone's own config fields
     jvp_attention: str | None = None  # attention in the JVP pass (meanflow.models.attention
                                       # JVP_ATTENTION_IMPLS, e.g. "chunked"); None: "math"

@@ -180,7 +180,9 @@ def hold_run_dir(cfg: RunConfig, run_dir: Path, resume: bool,
 
 
 def new_run_dir(cfg: RunConfig, root: str | Path = "runs") -> Path:
-    """A fresh run folder named by its content, e.g. ``runs/00003-8gaussians-meanflow-mlp``."""
+    """A fresh run folder named by its content, e.g. ``runs/00003-8gaussians-meanflow-mlp``.
+    ``cfg`` as training resolves it (:func:`meanflow.runs.build.resolve_model`, as
+    ``meanflow train`` does), so that the name holds the backbone ``model.name: auto`` chose."""
     root = Path(root)
     taken = [int(p.name.split("-", 1)[0]) for p in root.glob("[0-9][0-9][0-9][0-9][0-9]-*")
              if p.name.split("-", 1)[0].isdigit()] if root.is_dir() else []

@@ -27,7 +27,7 @@ from meanflow.data.latents import is_latent_folder, latent_transform, read_laten
 from meanflow.errors import CheckpointError, ConfigError, DataError
 from meanflow.latents.vae import SD_VAE_SCALE, decode_latents, load_vae
 from meanflow.pixels import to_uint8
-from meanflow.runs.build import build_network
+from meanflow.runs.build import build_network, resolve_model
 from meanflow.runs.checkpoint import (check_state, checkpoint_step, ema_key,
                                       find_checkpoint, list_checkpoints,
                                       load_checkpoint)
@@ -77,7 +77,8 @@ def load_model(path: str | os.PathLike[str], ema: float | str | None = "auto",
     fields = check_state(state, ckpt)      # bounded before anything is built from it
     shape, num_classes, decays = fields["shape"], fields["num_classes"], fields["decays"]
     try:
-        cfg = RunConfig.from_dict(fields["config"])
+        # runs record the backbone they trained; "auto" (a hand-made config) is the data's
+        cfg = resolve_model(RunConfig.from_dict(fields["config"]), shape)
         class_names = _class_names(state["data"], num_classes)
     except (KeyError, TypeError, ValueError, AttributeError, ConfigError):
         raise CheckpointError(f"{ckpt / 'state.json'} lacks the config, data or EMA fields of a "

@@ -44,7 +44,7 @@ from meanflow.data import BatchSource, EpochOrder, build_dataset
 from meanflow.errors import ConfigError
 from meanflow.models.attention import set_jvp_attention
 from meanflow.objective import FlowMatchingLoss, IMFLoss, MeanFlowLoss, resolve_jvp
-from meanflow.runs.build import build_augment, build_network
+from meanflow.runs.build import build_augment, build_network, resolve_model
 from meanflow.runs.checkpoint import find_checkpoint
 from meanflow.runs.config import RunConfig
 from meanflow.runs.folder import hold_run_dir, truncate_metrics, write_run_config
@@ -70,7 +70,9 @@ def train(cfg: RunConfig, run_dir: str | Path, resume: bool = False,
           dataset: BatchSource | None = None, loss_fn: Any = None) -> Path:
     """Trains the configured model and returns the path of the last checkpoint.
 
-    ``dataset`` overrides ``cfg.data`` (for Python users with data in memory).
+    ``dataset`` overrides ``cfg.data`` (for Python users with data in memory). ``model.name:
+    auto`` is resolved from the data's sample shape (:func:`meanflow.runs.build.resolve_model`)
+    before anything is built, and the run folder holds the resolved config.
 
     ``loss_fn`` overrides the loss that ``cfg.objective`` describes: a constructed
     :class:`~meanflow.objective.MeanFlowLoss` (``objective.kind: meanflow``),
@@ -108,6 +110,7 @@ def check_config(cfg: RunConfig) -> None:
     device = resolve_device(cfg.train.device)
     _check_world(cfg, env_world())
     data = _load_data(cfg, None)
+    cfg = resolve_model(cfg, data.shape)
     with torch.device("meta"):
         build_network(cfg, data.shape, data.num_classes)
     resolve_loss(cfg, data.num_classes, device,
@@ -196,6 +199,7 @@ def _train(cfg: RunConfig, run_dir: Path, resume: bool, dataset: BatchSource | N
     tr = cfg.train
     micro = _check_world(cfg, world)          # images per micro-batch on this rank
     data = _load_data(cfg, dataset)
+    cfg = resolve_model(cfg, data.shape)      # model.name auto: the folder records the choice
     compile_ = resolve_compile(tr.compile, device, tr.fsdp)   # the one place "auto" is decided
     # One run folder for every rank: rank 0's (a CLI without --out names one on each rank).
     run_dir = Path(broadcast_object(str(run_dir), world))
