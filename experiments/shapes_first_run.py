@@ -74,6 +74,10 @@ def main() -> None:
                    "CLI's); every decay is scored too, which measures FID against the EMA's "
                    "window at the last step")
     p.add_argument("--tag", default="", help="suffix of the run folders' names")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="more settings for meanflow train (repeatable; give a --tag with them)")
+    p.add_argument("--sample-steps", type=int, default=1, help="network calls per sample "
+                   "(e.g. 50 Euler steps for a flow-matching run)")
     p.add_argument("--figure", type=Path, help="a PNG of 10 samples (seeds 0..9) per row of "
                    "the table, e.g. docs/shapes-first-run.png")
     args = p.parse_args()
@@ -91,14 +95,16 @@ def main() -> None:
         if not (out / "checkpoints").is_dir():
             run(["train", "--data", data, "--out", out, "--steps", args.steps, "--model", model,
                  "--batch-size", args.batch_size, "--set", f"data.order={args.order}",
-                 "--set", "train.progress=false", *decays])
+                 "--set", "train.progress=false", *decays,
+                 *[a for kv in args.overrides for a in ("--set", kv)]])
         for ema in ("auto", "none", *map(str, args.decays or [])):
-            result = out / f"fid-{ema}.json"
+            k = args.sample_steps
+            result = out / (f"fid-{ema}.json" if k == 1 else f"fid-{ema}-steps{k}.json")
             if not result.is_file():
                 run(["fid", "calc", out, "--ref", ref, "--n", args.n, "--ema", ema,
-                     "--out", result])
+                     "--steps", k, "--out", result])
             score = json.loads(result.read_text())
-            x = weights(out, ema).sample(args.n, seed=0).samples
+            x = weights(out, ema).sample(args.n, seed=0, steps=k).samples
             rows.append((model, ema, score, pixel_energy(x, data), x[:10]))
     print(f"{'model':10s} {'weights':8s} {'FID':>8s} {'KID x 1e3':>14s} {'pixel ED':>9s}")
     for model, ema, score, energy, _ in rows:
