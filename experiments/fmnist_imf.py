@@ -16,7 +16,8 @@ every 500 steps (``train.fid_every``; iMF's at ω = 1), which gives FID against 
     OMP_NUM_THREADS=1 python experiments/fmnist_imf.py train --only mf    # one run per thread
     OMP_NUM_THREADS=1 python experiments/fmnist_imf.py train --only imf
     OMP_NUM_THREADS=1 python experiments/fmnist_imf.py train --only fm
-    OMP_NUM_THREADS=1 python experiments/fmnist_imf.py score [--n 5000]
+    OMP_NUM_THREADS=1 python experiments/fmnist_imf.py score [--n 5000] [--step 2000]
+    OMP_NUM_THREADS=1 python experiments/fmnist_imf.py figure [--step 2000]   # pictures only
 
 ``train`` resumes a run that exists (exactly, with the same thread count) up to ``--steps``.
 ``score`` samples N images per row (seed i, label i mod 10, 8-bit): MeanFlow at 1 and 2 NFE,
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from pathlib import Path
 
@@ -45,6 +47,7 @@ from meanflow.metrics import FeatureStats
 from meanflow.metrics.classifier import fmnist_features, fmnist_predict
 from meanflow.metrics.fid import score_features
 from meanflow.pixels import from_uint8, quantize
+from meanflow.runs.load import Model
 
 COMMON = ["--preset", "fmnist-unet", "--class-conditional", "--model", "unet-tiny",
           "--set", "train.ema_warmup=true", "--set", "train.progress=false",
@@ -79,33 +82,52 @@ def score(args: argparse.Namespace) -> None:
     ref = FeatureStats.from_features(fmnist_features(real_x), keep=n)
     rows, pictures = [], []
 
-    def row(name: str, model, steps: int, **guidance) -> None:
+    def row(name: str, model, steps: int, picture: bool = True, **guidance) -> None:
+        if pictures_only:
+            if picture:
+                pictures.append((name, quantize(model.sample(10, steps=steps, **guidance)
+                                                .samples)))
+            return
         drawn = model.sample(n, steps=steps, progress=True, **guidance)
         x = quantize(drawn.samples)
         acc = float((fmnist_predict(x) == drawn.labels).double().mean())
         rows.append({"name": name, "steps": steps, "train_step": model.step,
                      "guidance": drawn.guidance, **score_features(fmnist_features(x), ref),
                      "class_accuracy": acc})
-        pictures.append((name, x[:10]))
+        if picture:
+            pictures.append((name, x[:10]))
         print(f"{name}: FID {rows[-1]['fid']:.3f}, accuracy {acc:.3f}", flush=True)
 
-    mf = meanflow.load(args.out / "mf")
+    pictures_only = args.phase == "figure"
+
+    def load(name: str) -> Model:
+        run = args.out / name
+        return meanflow.load(run if args.step is None else
+                             run / "checkpoints" / f"step_{args.step:07d}")
+
+    mf = load("mf")
     for steps in (1, 2):
         row(f"MeanFlow ω=2 (trained), {steps} NFE", mf, steps)
-    imf = meanflow.load(args.out / "imf")
+    imf = load("imf")
     for omega in args.omegas:
         for steps in (1, 2):
             row(f"iMF ω={omega:g}, {steps} NFE", imf, steps, guidance=omega,
-                interval=args.interval)
+                interval=args.interval, picture=steps == 1 and omega in (1, 2, 4, 8))
     for steps in (1, 2):   # the official B/2 1-NFE setting (ImageNet), for comparison
         row(f"iMF ω=8 on [0.4, 0.65], {steps} NFE", imf, steps, guidance=8.0,
-            interval=(0.4, 0.65))
-    fm = meanflow.load(args.out / "fm")
+            interval=(0.4, 0.65), picture=steps == 1)
+    fm = load("fm")
     for steps in (1, 2, 10, 50):
-        row(f"flow matching, {steps} NFE", fm, steps)
+        row(f"flow matching, {steps} NFE", fm, steps, picture=steps != 2)
     curves = {name: [json.loads(line) for line in
                      (args.out / name / "metrics.jsonl").read_text().splitlines()
                      if '"eval": "fid"' in line] for name in RUNS}
+    if args.step is not None:
+        curves = {k: [c for c in v if c["step"] <= args.step] for k, v in curves.items()}
+    if pictures_only:
+        _figures(pictures, {k: [(c["step"], c.get("fid_nfe1")) for c in v]
+                            for k, v in curves.items()})
+        return
     record = {"n": n, "seeds": f"0..{n - 1}", "labels": "i mod 10",
               "reference": f"first {n} Fashion-MNIST test images",
               "extractor": "fmnist classifier (in-repo), 8-bit samples",
@@ -129,14 +151,15 @@ def _figures(pictures: list, curves: dict) -> None:
     import matplotlib.pyplot as plt
 
     from meanflow.viz import image_grid
-    fig, axes = plt.subplots(len(pictures), 1, figsize=(6.4, 0.8 * len(pictures) + 0.3))
+    fig, axes = plt.subplots(len(pictures), 1, figsize=(6.4, 0.62 * len(pictures) + 0.2))
     for ax, (name, x) in zip(axes, pictures):
         ax.imshow(image_grid(x, nrow=10), cmap="gray", vmin=0, vmax=255)
-        ax.set_ylabel(name.replace(", ", "\n"), rotation=0, ha="right", va="center",
-                      fontsize=7)
+        ax.set_ylabel(re.sub(r", (?=\d+ NFE)", "\n", name), rotation=0, ha="right",
+                      va="center", fontsize=7)
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.tight_layout()
+    fig.tight_layout(h_pad=0.2)
+    fig.subplots_adjust(left=0.24)
     with atomic_path(Path("docs/fmnist-imf.png")) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
@@ -163,15 +186,18 @@ def _cli(args: list) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("phase", choices=("train", "score"))
+    p.add_argument("phase", choices=("train", "score", "figure"), help="figure: only the "
+                   "two pictures of score, from 10 samples per row")
     p.add_argument("--out", type=Path, default=Path("runs/fmnist-imf"))
     p.add_argument("--steps", type=int, default=4000)
     p.add_argument("--only", nargs="+", choices=list(RUNS))
     p.add_argument("--n", type=int, default=5000)
+    p.add_argument("--step", type=int, help="score the checkpoint of this step (default: "
+                   "each run's newest)")
     p.add_argument("--omegas", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0])
     p.add_argument("--interval", type=float, nargs=2, default=[0.0, 1.0])
     args = p.parse_args()
-    (train if args.phase == "train" else score)(args)
+    (train if args.phase == "train" else score)(args)   # score also draws the figure
 
 
 if __name__ == "__main__":
