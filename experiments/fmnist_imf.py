@@ -76,10 +76,11 @@ def train(args: argparse.Namespace) -> None:
 @torch.no_grad()
 def score(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
-    test = ImageArray.fashion_mnist(split="test")
-    n = min(args.n, len(test))
-    real_x = from_uint8(test.images[:n])
-    ref = FeatureStats.from_features(fmnist_features(real_x), keep=n)
+    pictures_only = args.phase == "figure"
+    if not pictures_only:   # the reference features: only scores need them
+        test = ImageArray.fashion_mnist(split="test")
+        n = min(args.n, len(test))
+        ref = FeatureStats.from_features(fmnist_features(from_uint8(test.images[:n])), keep=n)
     rows, pictures = [], []
 
     def row(name: str, model, steps: int, picture: bool = True, **guidance) -> None:
@@ -97,8 +98,6 @@ def score(args: argparse.Namespace) -> None:
         if picture:
             pictures.append((name, x[:10]))
         print(f"{name}: FID {rows[-1]['fid']:.3f}, accuracy {acc:.3f}", flush=True)
-
-    pictures_only = args.phase == "figure"
 
     def load(name: str) -> Model:
         run = args.out / name

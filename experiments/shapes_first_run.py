@@ -27,6 +27,8 @@ from PIL import Image, ImageDraw
 
 import meanflow
 from meanflow.cli import main as meanflow_cli
+from meanflow.cli.common import ema_choice
+from meanflow.data import load_image_folder
 from meanflow.fileio import atomic_path
 from meanflow.metrics import energy_distance
 from meanflow.pixels import from_uint8, quantize
@@ -86,6 +88,7 @@ def main() -> None:
         make_folder(data)
     if not ref.is_file():
         run(["fid", "ref", data, "--extractor", "inception", "--out", ref])
+    real = from_uint8(load_image_folder(data, channels=3).images)   # (N, 3, H, W), in [-1, 1]
     rows = []
     for model in args.models:
         out = args.out / ((model if (args.batch_size, args.order) == (32, "epochs")
@@ -105,13 +108,12 @@ def main() -> None:
                      "--steps", k, "--out", result])
             score = json.loads(result.read_text())
             x = weights(out, ema).sample(args.n, seed=0, steps=k).samples
-            rows.append((model, ema, score, pixel_energy(x, data), x[:10]))
+            rows.append((model, ema, score, pixel_energy(x, real), x[:10]))
     print(f"{'model':10s} {'weights':8s} {'FID':>8s} {'KID x 1e3':>14s} {'pixel ED':>9s}")
     for model, ema, score, energy, _ in rows:
         print(f"{model:10s} {ema:8s} {score['fid']:8.2f} {1e3 * score['kid']:7.1f} ± "
               f"{1e3 * score['kid_se']:.1f} {energy:9.3f}")
     if args.figure:
-        real = folder_images(data)
         figure(args.figure, [("the folder", real[torch.randperm(len(real),
                               generator=torch.Generator().manual_seed(0))[:10]])] +
                [(f"{m}, batch {args.batch_size}\n{WEIGHTS.get(e, f'EMA {e}')}", x)
@@ -120,24 +122,15 @@ def main() -> None:
 
 def weights(run_dir: Path, ema: str) -> Model:
     """The run's weights as ``fid calc --ema`` names them: auto, none or a decay."""
-    return meanflow.load(run_dir, ema=None if ema == "none" else
-                         (ema if ema == "auto" else float(ema)))
+    return meanflow.load(run_dir, ema=ema_choice(ema))
 
 
-def pixel_energy(samples: torch.Tensor, data: Path) -> float:
+def pixel_energy(samples: torch.Tensor, real: torch.Tensor) -> float:
     """Energy distance, in pixel space ([-1, 1], 8-bit), between one-step samples (seeds
     0..n-1, the ones ``fid calc`` scores) and the folder's images: no feature network, so it
     sees what Inception features may not (speckle, smoothness)."""
-    real = folder_images(data)
     x = quantize(samples)
     return energy_distance(x.flatten(1).double(), real.flatten(1).double())
-
-
-def folder_images(data: Path) -> torch.Tensor:
-    """The folder's PNGs as (N, 3, H, W) floats in [-1, 1], in file-name order."""
-    return from_uint8(torch.as_tensor(np.stack(
-        [np.asarray(Image.open(f).convert("RGB")) for f in sorted(data.rglob("*.png"))]))
-        .permute(0, 3, 1, 2).contiguous())
 
 
 def figure(path: Path, rows: list) -> None:
