@@ -8,6 +8,8 @@ training weights, against the folder itself.
     python experiments/shapes_first_run.py --models unet-tiny --batch-size 256 --order random
     python experiments/shapes_first_run.py --models unet-tiny --decays 0.999 0.95 0.9 0.8 0.6 \
         --tag=-ema    # FID against the EMA's window at step 300
+    python experiments/shapes_first_run.py --models unet-tiny --steps 2400 --tag=-long \
+        --at-steps 300 600 900 1200 1500 1800 2100 2400   # 1 and 2 NFE against training steps
 
 Everything goes through the command line a user types: ``meanflow train --data DIR --steps
 300 --batch-size 32 --model M``, ``meanflow fid ref DIR --extractor inception`` and ``meanflow fid calc RUN
@@ -31,6 +33,8 @@ from meanflow.cli.common import ema_choice
 from meanflow.data import load_image_folder
 from meanflow.fileio import atomic_path
 from meanflow.metrics import energy_distance
+from meanflow.metrics.fid import score_features
+from meanflow.metrics.protocols import read_reference
 from meanflow.pixels import from_uint8, quantize
 from meanflow.runs.load import Model
 from meanflow.viz import image_grid
@@ -55,6 +59,11 @@ def make_folder(root: Path, n: int = 200, size: int = 32, seed: int = 0) -> None
 
 
 WEIGHTS = {"auto": "default weights (EMA)", "none": "raw weights"}
+
+
+def label(ema: str) -> str:
+    """A figure row's name for the weights of a table row (--ema name or checkpoint row)."""
+    return WEIGHTS.get(ema, ema if ema.startswith("step") else f"EMA {ema}")
 
 
 def run(args: list) -> None:
@@ -82,6 +91,15 @@ def main() -> None:
                    "(e.g. 50 Euler steps for a flow-matching run)")
     p.add_argument("--figure", type=Path, help="a PNG of 10 samples (seeds 0..9) per row of "
                    "the table, e.g. docs/shapes-first-run.png")
+    p.add_argument("--at-steps", type=int, nargs="+", help="keep a checkpoint every "
+                   "min(AT_STEPS) steps (and log Inception FID there) and score the default "
+                   "weights of each listed one at 1 and 2 network calls instead of the last "
+                   "step's default and raw weights")
+    p.add_argument("--figure-steps", type=int, nargs="+", help="with --at-steps: only these "
+                   "steps' rows in the figure")
+    p.add_argument("--floor", action="store_true", help="only score 200 new images of the "
+                   "same kind (a folder drawn from seed 1) against the folder: what a perfect "
+                   "model scores at N = 200")
     args = p.parse_args()
     data, ref = args.out / "data", args.out / "ref-inception.npz"
     if not data.is_dir():
@@ -89,17 +107,28 @@ def main() -> None:
     if not ref.is_file():
         run(["fid", "ref", data, "--extractor", "inception", "--out", ref])
     real = from_uint8(load_image_folder(data, channels=3).images)   # (N, 3, H, W), in [-1, 1]
+    if args.floor:
+        floor(args.out, ref, real)
+        return
     rows = []
     for model in args.models:
         out = args.out / ((model if (args.batch_size, args.order) == (32, "epochs")
                            else f"{model}-b{args.batch_size}-{args.order}") + args.tag)
         decays = ["--set", f"train.ema_decays=[{','.join(map(str, args.decays))}]"] \
             if args.decays else []
+        every = [] if not args.at_steps else [
+            a for kv in (f"train.checkpoint_every={min(args.at_steps)}", "train.keep_checkpoints=0",
+                         f"train.fid_every={min(args.at_steps)}", f"train.fid_n={args.n}",
+                         f"train.fid_ref={ref}", f"train.sample_every={min(args.at_steps)}")
+            for a in ("--set", kv)]
         if not (out / "checkpoints").is_dir():
             run(["train", "--data", data, "--out", out, "--steps", args.steps, "--model", model,
                  "--batch-size", args.batch_size, "--set", f"data.order={args.order}",
-                 "--set", "train.progress=false", *decays,
+                 "--set", "train.progress=false", *decays, *every,
                  *[a for kv in args.overrides for a in ("--set", kv)]])
+        if args.at_steps:
+            rows += checkpoint_rows(out, model, ref, args.n, args.at_steps, real)
+            continue
         for ema in ("auto", "none", *map(str, args.decays or [])):
             k = args.sample_steps
             result = out / (f"fid-{ema}.json" if k == 1 else f"fid-{ema}-steps{k}.json")
@@ -109,15 +138,48 @@ def main() -> None:
             score = json.loads(result.read_text())
             x = weights(out, ema).sample(args.n, seed=0, steps=k).samples
             rows.append((model, ema, score, pixel_energy(x, real), x[:10]))
-    print(f"{'model':10s} {'weights':8s} {'FID':>8s} {'KID x 1e3':>14s} {'pixel ED':>9s}")
+    print(f"{'model':10s} {'weights':16s} {'FID':>8s} {'KID x 1e3':>14s} {'pixel ED':>9s}")
     for model, ema, score, energy, _ in rows:
-        print(f"{model:10s} {ema:8s} {score['fid']:8.2f} {1e3 * score['kid']:7.1f} ± "
+        print(f"{model:10s} {ema:16s} {score['fid']:8.2f} {1e3 * score['kid']:7.1f} ± "
               f"{1e3 * score['kid_se']:.1f} {energy:9.3f}")
     if args.figure:
         figure(args.figure, [("the folder", real[torch.randperm(len(real),
                               generator=torch.Generator().manual_seed(0))[:10]])] +
-               [(f"{m}, batch {args.batch_size}\n{WEIGHTS.get(e, f'EMA {e}')}", x)
-                for m, e, _, _, x in rows])
+               [(f"{m}, batch {args.batch_size}\n{label(e)}", x)
+                for m, e, _, _, x in rows
+                if not args.figure_steps or int(e.split()[1].rstrip(",")) in args.figure_steps])
+
+
+def floor(out: Path, ref: Path, real: torch.Tensor) -> None:
+    """Prints FID, KID and pixel ED of a second folder (seed 1) against the first (seed 0)."""
+    other, stats = out / "data-seed1", out / "ref-inception-seed1.npz"
+    if not other.is_dir():
+        make_folder(other, seed=1)
+    if not stats.is_file():
+        run(["fid", "ref", other, "--extractor", "inception", "--out", stats])
+    score = score_features(read_reference(stats).features, read_reference(ref))
+    energy = energy_distance(from_uint8(load_image_folder(other, channels=3).images)
+                             .flatten(1).double(), real.flatten(1).double())
+    print(f"new images (seed 1) against the folder: FID {score['fid']:.2f}, KID x 1e3 "
+          f"{1e3 * score['kid']:.1f} ± {1e3 * score['kid_se']:.1f}, pixel ED {energy:.3f}")
+
+
+def checkpoint_rows(out: Path, model: str, ref: Path, n: int, steps: list, real: torch.Tensor
+                    ) -> list:
+    """Table rows (model, "step S, K NFE", score, pixel ED, first 10 samples) of the default
+    weights of the run's checkpoint at each step S, sampled with K = 1 and 2 network calls."""
+    rows = []
+    for step in steps:
+        ckpt = out / "checkpoints" / f"step_{step:07d}"
+        for k in (1, 2):
+            result = out / f"fid-step{step}-nfe{k}.json"
+            if not result.is_file():
+                run(["fid", "calc", ckpt, "--ref", ref, "--n", n, "--ema", "auto",
+                     "--steps", k, "--out", result])
+            x = meanflow.load(ckpt).sample(n, seed=0, steps=k).samples
+            rows.append((model, f"step {step}, {k} NFE", json.loads(result.read_text()),
+                         pixel_energy(x, real), x[:10]))
+    return rows
 
 
 def weights(run_dir: Path, ema: str) -> Model:
@@ -147,7 +209,7 @@ def figure(path: Path, rows: list) -> None:
         ax.set_yticks([])
     fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
