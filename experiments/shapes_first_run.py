@@ -101,6 +101,11 @@ def main() -> None:
                    "same kind (a folder drawn from seed 1) against the folder: what a perfect "
                    "model scores at N = 200")
     args = p.parse_args()
+    if args.figure_steps and not args.at_steps:
+        p.error("--figure-steps picks rows of --at-steps: give --at-steps too")
+    if args.at_steps and any(s % min(args.at_steps) or s > args.steps for s in args.at_steps):
+        p.error(f"--at-steps must be multiples of their smallest ({min(args.at_steps)}) and at "
+                f"most --steps ({args.steps}): those are the checkpoints the run keeps")
     data, ref = args.out / "data", args.out / "ref-inception.npz"
     if not data.is_dir():
         make_folder(data)
@@ -127,7 +132,8 @@ def main() -> None:
                  "--set", "train.progress=false", *decays, *every,
                  *[a for kv in args.overrides for a in ("--set", kv)]])
         if args.at_steps:
-            rows += checkpoint_rows(out, model, ref, args.n, args.at_steps, real)
+            rows += checkpoint_rows(out, model, ref, args.n, args.at_steps, real,
+                                    args.figure_steps or args.at_steps)
             continue
         for ema in ("auto", "none", *map(str, args.decays or [])):
             k = args.sample_steps
@@ -146,8 +152,7 @@ def main() -> None:
         figure(args.figure, [("the folder", real[torch.randperm(len(real),
                               generator=torch.Generator().manual_seed(0))[:10]])] +
                [(f"{m}, batch {args.batch_size}\n{label(e)}", x)
-                for m, e, _, _, x in rows
-                if not args.figure_steps or int(e.split()[1].rstrip(",")) in args.figure_steps])
+                for m, e, _, _, x in rows if x is not None])
 
 
 def floor(out: Path, ref: Path, real: torch.Tensor) -> None:
@@ -158,16 +163,16 @@ def floor(out: Path, ref: Path, real: torch.Tensor) -> None:
     if not stats.is_file():
         run(["fid", "ref", other, "--extractor", "inception", "--out", stats])
     score = score_features(read_reference(stats).features, read_reference(ref))
-    energy = energy_distance(from_uint8(load_image_folder(other, channels=3).images)
-                             .flatten(1).double(), real.flatten(1).double())
+    energy = pixel_energy(from_uint8(load_image_folder(other, channels=3).images), real)
     print(f"new images (seed 1) against the folder: FID {score['fid']:.2f}, KID x 1e3 "
           f"{1e3 * score['kid']:.1f} ± {1e3 * score['kid_se']:.1f}, pixel ED {energy:.3f}")
 
 
-def checkpoint_rows(out: Path, model: str, ref: Path, n: int, steps: list, real: torch.Tensor
-                    ) -> list:
+def checkpoint_rows(out: Path, model: str, ref: Path, n: int, steps: list, real: torch.Tensor,
+                    drawn: list) -> list:
     """Table rows (model, "step S, K NFE", score, pixel ED, first 10 samples) of the default
-    weights of the run's checkpoint at each step S, sampled with K = 1 and 2 network calls."""
+    weights of the run's checkpoint at each step S, sampled with K = 1 and 2 network calls;
+    the samples are None (no figure row) for a step not in ``drawn``."""
     rows = []
     for step in steps:
         ckpt = out / "checkpoints" / f"step_{step:07d}"
@@ -176,9 +181,9 @@ def checkpoint_rows(out: Path, model: str, ref: Path, n: int, steps: list, real:
             if not result.is_file():
                 run(["fid", "calc", ckpt, "--ref", ref, "--n", n, "--ema", "auto",
                      "--steps", k, "--out", result])
-            x = meanflow.load(ckpt).sample(n, seed=0, steps=k).samples
+            x = weights(ckpt, "auto").sample(n, seed=0, steps=k).samples
             rows.append((model, f"step {step}, {k} NFE", json.loads(result.read_text()),
-                         pixel_energy(x, real), x[:10]))
+                         pixel_energy(x, real), x[:10] if step in drawn else None))
     return rows
 
 
