@@ -21,7 +21,9 @@
 # chunked JVP attention (--jvp-attention chunked); (d) compiled bf16 unet-cifar10 and dit-b/2:
 # flow matching, then one strategy per process, torch.compile(model) and the whole loss
 # compiled (order and reasons below); (e) 1-NFE sampling speed, eager then bf16 compiled;
-# (f) dit-b/2 at batch 256, eager, if time is left. It ends with the table of
+# (g) training (DDP, FSDP2) and sampling under torchrun over NCCL, with the ranks' replicas
+# checked bit-identical and sharded samples against one process's (needs two GPUs); (f)
+# dit-b/2 at batch 256, eager, if time is left. It ends with the table of
 # benchmarks/summarize.py.
 #
 # Without CUDA it stops with a message; SUITE_CPU_SMOKE=1 instead runs the same items on toy
@@ -163,6 +165,42 @@ run_item e-sample-unet-eager 10 45 0 $PY "${SAMPLE[@]}" --warmup "$WARMUP" --mod
 run_item e-sample-dit-eager 10 45 0 $PY "${SAMPLE[@]}" --warmup "$WARMUP" --model $DIT --batch $SDIT_B
 run_item e-sample-unet-compiled 40 120 0 $PY "${SAMPLE[@]}" --compile on --amp bf16 --model $CUNET --batch $SUNET_B
 run_item e-sample-dit-compiled 40 120 0 $PY "${SAMPLE[@]}" --compile on --amp bf16 --model $CDIT --batch $SDIT_B
+
+# (g): `meanflow train` and `sample` under torchrun, NCCL over this machine's GPUs (gloo on two
+# CPU ranks in the smoke). NCCL refuses two ranks on one GPU, so one GPU skips it with a note.
+# DDP, then FSDP2 (train.fsdp): 40 steps of the 8-Gaussian MLP at a global batch of 256, where
+# the loop checks at every checkpoint (each 20 steps) that the ranks' replicas are bit-identical
+# and stops with an error when they are not; then 64 one-step samples drawn by the ranks
+# against the same 64 drawn by one process (their largest difference goes to bench.jsonl).
+if ((${#DEV[@]})); then NP=2; TDEV=cpu
+else NP=$($PY -c "import torch; print(torch.cuda.device_count())"); TDEV=cuda; fi
+if ((NP < 2)); then
+    SKIPPED+=("g-nccl")
+    say "-- skip g-nccl: ${NP} GPU here, and NCCL needs two (two ranks may not share a GPU)"
+    suite_record g-nccl SKIPPED 0 "one GPU"
+else
+    RUN=($PY -m torch.distributed.run --standalone --nproc_per_node "$NP" -m meanflow.cli)
+    TRAIN=(train --data 8gaussians --steps 40 --batch-size 256 --set "train.device=$TDEV"
+           --set train.checkpoint_every=20 --set train.progress=false)
+    run_item g-ddp 30 120 0 "${RUN[@]}" "${TRAIN[@]}" --out "$OUT/g-ddp"
+    run_item g-fsdp 30 120 0 "${RUN[@]}" "${TRAIN[@]}" --set train.fsdp=true --out "$OUT/g-fsdp"
+    run_item g-sample-ranks 20 60 0 "${RUN[@]}" sample "$OUT/g-ddp" --num-samples 64 \
+        --device "$TDEV" --out "$OUT/g-ranks.npz"
+    run_item g-sample-one 10 60 0 $PY -m meanflow.cli sample "$OUT/g-ddp" --n 64 \
+        --device "$TDEV" --out "$OUT/g-one.npz"
+    run_item g-sample-compare 5 30 0 $PY - "$OUT" "$NP" "$JSON" <<'PYEOF'
+import json, sys
+import numpy as np
+out, ranks, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+a = np.load(f"{out}/g-ranks.npz")["samples"]
+b = np.load(f"{out}/g-one.npz")["samples"]
+diff = float(np.abs(a.astype(np.float64) - b).max())
+print(f"{ranks} ranks against one process, 64 one-step samples: max |difference| {diff:.3g}")
+with open(path, "a") as f:
+    f.write(json.dumps({"bench": "sharded_sampling", "ranks": ranks, "n": len(a),
+                        "max_abs_diff": diff}) + "\n")
+PYEOF
+fi
 
 # (f): the DiT at the paper's batch, if time is left
 run_item f-dit-bf16-b256 30 120 0 $PY "${STEP[@]}" "${EAGER[@]}" --model $DIT --batch $DIT_B_BIG --amp bf16

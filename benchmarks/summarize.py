@@ -3,7 +3,8 @@
 One table per kind of record: training steps (``step_cost.py``: MeanFlow/FM time, its ratio to
 the 4/3 floor, peak memory and its ratio, du/dt error of a compiled or bf16 path), interleaved
 ratios (``step_interleaved.py``), sampling (``sample_speed.py``), attention JVP
-(``attention_jvp.py``) and the GPU suite's skipped or failed items. The GPU suite ends with it:
+(``attention_jvp.py``), sharded against one-process samples (the GPU suite's item (g)) and the
+suite's skipped or failed items. The GPU suite ends with it:
 
     python benchmarks/summarize.py PATH.jsonl [MORE.jsonl ...]
 """
@@ -64,6 +65,8 @@ TABLES = {
                              ("kern/fwd", 8, "kernel_per_fwd", ".2f"),
                              ("saved/fwd", 9, "saved_per_fwd", ".2f"),
                              ("err jvp", 8, "jvp_err", ".1e")],
+    "sharded_sampling": [("sampling ranks", 14, "ranks", "d"), ("n", 5, "n", "d"),
+                         ("max |diff| vs 1 process", 23, "max_abs_diff", ".3g")],
     "suite": [("suite item", 30, "item", "s"), ("status", 8, "status", "s"),
               ("seconds", 7, "seconds", "d"), ("note", 0, "note", "s")],
 }

@@ -246,3 +246,10 @@ def test_gpu_suite_cpu_smoke(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:]
     table = (tmp_path / "table.txt").read_text()
     assert "MF/FM" in table and "sampling" in table
+    # item (g): two gloo ranks trained (DDP, FSDP2) with their replica checks passing, and
+    # their sharded samples equal one process's bit for bit on the CPU
+    records = [json.loads(line) for line in (tmp_path / "bench.jsonl").read_text().splitlines()]
+    assert not [r for r in records if r.get("bench") == "suite" and r["item"].startswith("g-")]
+    sharded = [r for r in records if r.get("bench") == "sharded_sampling"]
+    assert sharded == [{"bench": "sharded_sampling", "ranks": 2, "n": 64, "max_abs_diff": 0.0}]
+    assert "sampling ranks" in table
